@@ -1,0 +1,133 @@
+"""The plain vision-language model: a BLIP-2 in miniature, with no exits and no training code.
+
+Paper: FREE (Bajpai & Hanawal, ACL Findings 2025) adds early exits to a frozen BLIP-2, whose image goes
+through a ViT, is compressed by a Q-Former into a few visual tokens, and is read by a language model.
+Our miniature keeps that shape, trained from scratch on VQA-as-classification (train.py, stage 1):
+
+    image (B, 3, H, W) --timm ViT--> patch tokens (B, P, Dv) --merge k x k + linear--> visual tokens (B, N, D)
+    [CLS] + question tokens (B, T, D) ++ visual tokens          --> sequence h_0 (B, S = T + N, D)
+    h_l = Block_l(h_{l-1}) for l = 1..L   (the "language model": timm pre-norm transformer blocks)
+    logits = head(norm(h_L[:, 0]))        (the answer classifier reads the [CLS] feature)
+
+NOTE (deviation): BLIP-2's language model is a causal LLM that *generates* answers; ours is a bidirectional
+encoder that *classifies* them over a fixed answer vocabulary, as VQA classification baselines do. The
+[CLS] feature plays the role of the LLM's answer-token state, and `head` plays the frozen LM head.
+NOTE (deviation): the Q-Former is replaced by a learned k x k patch merge (concatenate neighbours, project),
+which also shrinks the visual tokens the language model must read (64 -> 16 at the defaults).
+
+The language model dominates the compute (the ViT is one narrow block), because exits can only skip
+language-model layers, as in the paper. `embed`, `layer` and `head` are what free_min.py builds exits on.
+"""
+from dataclasses import dataclass, field
+
+import timm
+import torch
+import torch.nn as nn
+from timm.models.vision_transformer import Block
+
+
+@dataclass
+class ModelConfig:
+    image_size: int = field(default=64, metadata={"help": "input image side in pixels (set from the data config)", "flag": False})
+    patch_size: int = field(default=8, metadata={"help": "ViT patch side in pixels"})
+    vit_dim: int = field(default=64, metadata={"help": "ViT width"})
+    vit_depth: int = field(default=1, metadata={"help": "ViT blocks (kept light: exits cannot skip them)"})
+    vit_heads: int = field(default=2, metadata={"help": "ViT attention heads"})
+    vit_weights: str = field(default="", metadata={"help": "optional local timm ViT weights file (never downloaded)"})
+    merge: int = field(default=2, metadata={"help": "merge k x k neighbouring patch tokens into one visual token"})
+    dim: int = field(default=128, metadata={"help": "language-model width D"})
+    depth: int = field(default=8, metadata={"help": "language-model layers L (the layers exits can skip)"})
+    heads: int = field(default=4, metadata={"help": "language-model attention heads"})
+    mlp_ratio: float = field(default=4.0, metadata={"help": "MLP hidden size / D in every block"})
+    dropout: float = field(default=0.0, metadata={"help": "dropout in the language-model blocks"})
+    max_text_len: int = field(default=24, metadata={"help": "question tokens (set from the data config)", "flag": False})
+    vocab_size: int = field(default=0, metadata={"help": "tokenizer vocabulary (set from the tokenizer)", "flag": False})
+    num_answers: int = field(default=0, metadata={"help": "answer vocabulary A (set from the data)", "flag": False})
+
+
+def make_vit(cfg: ModelConfig) -> nn.Module:
+    """A small timm ViT without a head. pretrained=False unless a local weights file is given: no hub."""
+    kwargs = dict(img_size=cfg.image_size, patch_size=cfg.patch_size, embed_dim=cfg.vit_dim, depth=cfg.vit_depth,
+                  num_heads=cfg.vit_heads, num_classes=0, class_token=False, global_pool="avg")
+    if cfg.vit_weights:
+        return timm.create_model("vit_tiny_patch16_224", pretrained=True,
+                                 pretrained_cfg_overlay=dict(file=cfg.vit_weights), **kwargs)
+    return timm.create_model("vit_tiny_patch16_224", pretrained=False, **kwargs)
+
+
+class VLM(nn.Module):
+    def __init__(self, *, cfg: ModelConfig):
+        super().__init__()
+        if cfg.image_size % (cfg.patch_size * cfg.merge):
+            raise ValueError(f"image_size {cfg.image_size} is not a multiple of patch_size*merge = {cfg.patch_size * cfg.merge}")
+        if cfg.vocab_size < 1 or cfg.num_answers < 1:
+            raise ValueError("ModelConfig.vocab_size and num_answers must be set from the data")
+        self.cfg = cfg
+        self.grid = cfg.image_size // cfg.patch_size            # patches per side
+        self.num_visual = (self.grid // cfg.merge) ** 2          # N visual tokens
+        self.vit = make_vit(cfg)
+        self.visual_proj = nn.Linear(cfg.vit_dim * cfg.merge ** 2, cfg.dim)
+        self.tok_emb = nn.Embedding(cfg.vocab_size, cfg.dim)
+        self.text_pos = nn.Parameter(torch.zeros(1, cfg.max_text_len, cfg.dim))
+        self.visual_pos = nn.Parameter(torch.zeros(1, self.num_visual, cfg.dim))
+        nn.init.trunc_normal_(self.text_pos, std=0.02)
+        nn.init.trunc_normal_(self.visual_pos, std=0.02)
+        self.blocks = nn.ModuleList([Block(cfg.dim, cfg.heads, cfg.mlp_ratio, qkv_bias=True, proj_drop=cfg.dropout,
+                                           attn_drop=cfg.dropout) for _ in range(cfg.depth)])
+        self.norm = nn.LayerNorm(cfg.dim)
+        self.classifier = nn.Linear(cfg.dim, cfg.num_answers)
+        self.register_buffer("pixel_mean", torch.tensor([0.5, 0.5, 0.5]).view(1, 3, 1, 1), persistent=False)
+        self.register_buffer("pixel_std", torch.tensor([0.25, 0.25, 0.25]).view(1, 3, 1, 1), persistent=False)
+
+    @property
+    def depth(self) -> int:
+        return len(self.blocks)
+
+    def encode_image(self, images: torch.Tensor) -> torch.Tensor:
+        """images: (B, 3, H, W) in [0, 1] -> visual tokens (B, N, D)."""
+        x = self.vit.forward_features((images - self.pixel_mean) / self.pixel_std)  # (B, P, Dv), P = grid^2
+        B, _, Dv = x.shape
+        g, k = self.grid, self.cfg.merge
+        x = x.view(B, g // k, k, g // k, k, Dv)                     # (B, g/k, k, g/k, k, Dv)
+        x = x.permute(0, 1, 3, 2, 4, 5).reshape(B, self.num_visual, k * k * Dv)  # (B, N, k*k*Dv)
+        return self.visual_proj(x) + self.visual_pos                 # (B, N, D)
+
+    def embed(self, images: torch.Tensor, tokens: torch.Tensor, text_mask: torch.Tensor):
+        """Initial hidden states of the language model.
+
+        images (B, 3, H, W), tokens (B, T) with [CLS] first, text_mask (B, T) bool (True = real token).
+        Returns h_0 (B, S, D) and attn_mask (B, 1, 1, S) bool, True = may be attended (timm's convention).
+        Text is cut to the longest question in the batch, so padding costs nothing when it is not needed.
+        """
+        t = int(text_mask.sum(dim=1).max())
+        tokens, text_mask = tokens[:, :t], text_mask[:, :t]          # (B, T')
+        text = self.tok_emb(tokens) + self.text_pos[:, :t]           # (B, T', D)
+        visual = self.encode_image(images)                           # (B, N, D)
+        h = torch.cat([text, visual], dim=1)                         # (B, S, D), S = T' + N
+        visual_mask = torch.ones(visual.shape[:2], dtype=torch.bool, device=h.device)
+        mask = torch.cat([text_mask, visual_mask], dim=1)            # (B, S)
+        return h, mask[:, None, None, :]                             # (B, 1, 1, S)
+
+    def layer(self, i: int, h: torch.Tensor, attn_mask: torch.Tensor) -> torch.Tensor:
+        """Language-model layer i (0-based): (B, S, D) -> (B, S, D)."""
+        return self.blocks[i](h, attn_mask=attn_mask)
+
+    def head(self, h_cls: torch.Tensor) -> torch.Tensor:
+        """Final norm + answer classifier on [CLS] features: (B, D) -> logits (B, A)."""
+        return self.classifier(self.norm(h_cls))
+
+    def forward(self, images: torch.Tensor, tokens: torch.Tensor, text_mask: torch.Tensor) -> torch.Tensor:
+        """The full model: logits (B, A)."""
+        h, attn_mask = self.embed(images, tokens, text_mask)
+        for i in range(self.depth):
+            h = self.layer(i, h, attn_mask)
+        return self.head(h[:, 0])
+
+    def hidden_states(self, images: torch.Tensor, tokens: torch.Tensor, text_mask: torch.Tensor):
+        """Every layer's hidden states: list of L+1 tensors (B, S, D) (h_0..h_L) and the attention mask."""
+        h, attn_mask = self.embed(images, tokens, text_mask)
+        states = [h]
+        for i in range(self.depth):
+            h = self.layer(i, h, attn_mask)
+            states.append(h)
+        return states, attn_mask

@@ -1,0 +1,140 @@
+"""train.py, stage 1: learning, determinism, checkpoints, resume, and clear errors on bad input."""
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+import data
+import train
+from model import VLM
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+# a micro configuration (smaller than the tiny preset) for tests that only need the machinery to run
+MICRO = ["--preset", "tiny", "--train-images", "40", "--val-images", "8", "--test-images", "8", "--epochs", "2",
+         "--threads", "1"]
+
+
+def run_main(args, capsys=None):
+    train.main(args)
+    return capsys.readouterr().out if capsys else None
+
+
+@pytest.fixture(scope="module")
+def tiny_run(tmp_path_factory):
+    """One run of the tiny preset, shared by the tests that inspect its outputs."""
+    out = tmp_path_factory.mktemp("tiny")
+    train.main(["--preset", "tiny", "--out", str(out)])
+    return out
+
+
+def test_tiny_preset_learns_beyond_the_answer_prior(tiny_run):
+    lines = [json.loads(line) for line in open(tiny_run / "log.jsonl")]
+    test = [r for r in lines if r.get("split") == "test"][-1]
+    state = train.load_checkpoint(str(tiny_run / "ckpt.pt"))
+    splits, _, _ = data.load_data(data.DataConfig(**state["data_config"]), answers=state["answers"])
+    # the prior: always answer the single most common training answer
+    prior = max(splits["test"].score(torch.arange(len(splits["test"])), torch.full((len(splits["test"]),), a)).mean().item()
+                for a in range(len(state["answers"])))
+    assert test["test_accuracy"] > 100 * prior + 15, (test["test_accuracy"], prior)
+    assert len([r for r in lines if r.get("stage") == "backbone" and "val_accuracy" in r]) == state["train_config"]["epochs"]
+
+
+def test_overfits_a_small_batch():
+    """A real optimisation check: 32 questions are memorised in a few hundred steps."""
+    torch.manual_seed(0)
+    splits, tok, answers = data.load_data(data.DataConfig(train_images=8, val_images=1, test_images=1))
+    cfg = train.ModelConfig(image_size=64, max_text_len=24, vocab_size=tok.get_vocab_size(), num_answers=len(answers),
+                            dim=64, depth=2, heads=2)
+    model = VLM(cfg=cfg)
+    opt = torch.optim.AdamW(model.parameters(), lr=2e-3)
+    ids = torch.arange(32)
+    batch, targets = splits["train"].batch(ids), splits["train"].soft_targets(ids, len(answers))
+    for _ in range(150):
+        loss = train.soft_cross_entropy(model(**batch), targets)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    accuracy = splits["train"].score(ids, model(**batch).argmax(1)).mean().item()
+    assert accuracy == 1.0 and loss.item() < 0.05
+
+
+def test_save_load_gives_identical_predictions(tiny_run):
+    state = train.load_checkpoint(str(tiny_run / "ckpt.pt"))
+    model, tokenizer, answers, dcfg = train.build_model(state)
+    splits, _, _ = data.load_data(dcfg, tokenizer, answers)
+    model.eval()
+    ids = torch.arange(len(splits["test"]))
+    res = train.evaluate(model, splits["test"], torch.device("cpu"), torch.float32, 64)
+    test = [json.loads(line) for line in open(tiny_run / "log.jsonl")][-1]
+    assert res["accuracy"] == pytest.approx(test["test_accuracy"])
+    with torch.no_grad():
+        assert torch.equal(model(**splits["test"].batch(ids)).argmax(1), res["pred"])
+
+
+def test_same_seed_same_weights_on_cpu(tmp_path):
+    train.main(MICRO + ["--out", str(tmp_path / "a")])
+    train.main(MICRO + ["--out", str(tmp_path / "b")])
+    a = torch.load(tmp_path / "a" / "ckpt.pt", weights_only=False)["model"]
+    b = torch.load(tmp_path / "b" / "ckpt.pt", weights_only=False)["model"]
+    assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_resume_after_interruption_matches_uninterrupted_run(tmp_path, monkeypatch):
+    args = MICRO + ["--epochs", "3"]
+    train.main(args + ["--out", str(tmp_path / "full")])
+
+    saves = []
+    real_save = train.save_checkpoint
+
+    def save_then_crash(path, state):
+        real_save(path, state)
+        saves.append(path)
+        if len(saves) == 2:
+            raise KeyboardInterrupt  # the run dies right after epoch 2 was checkpointed
+
+    monkeypatch.setattr(train, "save_checkpoint", save_then_crash)
+    with pytest.raises(KeyboardInterrupt):
+        train.main(args + ["--out", str(tmp_path / "resumed")])
+    monkeypatch.setattr(train, "save_checkpoint", real_save)
+    train.main(args + ["--out", str(tmp_path / "resumed"), "--resume"])
+
+    full = torch.load(tmp_path / "full" / "ckpt.pt", weights_only=False)
+    resumed = torch.load(tmp_path / "resumed" / "ckpt.pt", weights_only=False)
+    assert resumed["step"] == full["step"] and resumed["epoch"] == 2
+    assert all(torch.equal(full["model"][k], resumed["model"][k]) for k in full["model"])
+    epochs = [json.loads(l)["epoch"] for l in open(tmp_path / "resumed" / "log.jsonl") if "val_accuracy" in l]
+    assert epochs == [1, 2, 3]
+
+
+def test_resume_refuses_a_different_model(tmp_path):
+    train.main(MICRO + ["--out", str(tmp_path)])
+    with pytest.raises(SystemExit) as e:
+        train.main(MICRO + ["--out", str(tmp_path), "--resume", "--dim", "32"])
+    assert e.value.code == 2
+
+
+def test_non_finite_loss_stops_and_keeps_last_checkpoint(tmp_path, monkeypatch, capsys):
+    train.main(MICRO + ["--out", str(tmp_path), "--epochs", "1"])
+    good = torch.load(tmp_path / "ckpt.pt", weights_only=False)["model"]
+    monkeypatch.setattr(train, "soft_cross_entropy", lambda logits, targets: logits.sum() * float("nan"))
+    with pytest.raises(SystemExit, match="non-finite loss"):
+        train.main(MICRO + ["--out", str(tmp_path), "--resume"])
+    kept = torch.load(tmp_path / "ckpt.pt", weights_only=False)["model"]
+    assert all(torch.equal(good[k], kept[k]) for k in good)
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--data", "vqa2", "--vqa-questions", "/nope/q.json", "--vqa-annotations", "/nope/a.json", "--vqa-images", "/nope"],
+     "--vqa-questions /nope/q.json: file not found"),
+    (["--preset", "huge"], "invalid choice: 'huge'"),
+    (["--no-such-flag"], "unrecognized arguments: --no-such-flag"),
+    (["--data", "vqa2"], "--data vqa2 needs --vqa-questions FILE"),
+])
+def test_bad_input_exits_2_with_one_line(tmp_path, args, message):
+    proc = subprocess.run([sys.executable, "train.py", "--out", str(tmp_path)] + args, cwd=ROOT,
+                          capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 2
+    assert message in proc.stderr and "Traceback" not in proc.stderr
