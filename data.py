@@ -39,7 +39,7 @@ class DataError(Exception):
 class DataConfig:
     data: str = field(default="shapes", metadata={"help": "dataset: 'shapes' (built-in, generated) or 'vqa2' (VQA v2 files)",
                                                   "choices": ["shapes", "vqa2"]})
-    seed: int = field(default=0, metadata={"help": "seed of the shapes generator (and of the vqa2 image split)"})
+    data_seed: int = field(default=0, metadata={"help": "seed of the shapes generator (and of the vqa2 image split)"})
     image_size: int = field(default=64, metadata={"help": "images are (resized to) image_size x image_size RGB"})
     train_images: int = field(default=8000, metadata={"help": "shapes: number of training images"})
     val_images: int = field(default=600, metadata={"help": "shapes: number of validation images"})
@@ -216,6 +216,18 @@ def render_scene(objs: list[Obj], rng: np.random.Generator, image_size: int = 64
     return np.clip(img, 0, 255).astype(np.uint8)
 
 
+def scene_labels(objs: list[Obj], image_size: int = 64) -> np.ndarray:
+    """Per-pixel labels of a scene: uint8 (2, H, W) = (colour index + 1, shape index + 1), 0 = background.
+    Used by stage 1's auxiliary patch loss (train.py), never by the VQA questions themselves."""
+    yy, xx = np.mgrid[0:image_size, 0:image_size].astype(np.float32) + 0.5
+    labels = np.zeros((2, image_size, image_size), dtype=np.uint8)
+    colors = list(COLORS)
+    for o in objs:
+        m = _shape_mask(o, xx, yy)
+        labels[0][m], labels[1][m] = colors.index(o.color) + 1, SHAPES.index(o.shape) + 1
+    return labels
+
+
 def _plural(shape: str) -> str:
     return shape + "s"
 
@@ -366,20 +378,22 @@ def make_image_with_questions(rng, families: list[str], image_size: int = 64):
 def generate_shapes_split(n_images: int, questions_per_image: int, seed: int, image_size: int = 64,
                           first_image_id: int = 0):
     """A split of the shapes set. Families rotate over question slots so each is ~1/6 of the questions.
-    Returns images uint8 (n, H, W, 3) and a list of question records."""
+    Returns images uint8 (n, H, W, 3), a list of question records and pixel labels uint8 (n, 2, H, W)."""
     rng = np.random.default_rng(seed)
     images = np.empty((n_images, image_size, image_size, 3), dtype=np.uint8)
+    labels = np.empty((n_images, 2, image_size, image_size), dtype=np.uint8)
     records = []
     for i in range(n_images):
         start = (i * questions_per_image) % len(FAMILIES)
         fams = [FAMILIES[(start + j) % len(FAMILIES)] for j in range(questions_per_image)]
-        images[i], _, qas = make_image_with_questions(rng, fams, image_size)
+        images[i], objs, qas = make_image_with_questions(rng, fams, image_size)
+        labels[i] = scene_labels(objs, image_size)
         image_id = first_image_id + i
         for j, (fam, q, a) in enumerate(qas):
             records.append({"question_id": image_id * 100 + j, "image_id": image_id, "image_index": i,
                             "question": q, "answers": [a], "family": fam, "answer_type": ANSWER_TYPES[fam],
                             "question_type": fam})
-    return images, records
+    return images, records, labels
 
 
 def shapes_splits(cfg: DataConfig):
@@ -389,7 +403,7 @@ def shapes_splits(cfg: DataConfig):
     for k, (name, n) in enumerate(sizes.items()):
         if n < 1:
             raise DataError(f"--{name}-images must be at least 1 (got {n})")
-        splits[name] = generate_shapes_split(n, cfg.questions_per_image, cfg.seed * 1000 + k, cfg.image_size, first_id)
+        splits[name] = generate_shapes_split(n, cfg.questions_per_image, cfg.data_seed * 1000 + k, cfg.image_size, first_id)
         first_id += n
     return splits
 
@@ -398,7 +412,7 @@ def write_vqa_format(cfg: DataConfig, out_dir: str) -> None:
     """Write all three shapes splits as one VQA v2 set: questions.json, annotations.json, images/*.png."""
     os.makedirs(os.path.join(out_dir, "images"), exist_ok=True)
     questions, annotations = [], []
-    for images, records in shapes_splits(cfg).values():
+    for images, records, _ in shapes_splits(cfg).values():
         written = set()
         for r in records:
             if r["image_id"] not in written:
@@ -508,7 +522,7 @@ def vqa2_splits(cfg: DataConfig):
     if not records:
         raise DataError(f"--vqa-images {cfg.vqa_images}: no question has its image there")
     ids = sorted({r["image_id"] for r in records})
-    perm = np.random.default_rng(cfg.seed).permutation(len(ids))
+    perm = np.random.default_rng(cfg.data_seed).permutation(len(ids))
     n_train, n_val = int(round(0.8 * len(ids))), int(round(0.1 * len(ids)))
     split_of = {}
     for rank, j in enumerate(perm):
@@ -523,7 +537,7 @@ def vqa2_splits(cfg: DataConfig):
             images[i] = load_image(index[iid], cfg.image_size).permute(1, 2, 0).numpy()  # (S, S, 3)
         for r in recs:
             r["image_index"] = pos[r["image_id"]]
-        splits[name] = (images, recs)
+        splits[name] = (images, recs, None)
     if not splits["train"][1]:
         raise DataError("vqa2: the training split is empty; give more questions")
     return splits
@@ -598,6 +612,7 @@ class Split:
     eval_idx: torch.Tensor      # (n, M) long: answer indices the official metric gives credit (-1 = none)
     eval_score: torch.Tensor    # (n, M) float: that credit, 0..1
     records: list               # the question records (question, answers, family, ids)
+    pixel_labels: torch.Tensor | None = None  # (n_img, 2, H, W) uint8 colour/shape + 1 (shapes only)
 
     def __len__(self) -> int:
         return len(self.records)
@@ -628,14 +643,16 @@ class Split:
         return (self.eval_score[ids] * hit).sum(dim=1)
 
 
-def make_split(images: np.ndarray, records: list[dict], tok: Tokenizer, answer_to_idx: dict[str, int]) -> Split:
+def make_split(images: np.ndarray, records: list[dict], labels: np.ndarray | None, tok: Tokenizer,
+               answer_to_idx: dict[str, int]) -> Split:
     tokens, text_mask = encode_questions(tok, [r["question"] for r in records])
     target_idx, target_score = _score_rows(records, answer_to_idx, official=False)
     eval_idx, eval_score = _score_rows(records, answer_to_idx, official=True)
     return Split(images=torch.from_numpy(images).permute(0, 3, 1, 2).contiguous(),  # (n_img, 3, H, W)
                  image_index=torch.tensor([r["image_index"] for r in records], dtype=torch.long),
                  tokens=tokens, text_mask=text_mask, target_idx=target_idx, target_score=target_score,
-                 eval_idx=eval_idx, eval_score=eval_score, records=records)
+                 eval_idx=eval_idx, eval_score=eval_score, records=records,
+                 pixel_labels=None if labels is None else torch.from_numpy(labels))
 
 
 def load_data(cfg: DataConfig, tokenizer: Tokenizer | None = None, answers: list[str] | None = None):
@@ -647,7 +664,8 @@ def load_data(cfg: DataConfig, tokenizer: Tokenizer | None = None, answers: list
     if answers is None:
         answers = build_answer_vocab(raw["train"][1], cfg.num_answers)
     answer_to_idx = {a: i for i, a in enumerate(answers)}
-    splits = {name: make_split(images, records, tokenizer, answer_to_idx) for name, (images, records) in raw.items()}
+    splits = {name: make_split(images, records, labels, tokenizer, answer_to_idx)
+              for name, (images, records, labels) in raw.items()}
     return splits, tokenizer, answers
 
 
@@ -710,7 +728,7 @@ def main() -> None:
     p.add_argument("--seed", type=int, default=0, help="generator seed")
     args = p.parse_args()
     cfg = DataConfig(train_images=args.train_images, val_images=args.val_images, test_images=args.test_images,
-                     questions_per_image=args.questions_per_image, seed=args.seed)
+                     questions_per_image=args.questions_per_image, data_seed=args.seed)
     try:
         write_vqa_format(cfg, args.write)
     except DataError as e:

@@ -18,18 +18,24 @@ which also shrinks the visual tokens the language model must read (64 -> 16 at t
 The language model dominates the compute (the ViT is one narrow block), because exits can only skip
 language-model layers, as in the paper. `embed`, `layer` and `head` are what free_min.py builds exits on.
 """
+import math
 from dataclasses import dataclass, field
+from functools import partial
 
 import timm
 import torch
 import torch.nn as nn
+from timm.layers import HybridEmbed
 from timm.models.vision_transformer import Block
 
 
 @dataclass
 class ModelConfig:
     image_size: int = field(default=64, metadata={"help": "input image side in pixels (set from the data config)", "flag": False})
-    patch_size: int = field(default=8, metadata={"help": "ViT patch side in pixels"})
+    patch_size: int = field(default=8, metadata={"help": "pixels per side of one ViT token (the stem's stride)"})
+    stem: str = field(default="conv", metadata={"help": "ViT token embedding: conv (a small strided conv stem, which "
+                                                        "trains much faster) or patch (the plain linear patch embedding)",
+                                                "choices": ["conv", "patch"]})
     vit_dim: int = field(default=64, metadata={"help": "ViT width"})
     vit_depth: int = field(default=1, metadata={"help": "ViT blocks (kept light: exits cannot skip them)"})
     vit_heads: int = field(default=2, metadata={"help": "ViT attention heads"})
@@ -45,10 +51,28 @@ class ModelConfig:
     num_answers: int = field(default=0, metadata={"help": "answer vocabulary A (set from the data)", "flag": False})
 
 
+def conv_stem(patch_size: int, width: int) -> nn.Module:
+    """log2(patch_size) stride-2 3x3 conv + BN + ReLU layers: (B, 3, H, W) -> (B, width, H/p, W/p).
+    NOTE (deviation): BLIP-2's ViT embeds linear patches; a conv stem (Xiao et al. 2021, "Early convolutions
+    help transformers see better") makes a tiny ViT trained from scratch learn shapes in minutes, not hours."""
+    layers, c_in = [], 3
+    for i in range(int(math.log2(patch_size))):
+        c_out = width if i == int(math.log2(patch_size)) - 1 else max(16, width // 2)
+        layers += [nn.Conv2d(c_in, c_out, 3, stride=2, padding=1, bias=False), nn.BatchNorm2d(c_out), nn.ReLU()]
+        c_in = c_out
+    return nn.Sequential(*layers)
+
+
 def make_vit(cfg: ModelConfig) -> nn.Module:
     """A small timm ViT without a head. pretrained=False unless a local weights file is given: no hub."""
+    # fc_norm=False: the final LayerNorm is applied to every token in forward_features (not after pooling)
     kwargs = dict(img_size=cfg.image_size, patch_size=cfg.patch_size, embed_dim=cfg.vit_dim, depth=cfg.vit_depth,
-                  num_heads=cfg.vit_heads, num_classes=0, class_token=False, global_pool="avg")
+                  num_heads=cfg.vit_heads, num_classes=0, class_token=False, global_pool="avg", fc_norm=False)
+    if cfg.stem == "conv":
+        if 2 ** int(math.log2(cfg.patch_size)) != cfg.patch_size:
+            raise ValueError(f"--stem conv needs a power-of-two --patch-size (got {cfg.patch_size})")
+        # timm's HybridEmbed runs the CNN, then a 1x1 projection to the ViT width: one token per stem output pixel
+        kwargs |= dict(patch_size=1, embed_layer=partial(HybridEmbed, backbone=conv_stem(cfg.patch_size, cfg.vit_dim)))
     if cfg.vit_weights:
         return timm.create_model("vit_tiny_patch16_224", pretrained=True,
                                  pretrained_cfg_overlay=dict(file=cfg.vit_weights), **kwargs)
@@ -68,6 +92,7 @@ class VLM(nn.Module):
         self.vit = make_vit(cfg)
         self.visual_proj = nn.Linear(cfg.vit_dim * cfg.merge ** 2, cfg.dim)
         self.tok_emb = nn.Embedding(cfg.vocab_size, cfg.dim)
+        nn.init.normal_(self.tok_emb.weight, std=0.02)
         self.text_pos = nn.Parameter(torch.zeros(1, cfg.max_text_len, cfg.dim))
         self.visual_pos = nn.Parameter(torch.zeros(1, self.num_visual, cfg.dim))
         nn.init.trunc_normal_(self.text_pos, std=0.02)
@@ -76,8 +101,26 @@ class VLM(nn.Module):
                                            attn_drop=cfg.dropout) for _ in range(cfg.depth)])
         self.norm = nn.LayerNorm(cfg.dim)
         self.classifier = nn.Linear(cfg.dim, cfg.num_answers)
+        self.init_language_model()
         self.register_buffer("pixel_mean", torch.tensor([0.5, 0.5, 0.5]).view(1, 3, 1, 1), persistent=False)
         self.register_buffer("pixel_std", torch.tensor([0.25, 0.25, 0.25]).view(1, 3, 1, 1), persistent=False)
+
+    def init_language_model(self) -> None:
+        """GPT-2 style init of everything but the (timm-initialised) ViT: N(0, 0.02) weights, zero biases,
+        and residual output projections scaled by 1/sqrt(2L). At init every block then adds a small update
+        to the residual stream; with PyTorch's default init the blocks' random outputs swamp the word and
+        visual embeddings, and training sits on a long plateau before it learns to ground words."""
+        for module in [self.visual_proj, self.classifier, *self.blocks]:
+            for m in module.modules():
+                if isinstance(m, nn.Linear):
+                    nn.init.trunc_normal_(m.weight, std=0.02)
+                    if m.bias is not None:
+                        nn.init.zeros_(m.bias)
+        # visual tokens start at the scale of the word embeddings (per-dimension std ~0.02), not 10x above it
+        nn.init.trunc_normal_(self.visual_proj.weight, std=0.02 / math.sqrt(self.visual_proj.in_features))
+        for block in self.blocks:
+            for proj in (block.attn.proj, block.mlp.fc2):
+                nn.init.trunc_normal_(proj.weight, std=0.02 / math.sqrt(2 * len(self.blocks)))
 
     @property
     def depth(self) -> int:

@@ -26,6 +26,8 @@ from tokenizers import Tokenizer
 from tqdm import tqdm
 
 from data import DataConfig, DataError, add_config_args, batches, config_from_args, load_data, majority_baseline
+import infer
+from free_min import FREE, ExitConfig, build_from_checkpoint, discriminator_loss, generator_loss
 from model import VLM, ModelConfig
 
 
@@ -43,14 +45,23 @@ class TrainConfig:
     device: str = field(default="auto", metadata={"help": "auto (cuda, then mps, then cpu), cuda, mps or cpu",
                                                   "choices": ["auto", "cuda", "mps", "cpu"]})
     threads: int = field(default=0, metadata={"help": "CPU threads for torch (0 = torch's default)"})
-    resume: bool = field(default=False, metadata={"help": "continue from OUT/ckpt.pt (same configs) instead of starting over"})
+    resume: bool = field(default=False, metadata={"help": "continue stage 1 from OUT/ckpt.pt (same configs) instead of starting over"})
+    stage: str = field(default="all", metadata={"help": "all: backbone then exits; backbone: stage 1 only; exits: stage 2 "
+                                                        "only, on the backbone of --backbone (or OUT/ckpt.pt)",
+                                                "choices": ["all", "backbone", "exits"]})
+    backbone: str = field(default="", metadata={"help": "stage 2: a trained checkpoint whose backbone is reused (frozen), "
+                                                        "so several exit methods can share one backbone"})
+    final_eval: bool = field(default=True, metadata={"help": "end with infer.py's early-exit report on the test split "
+                                                             "(OUT/report.json, OUT/speedup.png)"})
+    report_timing_samples: int = field(default=256, metadata={"help": "questions timed per wall-clock measurement "
+                                                                      "in the final report"})
 
 
 # Named presets: overrides of the dataclass defaults. `default` = the dataclass defaults (a 2-core CPU
 # or a laptop GPU), `tiny` = a sub-minute CPU run for tests, `base` = a bigger model and data for a GPU.
 PRESETS = {
     "tiny": dict(train_images=300, val_images=40, test_images=40, questions_per_image=4, dim=64, depth=4, heads=2,
-                 epochs=4, batch_size=32, warmup_steps=20, lr=2e-3),
+                 epochs=4, batch_size=32, warmup_steps=20, lr=2e-3, exit_epochs=2, report_timing_samples=32),
     "default": dict(),
     "base": dict(train_images=40000, val_images=2000, test_images=2000, dim=256, depth=12, heads=8, vit_dim=128,
                  vit_depth=2, epochs=20, batch_size=128, lr=5e-4, warmup_steps=1000),
@@ -65,7 +76,7 @@ def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--preset", default="default", choices=list(PRESETS),
                    help="named defaults: tiny (tests, <1 min CPU), default (2-core CPU / laptop GPU), base (GPU)")
-    for cls in (DataConfig, ModelConfig, TrainConfig):
+    for cls in (DataConfig, ModelConfig, TrainConfig, ExitConfig):
         add_config_args(p, cls, PRESETS[known.preset])
     args = p.parse_args(argv)
     return args, config_from_args(DataConfig, args), config_from_args(ModelConfig, args), config_from_args(TrainConfig, args)
@@ -140,13 +151,6 @@ def load_checkpoint(path: str) -> dict:
         raise DataError(f"{path}: not a readable checkpoint ({e.__class__.__name__})")
 
 
-def build_model(state: dict) -> tuple[VLM, Tokenizer, list[str], DataConfig]:
-    """Rebuild the backbone, tokenizer, answer vocabulary and data config stored in a checkpoint."""
-    model = VLM(cfg=ModelConfig(**state["model_config"]))
-    model.load_state_dict(state["model"])
-    return model, Tokenizer.from_str(state["tokenizer"]), state["answers"], DataConfig(**state["data_config"])
-
-
 def log_json(path: str, record: dict) -> None:
     with open(path, "a") as f:
         f.write(json.dumps(record) + "\n")
@@ -186,6 +190,8 @@ def resume_state(tcfg: TrainConfig, dcfg: DataConfig, mcfg: ModelConfig) -> dict
             print(f"note: {path} exists and will be overwritten (use --resume to continue it)")
         return None
     state = load_checkpoint(path)
+    if "optimizer" not in state:
+        raise DataError(f"--resume: {path} holds a finished run (backbone and exits); there is nothing to resume")
     for name, cfg in [("data_config", dcfg), ("model_config", mcfg)]:
         saved = {k: v for k, v in state[name].items() if k not in ("vocab_size", "num_answers", "max_text_len", "image_size")}
         now = {k: v for k, v in asdict(cfg).items() if k in saved}
@@ -214,7 +220,7 @@ def train_backbone(model, splits, tokenizer, answers, dcfg, mcfg, tcfg, device, 
     for epoch in range(start_epoch, tcfg.epochs):
         model.train()
         bar = tqdm(list(batches(len(trainable), tcfg.batch_size, shuffle=True)), desc=f"backbone {epoch + 1}/{tcfg.epochs}",
-                   leave=False, dynamic_ncols=True)
+                   leave=False, dynamic_ncols=True, disable=None)
         loss_sum, hit_sum, seen = 0.0, 0.0, 0
         for ids in bar:
             ids = trainable[ids]
@@ -262,40 +268,206 @@ def report_test(model, splits, device, dtype, tcfg) -> dict:
     return res
 
 
+# ----------------------------------------------------------------------------------------------------
+# Stage 2: FREE exits, trained against the frozen backbone
+# ----------------------------------------------------------------------------------------------------
+def labelled_mask(n: int, fraction: float, seed: int) -> torch.Tensor:
+    """(n,) bool: the questions whose labels the exits may see, a fixed random `fraction` of the train split."""
+    if not 0.0 <= fraction <= 1.0:
+        raise DataError(f"--label-fraction must be between 0 and 1 (got {fraction})")
+    order = torch.randperm(n, generator=torch.Generator().manual_seed(seed + 12345))
+    mask = torch.zeros(n, dtype=torch.bool)
+    mask[order[:round(fraction * n)]] = True
+    return mask
+
+
+@torch.no_grad()
+def exit_outputs(free: FREE, batch: dict):
+    """One backbone pass: final logits (B, A), final [CLS] feature (B, D), every exit's logits [(B, A)] * K."""
+    states, attn_mask = free.backbone.hidden_states(**batch)
+    final_feat = states[-1][:, 0]                                                        # (B, D)
+    exits = [free.exit_logits(k, free.exit_feature(k, states[l], attn_mask)) for k, l in enumerate(free.exit_layers)]
+    return free.backbone.head(final_feat), final_feat, exits
+
+
+@torch.no_grad()
+def evaluate_exits(free: FREE, split, device, dtype, batch_size: int) -> dict:
+    """Standalone accuracy (%) of every exit (all samples forced to leave there), of the final layer, and
+    each exit's agreement (%) with the final layer's answer."""
+    free.eval()
+    final_pred, exit_pred = [], []
+    for ids in batches(len(split), batch_size):
+        with torch.autocast(device.type, dtype=dtype, enabled=dtype != torch.float32):
+            final_logits, _, exits = exit_outputs(free, to_device(split.batch(ids), device))
+        final_pred.append(final_logits.argmax(1).cpu())
+        exit_pred.append(torch.stack([e.argmax(1).cpu() for e in exits]))                # (K, B)
+    final_pred, exit_pred = torch.cat(final_pred), torch.cat(exit_pred, dim=1)            # (n,), (K, n)
+    every = torch.arange(len(split))
+    return {"final": 100.0 * split.score(every, final_pred).mean().item(),
+            "exits": [{"layer": l, "accuracy": 100.0 * split.score(every, exit_pred[k]).mean().item(),
+                       "agreement": 100.0 * (exit_pred[k] == final_pred).float().mean().item()}
+                      for k, l in enumerate(free.exit_layers)]}
+
+
+def exit_step(free: FREE, batch: dict, targets, labelled, opt_g, opt_d) -> dict:
+    """One batch of stage 2: a D step (free only), then a G step on the exits."""
+    with torch.no_grad():
+        states, attn_mask = free.backbone.hidden_states(**batch)                         # frozen backbone
+        real = states[-1][:, 0]                                                          # h_L: (B, D)
+        final_logits = free.backbone.head(real)                                          # (B, A): the teacher
+    fakes = [free.exit_feature(k, states[l], attn_mask) for k, l in enumerate(free.exit_layers)]  # G_k(h_{l_k})
+    stats = {}
+    if free.cfg.exit_method == "free":
+        # Discriminator step: tell final-layer features (real) from exit features (fake)
+        d_loss, stats = discriminator_loss(free, real, fakes)
+        opt_d.zero_grad(set_to_none=True)
+        d_loss.backward()
+        opt_d.step()
+    # Generator step: exit features should fool D and let the frozen head answer like the final layer
+    g_loss, g_stats = generator_loss(free, fakes, final_logits, targets, labelled)
+    if not math.isfinite(g_stats["g_loss"]) or not all(math.isfinite(v) for v in stats.values()):
+        raise FloatingPointError(f"non-finite stage-2 loss (G {g_stats['g_loss']}, D {stats.get('d_loss')})")
+    opt_g.zero_grad(set_to_none=True)
+    g_loss.backward()
+    opt_g.step()
+    return stats | g_stats
+
+
+def train_exits(free: FREE, splits, tcfg: TrainConfig, device, dtype, save) -> None:
+    """Stage 2: train the exits (and D) for cfg.exit_epochs; log every exit's val accuracy each epoch."""
+    ecfg, train = free.cfg, splits["train"]
+    labelled = labelled_mask(len(train), ecfg.label_fraction, tcfg.seed)
+    if ecfg.exit_method == "ce":
+        if ecfg.label_fraction <= 0:
+            raise DataError("--exit-method ce trains on labels only and needs --label-fraction > 0")
+        pool = torch.nonzero(labelled & train.trainable()).squeeze(1)   # ce sees labelled questions only
+    else:
+        pool = torch.arange(len(train))                                 # free/kd learn from every question
+    opt_g = torch.optim.AdamW(free.generator_parameters(), lr=ecfg.exit_lr, weight_decay=0.01)
+    opt_d = torch.optim.AdamW(free.discs.parameters(), lr=ecfg.disc_lr, betas=(0.5, 0.999), weight_decay=0.0)
+    log, t0 = os.path.join(tcfg.out, "log.jsonl"), time.time()
+    gen = torch.Generator().manual_seed(tcfg.seed)
+    for epoch in range(ecfg.exit_epochs):
+        free.train()
+        sums, seen = defaultdict(float), 0
+        bar = tqdm(list(batches(len(pool), tcfg.batch_size, shuffle=True, generator=gen)),
+                   desc=f"exits ({ecfg.exit_method}) {epoch + 1}/{ecfg.exit_epochs}", leave=False, dynamic_ncols=True, disable=None)
+        for ids in bar:
+            ids = pool[ids]
+            targets = train.soft_targets(ids, free.backbone.cfg.num_answers).to(device) if ecfg.label_fraction > 0 else None
+            with torch.autocast(device.type, dtype=dtype, enabled=dtype != torch.float32):
+                try:
+                    stats = exit_step(free, to_device(train.batch(ids), device), targets, labelled[ids].to(device), opt_g, opt_d)
+                except FloatingPointError as e:
+                    raise SystemExit(f"error: {e} in stage 2, epoch {epoch + 1}; the last good checkpoint is kept "
+                                     f"in {os.path.join(tcfg.out, 'ckpt.pt')}. Try a lower --exit-lr / --disc-lr.")
+            for k, v in stats.items():
+                sums[k] += v
+            seen += 1
+            bar.set_postfix({k: f"{v / seen:.3f}" for k, v in sums.items()})
+        res = evaluate_exits(free, splits["val"], device, dtype, tcfg.eval_batch_size)
+        means = {k: v / max(1, seen) for k, v in sums.items()}
+        print(f"exits epoch {epoch + 1}/{ecfg.exit_epochs}  " + "  ".join(f"{k} {v:.3f}" for k, v in means.items()) +
+              "  val acc by exit: " + " ".join(f"L{e['layer']}:{e['accuracy']:.1f}" for e in res["exits"]) +
+              f"  final:{res['final']:.1f}  ({time.time() - t0:.0f}s)")
+        log_json(log, {"stage": "exits", "method": ecfg.exit_method, "epoch": epoch + 1, **means,
+                       "val_final": res["final"], "val_exits": res["exits"], "time_s": round(time.time() - t0, 1)})
+        save()
+
+
+def print_depth_profile(res: dict, split_name: str) -> None:
+    """Each exit's standalone accuracy next to the final layer's: where mid-crisis and overthinking show."""
+    print(f"depth profile on {split_name} (every sample forced to leave at that exit):")
+    for e in res["exits"]:
+        print(f"  exit after layer {e['layer']:>2}: {e['accuracy']:5.1f}%   agrees with final {e['agreement']:5.1f}%")
+    print(f"  final layer         : {res['final']:5.1f}%")
+
+
 def main(argv=None) -> None:
     args, dcfg, mcfg, tcfg = parse_args(argv)
+    ecfg = config_from_args(ExitConfig, args)
     if tcfg.threads > 0:
         torch.set_num_threads(tcfg.threads)
     device, dtype, why = pick_device(tcfg.device)
     print(f"device: {device}  ({why}); torch threads: {torch.get_num_threads()}")
     try:
-        os.makedirs(tcfg.out, exist_ok=True)
-        state = resume_state(tcfg, dcfg, mcfg)
-        torch.manual_seed(tcfg.seed)
-        t = time.time()
-        if state is None:
-            splits, tokenizer, answers = load_data(dcfg)
-        else:
-            splits, tokenizer, answers = load_data(dcfg, Tokenizer.from_str(state["tokenizer"]), state["answers"])
+        run(args, dcfg, mcfg, tcfg, ecfg, device, dtype)
     except DataError as e:
         print(f"error: {e}", file=sys.stderr)
         raise SystemExit(2)
+
+
+def run(args, dcfg, mcfg, tcfg, ecfg, device, dtype) -> None:
+    os.makedirs(tcfg.out, exist_ok=True)
+    ckpt_path = os.path.join(tcfg.out, "ckpt.pt")
+    torch.manual_seed(tcfg.seed)
+    if tcfg.stage == "exits":
+        state = load_checkpoint(tcfg.backbone or ckpt_path)
+        model, _, tokenizer, answers, dcfg = build_from_checkpoint(state)
+        mcfg = model.cfg
+    else:
+        state = resume_state(tcfg, dcfg, mcfg)
+        tokenizer = Tokenizer.from_str(state["tokenizer"]) if state else None
+        answers = state["answers"] if state else None
+    t = time.time()
+    splits, tokenizer, answers = load_data(dcfg, tokenizer, answers)
     mcfg.image_size, mcfg.max_text_len = dcfg.image_size, dcfg.max_question_len
     mcfg.vocab_size, mcfg.num_answers = tokenizer.get_vocab_size(), len(answers)
     sizes = ", ".join(f"{k} {len(v)}" for k, v in splits.items())
-    print(f"data: {dcfg.data} ({sizes} questions), {len(answers)} answers, {mcfg.vocab_size} tokens "
-          f"({time.time() - t:.1f}s)")
-    print("config:", json.dumps({"preset": args.preset, "data": asdict(dcfg), "model": asdict(mcfg), "train": asdict(tcfg)}))
-    model = VLM(cfg=mcfg)
-    if state is not None:
-        model.load_state_dict(state["model"])
-    elif os.path.exists(os.path.join(tcfg.out, "log.jsonl")):
-        os.remove(os.path.join(tcfg.out, "log.jsonl"))
+    print(f"data: {dcfg.data} ({sizes} questions), {len(answers)} answers, {mcfg.vocab_size} tokens ({time.time() - t:.1f}s)")
+    print("config:", json.dumps({"preset": args.preset, "data": asdict(dcfg), "model": asdict(mcfg),
+                                 "train": asdict(tcfg), "exits": asdict(ecfg)}))
+    if tcfg.stage != "exits":
+        model = VLM(cfg=mcfg)
+        if state is not None:
+            model.load_state_dict(state["model"])
+        elif os.path.exists(os.path.join(tcfg.out, "log.jsonl")):
+            os.remove(os.path.join(tcfg.out, "log.jsonl"))
+        model.to(device)
+        print(f"model: {sum(p.numel() for p in model.parameters()) / 1e6:.2f}M parameters, "
+              f"{mcfg.depth} language-model layers of width {mcfg.dim}")
+        train_backbone(model, splits, tokenizer, answers, dcfg, mcfg, tcfg, device, dtype, state)
+        report_test(model, splits, device, dtype, tcfg)
+        state = load_checkpoint(os.path.join(tcfg.out, "ckpt.pt"))
+        if tcfg.stage == "backbone":
+            return
+    run_exits(model, state, splits, ecfg, tcfg, device, dtype)
+
+
+def run_exits(model: VLM, state: dict, splits, ecfg: ExitConfig, tcfg: TrainConfig, device, dtype) -> None:
+    """Stage 2 on a trained backbone; the checkpoint then holds the backbone and the exits together."""
     model.to(device)
-    n_params = sum(p.numel() for p in model.parameters())
-    print(f"model: {n_params / 1e6:.2f}M parameters, {mcfg.depth} language-model layers of width {mcfg.dim}")
-    train_backbone(model, splits, tokenizer, answers, dcfg, mcfg, tcfg, device, dtype, state)
-    report_test(model, splits, device, dtype, tcfg)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    free = FREE(model, ecfg).to(device)
+    print(f"exits: {ecfg.exit_method} after layers {free.exit_layers} (head: {ecfg.exit_head}, discriminator: "
+          f"{ecfg.disc}, label fraction {ecfg.label_fraction}); "
+          f"{sum(p.numel() for p in free.generator_parameters()) / 1e6:.2f}M trainable exit parameters")
+    print_depth_profile(evaluate_exits(free, splits["val"], device, dtype, tcfg.eval_batch_size), "val before stage 2")
+    ckpt_path = os.path.join(tcfg.out, "ckpt.pt")
+    base = {k: v for k, v in state.items() if k not in ("optimizer", "rng")}
+
+    def save():
+        save_checkpoint(ckpt_path, base | {"exits": {k: v for k, v in free.state_dict().items()
+                                                     if not k.startswith("backbone.")},
+                                           "exit_config": asdict(ecfg)})
+    train_exits(free, splits, tcfg, device, dtype, save)
+    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items()), "the frozen backbone changed"
+    res = evaluate_exits(free, splits["test"], device, dtype, tcfg.eval_batch_size)
+    print_depth_profile(res, "test")
+    log_json(os.path.join(tcfg.out, "log.jsonl"), {"stage": "exits", "split": "test", "method": ecfg.exit_method,
+                                                   "test_final": res["final"], "test_exits": res["exits"]})
+    if tcfg.final_eval:
+        # the early-exit report of infer.py, on CPU: the timings are what a CPU user would see
+        free.cpu().eval()
+        icfg = infer.InferConfig(json=os.path.join(tcfg.out, "report.json"), plot=os.path.join(tcfg.out, "speedup.png"),
+                                 timing_samples=tcfg.report_timing_samples)
+        report = infer.build_report(free, splits, "test", icfg)
+        infer.print_report(report, free)
+        infer.write_json(icfg.json, report)
+        infer.plot_report(report, icfg.plot)
+        state = load_checkpoint(ckpt_path) | {"calibrated": {k: report["calibrated"].get(k) for k in ("rule", "threshold")}}
+        save_checkpoint(ckpt_path, state)
+        print(f"wrote {icfg.json} and {icfg.plot}")
 
 
 if __name__ == "__main__":

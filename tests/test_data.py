@@ -53,9 +53,10 @@ def test_fewer_than_ten_answers():
 
 # ---------------------------------------------------------------- the shapes generator
 def test_generator_is_deterministic_by_seed():
-    a_img, a_rec = data.generate_shapes_split(20, 4, seed=7)
-    b_img, b_rec = data.generate_shapes_split(20, 4, seed=7)
-    c_img, _ = data.generate_shapes_split(20, 4, seed=8)
+    a_img, a_rec, a_lab = data.generate_shapes_split(20, 4, seed=7)
+    b_img, b_rec, b_lab = data.generate_shapes_split(20, 4, seed=7)
+    c_img, _, _ = data.generate_shapes_split(20, 4, seed=8)
+    assert np.array_equal(a_lab, b_lab)
     assert np.array_equal(a_img, b_img) and a_rec == b_rec
     assert not np.array_equal(a_img, c_img)
 
@@ -107,7 +108,7 @@ def test_generated_questions_are_unambiguous_and_correct():
 
 
 def test_families_balanced_and_yes_no_balanced():
-    _, records = data.generate_shapes_split(600, 4, seed=1)
+    _, records, _ = data.generate_shapes_split(600, 4, seed=1)
     fams = [r["family"] for r in records]
     for fam in data.FAMILIES:
         assert abs(fams.count(fam) / len(fams) - 1 / 6) < 0.02
@@ -119,7 +120,7 @@ def test_families_balanced_and_yes_no_balanced():
 def test_shapes_splits_are_disjoint():
     cfg = DataConfig(train_images=30, val_images=10, test_images=10)
     splits = data.shapes_splits(cfg)
-    ids = [{r["image_id"] for r in recs} for _, recs in splits.values()]
+    ids = [{r["image_id"] for r in recs} for _, recs, _ in splits.values()]
     assert not (ids[0] & ids[1]) and not (ids[0] & ids[2]) and not (ids[1] & ids[2])
     train_imgs = {img.tobytes() for img in splits["train"][0]}
     assert not any(img.tobytes() in train_imgs for img in splits["test"][0])

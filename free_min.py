@@ -1,0 +1,309 @@
+"""Everything FREE adds to the plain VLM: exits, the discriminator, the GAN + distillation losses, and
+the early-exit forward. This file reads like the method section of the paper.
+
+FREE (Bajpai & Hanawal, ACL Findings 2025), as this project implements it (see README "paper <-> code"):
+
+* Exit k sits after language-model layer l_k. It is one transformer layer G_k (same block type and width
+  as the language model) applied to the hidden states h_{l_k}, followed by the backbone's *frozen* final
+  norm + answer head, shared by all exits (the paper reuses the frozen LM head). G_k is the *generator*:
+  it should map h_{l_k} to a feature the frozen head can read, i.e. one that looks like the final
+  layer's feature h_L.
+* A discriminator D (small MLP on [CLS] features) tells real final-layer features h_L from exit features
+  G_k(h_{l_k}). Training alternates a D step and a G step on every batch:
+
+    L_D = BCE(D(h_L), 1) + sum_k BCE(D(G_k(h_{l_k})), 0)
+    L_G = sum_k [ lambda_adv * BCE(D(G_k(h_{l_k})), 1)                      (non-saturating GAN loss)
+                  + lambda_kd * T^2 * KL(p_L^T || p_k^T)                    (distil the final layer)
+                  + lambda_ce * CE(p_k, y) on labelled questions only ]     (semi-supervised setting)
+
+  With no labels (label_fraction = 0) the frozen final layer is the only teacher: FREE is label-free.
+* Inference is input-adaptive: a sample leaves at the first exit whose rule fires (max-prob >= threshold
+  in the paper) and stops computing; the rest continue to the final layer.
+
+The backbone (model.py) is frozen throughout: only G_k (and, for --exit-head own, per-exit heads) and D
+are trained, in train.py's stage 2.
+"""
+import copy
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from tokenizers import Tokenizer
+
+from data import DataConfig
+from model import VLM, ModelConfig
+
+
+@dataclass
+class ExitConfig:
+    exit_layers: str = field(default="", metadata={"help": "comma-separated language-model layers (1-based) "
+                                                           "that get an exit; '' = every second layer before the last"})
+    exit_head: str = field(default="shared", metadata={"help": "shared: the backbone's frozen norm + head (the paper); "
+                                                                "own: a trainable copy per exit (for comparison)",
+                                                        "choices": ["shared", "own"]})
+    disc: str = field(default="shared", metadata={"help": "one discriminator for all exits (shared) or one per exit",
+                                                   "choices": ["shared", "per-exit"]})
+    disc_hidden: int = field(default=256, metadata={"help": "hidden width of the discriminator MLP"})
+    exit_method: str = field(default="free", metadata={"help": "free: adversarial + KD (+ CE on labels); kd: self-"
+                                                                "distillation only (FastBERT); ce: labels only (DeeBERT)",
+                                                        "choices": ["free", "kd", "ce"]})
+    label_fraction: float = field(default=1.0, metadata={"help": "fraction of training questions whose labels the exits "
+                                                                  "may see (0 = label-free; ce needs > 0)"})
+    lambda_adv: float = field(default=1.0, metadata={"help": "weight of the adversarial (generator) term (free only)"})
+    lambda_kd: float = field(default=1.0, metadata={"help": "weight of the distillation term (free and kd)"})
+    lambda_ce: float = field(default=1.0, metadata={"help": "weight of the cross-entropy term on labelled questions"})
+    temperature: float = field(default=2.0, metadata={"help": "distillation temperature T"})
+    exit_epochs: int = field(default=3, metadata={"help": "stage-2 (exit) epochs"})
+    exit_lr: float = field(default=5e-4, metadata={"help": "AdamW learning rate of the exit layers (generators)"})
+    disc_lr: float = field(default=2e-4, metadata={"help": "AdamW learning rate of the discriminator"})
+
+
+def resolve_exit_layers(spec: str, depth: int) -> list[int]:
+    """'2,4,6' -> [2, 4, 6]; '' -> every second layer before the last. Layers are 1-based: exit after layer l."""
+    layers = list(range(2, depth, 2)) if not spec.strip() else []
+    for part in filter(None, (p.strip() for p in spec.split(","))):
+        if not part.isdigit() or not 1 <= int(part) < depth:
+            raise ValueError(f"--exit-layers: '{part}' is not a layer between 1 and {depth - 1} "
+                             f"(the model has {depth} language-model layers; an exit after the last is the final head)")
+        layers.append(int(part))
+    if not layers:
+        raise ValueError(f"--exit-layers: no exit layer (the model has {depth} language-model layers)")
+    return sorted(set(layers))
+
+
+class ExitLayer(nn.Module):
+    """G_k: one transformer block that only computes the [CLS] row.
+
+    Only the [CLS] feature is read by the head, so the block needs queries for [CLS] alone while keys and
+    values still come from every token. For a pre-norm block
+        x = h_cls + Attn(q = LN1(h_cls), k, v = LN1(h));   out = x + MLP(LN2(x))
+    which equals row 0 of the full block, for about (2/3 of qkv + 1/S of the rest) of its cost.
+
+    Initialisation: a copy of the backbone layer that follows the exit (layer l_k + 1). Then at step 0
+    G_k(h_{l_k}) = h_{l_k + 1}: the exit starts as "run one more backbone layer", a feature already closer
+    to h_L than h_{l_k} is, and the GAN moves it the rest of the way.
+    """
+
+    def __init__(self, block: nn.Module):
+        super().__init__()
+        self.block = copy.deepcopy(block)
+        self.block.requires_grad_(True)   # the copy of a frozen backbone layer is trainable
+
+    def forward(self, h: torch.Tensor, attn_mask: torch.Tensor) -> torch.Tensor:
+        """h (B, S, D), attn_mask (B, 1, 1, S) bool (True = attend) -> [CLS] feature (B, D)."""
+        blk, attn = self.block, self.block.attn
+        B, S, D = h.shape
+        H, hd = attn.num_heads, attn.head_dim
+        x = blk.norm1(h)                                                           # (B, S, D)
+        w_q, w_kv = attn.qkv.weight[:D], attn.qkv.weight[D:]                       # (D, D), (2D, D)
+        b_q, b_kv = (attn.qkv.bias[:D], attn.qkv.bias[D:]) if attn.qkv.bias is not None else (None, None)
+        q = F.linear(x[:, :1], w_q, b_q).view(B, 1, H, hd).transpose(1, 2)         # (B, H, 1, hd)
+        kv = F.linear(x, w_kv, b_kv).view(B, S, 2, H, hd).permute(2, 0, 3, 1, 4)    # (2, B, H, S, hd)
+        k, v = kv.unbind(0)                                                        # (B, H, S, hd) each
+        q, k = attn.q_norm(q), attn.k_norm(k)
+        o = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask)          # (B, H, 1, hd)
+        o = attn.proj(attn.norm(o.transpose(1, 2).reshape(B, 1, D)))              # (B, 1, D)
+        x_cls = h[:, :1] + blk.ls1(o)                                              # (B, 1, D)
+        x_cls = x_cls + blk.ls2(blk.mlp(blk.norm2(x_cls)))                         # (B, 1, D)
+        return x_cls[:, 0]                                                         # (B, D)
+
+
+class Discriminator(nn.Module):
+    """D: [CLS] feature (B, D) -> logit (B,) of "this is a real final-layer feature".
+    It sees features after the frozen final norm, i.e. exactly what the shared head reads."""
+
+    def __init__(self, dim: int, hidden: int):
+        super().__init__()
+        self.net = nn.Sequential(nn.Linear(dim, hidden), nn.LeakyReLU(0.2), nn.Linear(hidden, hidden),
+                                 nn.LeakyReLU(0.2), nn.Linear(hidden, 1))
+
+    def forward(self, feat: torch.Tensor) -> torch.Tensor:
+        return self.net(feat)[:, 0]
+
+
+class FREE(nn.Module):
+    """A frozen backbone VLM with K exits, their heads and the discriminator(s) that train them."""
+
+    def __init__(self, backbone: VLM, cfg: ExitConfig):
+        super().__init__()
+        self.cfg = cfg
+        self.backbone = backbone
+        for p in self.backbone.parameters():
+            p.requires_grad_(False)
+        self.exit_layers = resolve_exit_layers(cfg.exit_layers, backbone.depth)   # 1-based, K of them
+        # layer l (1-based) is blocks[l - 1]; the layer after the exit is blocks[l]
+        self.exits = nn.ModuleList([ExitLayer(backbone.blocks[l]) for l in self.exit_layers])
+        self.heads = None
+        if cfg.exit_head == "own":
+            self.heads = nn.ModuleList([nn.Sequential(copy.deepcopy(backbone.norm), copy.deepcopy(backbone.classifier))
+                                        for _ in self.exit_layers]).requires_grad_(True)
+        n_disc = 1 if cfg.disc == "shared" else len(self.exit_layers)
+        self.discs = nn.ModuleList([Discriminator(backbone.cfg.dim, cfg.disc_hidden) for _ in range(n_disc)])
+
+    @property
+    def num_exits(self) -> int:
+        return len(self.exit_layers)
+
+    def train(self, mode: bool = True):
+        """The backbone stays in eval mode even while the exits train: it is frozen."""
+        super().train(mode)
+        self.backbone.eval()
+        return self
+
+    def exit_feature(self, k: int, h: torch.Tensor, attn_mask: torch.Tensor) -> torch.Tensor:
+        """G_k on the hidden states after layer l_k: (B, S, D) -> [CLS] feature (B, D)."""
+        return self.exits[k](h, attn_mask)
+
+    def exit_logits(self, k: int, feat: torch.Tensor) -> torch.Tensor:
+        """Answer logits (B, A) of exit k from its feature: the frozen shared head, or the exit's own."""
+        return self.backbone.head(feat) if self.heads is None else self.heads[k](feat)
+
+    def disc(self, k: int) -> Discriminator:
+        return self.discs[0 if len(self.discs) == 1 else k]
+
+    def generator_parameters(self):
+        """What the G step trains: the exit layers (and own heads). Never the backbone, never D."""
+        params = list(self.exits.parameters())
+        return params + (list(self.heads.parameters()) if self.heads is not None else [])
+
+
+def discriminator_loss(model: FREE, real: torch.Tensor, fakes: list[torch.Tensor]) -> tuple[torch.Tensor, dict]:
+    """L_D = BCE(D(h_L), 1) + sum_k BCE(D(G_k(h_{l_k})), 0), on normed features, fakes detached.
+    With one D per exit, each D_k sees the real features and its own exit's fakes."""
+    norm = model.backbone.norm
+    real_n = norm(real)                                                                     # (B, D)
+    loss, real_acc, fake_acc = 0.0, 0.0, 0.0
+    for k, fake in enumerate(fakes):
+        d_real, d_fake = model.disc(k)(real_n), model.disc(k)(norm(fake.detach()))           # (B,), (B,)
+        if k == 0 or len(model.discs) > 1:
+            loss = loss + F.binary_cross_entropy_with_logits(d_real, torch.ones_like(d_real))
+            real_acc += (d_real > 0).float().mean().item() / len(model.discs)
+        loss = loss + F.binary_cross_entropy_with_logits(d_fake, torch.zeros_like(d_fake))
+        fake_acc += (d_fake < 0).float().mean().item() / len(fakes)
+    return loss, {"d_loss": loss.item(), "d_real_acc": real_acc, "d_fake_acc": fake_acc}
+
+
+def distillation_loss(exit_logits: torch.Tensor, final_logits: torch.Tensor, temperature: float) -> torch.Tensor:
+    """T^2 * KL(p_L^T || p_k^T): the exit matches the final layer's softened answer distribution."""
+    log_p_exit = F.log_softmax(exit_logits.float() / temperature, dim=1)
+    p_final = F.softmax(final_logits.float() / temperature, dim=1)
+    return temperature ** 2 * F.kl_div(log_p_exit, p_final, reduction="batchmean")
+
+
+def generator_loss(model: FREE, fakes: list[torch.Tensor], final_logits: torch.Tensor,
+                   targets: torch.Tensor | None, labelled: torch.Tensor) -> tuple[torch.Tensor, dict]:
+    """L_G = sum_k [lambda_adv BCE(D(G_k), 1) + lambda_kd T^2 KL(p_L^T || p_k^T) + lambda_ce CE(p_k, y)].
+
+    Which terms are on depends on the method: free = adv + kd (+ ce), kd = kd only, ce = ce only.
+    targets (B, A) soft labels or None; labelled (B,) bool: the questions whose labels may be used."""
+    cfg = model.cfg
+    use_adv = cfg.exit_method == "free" and cfg.lambda_adv > 0
+    use_kd = cfg.exit_method in ("free", "kd") and cfg.lambda_kd > 0
+    use_ce = cfg.exit_method in ("free", "ce") and cfg.lambda_ce > 0 and targets is not None and bool(labelled.any())
+    loss, stats = fakes[0].new_zeros(()), {"adv": 0.0, "kd": 0.0, "ce": 0.0}
+    for k, fake in enumerate(fakes):
+        logits = model.exit_logits(k, fake)                                                   # (B, A)
+        if use_adv:
+            d_fake = model.disc(k)(model.backbone.norm(fake))                                 # (B,)
+            adv = F.binary_cross_entropy_with_logits(d_fake, torch.ones_like(d_fake))
+            loss, stats["adv"] = loss + cfg.lambda_adv * adv, stats["adv"] + adv.item()
+        if use_kd:
+            kd = distillation_loss(logits, final_logits, cfg.temperature)
+            loss, stats["kd"] = loss + cfg.lambda_kd * kd, stats["kd"] + kd.item()
+        if use_ce:
+            t = targets[labelled] / targets[labelled].sum(dim=1, keepdim=True).clamp(min=1e-8)  # (B_lab, A)
+            ce = -(t * F.log_softmax(logits[labelled].float(), dim=1)).sum(dim=1).mean()
+            loss, stats["ce"] = loss + cfg.lambda_ce * ce, stats["ce"] + ce.item()
+    stats["g_loss"] = loss.item()
+    return loss, stats
+
+
+# ----------------------------------------------------------------------------------------------------
+# Input-adaptive inference: samples that exit stop computing
+# ----------------------------------------------------------------------------------------------------
+RULES = ("maxprob", "entropy", "patience")
+
+
+def rule_fires(rule: str, probs: torch.Tensor, threshold: float, streak: torch.Tensor) -> torch.Tensor:
+    """Which rows leave at this exit. probs (B, A); streak (B,) = consecutive exits (this one included)
+    that gave the same answer. Returns (B,) bool.
+      maxprob  (FREE, DeeBERT-style): max softmax probability >= threshold
+      entropy  (DeeBERT):             entropy / log(A) <= threshold
+      patience (PABEE):               the same answer at `threshold` consecutive exits"""
+    if rule == "maxprob":
+        return probs.max(dim=1).values >= threshold
+    if rule == "entropy":
+        entropy = -(probs * probs.clamp(min=1e-12).log()).sum(dim=1)
+        return entropy / torch.log(torch.tensor(float(probs.shape[1]))) <= threshold
+    if rule == "patience":
+        return streak >= threshold
+    raise ValueError(f"unknown exit rule '{rule}' (choose from {', '.join(RULES)})")
+
+
+@torch.no_grad()
+def early_exit_predict(free: FREE, images: torch.Tensor, tokens: torch.Tensor, text_mask: torch.Tensor,
+                       rule: str = "maxprob", threshold: float = 0.9) -> dict:
+    """Run the language model layer by layer; after layer l_k evaluate exit k on the samples still running,
+    answer those whose rule fires and *remove them from the batch*, so later layers run on fewer rows.
+
+    Returns {'pred': (B,) answer index, 'exit': (B,) exit index (K = the final layer), 'confidence': (B,)
+    max softmax probability of the answer given, 'layers': (B,) language-model layers each sample ran}.
+    """
+    bb, K = free.backbone, free.num_exits
+    h, attn_mask = bb.embed(images, tokens, text_mask)                 # (B, S, D), (B, 1, 1, S)
+    B = h.shape[0]
+    pred = torch.zeros(B, dtype=torch.long, device=h.device)
+    exit_at = torch.full((B,), K, dtype=torch.long, device=h.device)
+    conf = torch.zeros(B, device=h.device)
+    alive = torch.arange(B, device=h.device)                           # original row of each running sample
+    last = torch.full((B,), -1, dtype=torch.long, device=h.device)     # patience: previous exit's answer
+    streak = torch.zeros(B, dtype=torch.long, device=h.device)
+    k = 0
+    for i in range(bb.depth):
+        h = bb.layer(i, h, attn_mask)                                  # (B_alive, S, D)
+        if k < K and i + 1 == free.exit_layers[k]:
+            probs = free.exit_logits(k, free.exit_feature(k, h, attn_mask)).float().softmax(dim=1)  # (B_alive, A)
+            c, a = probs.max(dim=1)
+            streak = torch.where(a == last, streak + 1, torch.ones_like(streak))
+            fire = rule_fires(rule, probs, threshold, streak)          # (B_alive,)
+            rows = alive[fire]
+            pred[rows], conf[rows], exit_at[rows] = a[fire], c[fire], k
+            keep = ~fire
+            h, attn_mask, alive, last, streak = h[keep], attn_mask[keep], alive[keep], a[keep], streak[keep]
+            k += 1
+            if alive.numel() == 0:                                     # every sample has left
+                break
+    if alive.numel() > 0:
+        probs = bb.head(h[:, 0]).float().softmax(dim=1)                # (B_alive, A): the final layer
+        c, a = probs.max(dim=1)
+        pred[alive], conf[alive] = a, c
+    layers = torch.tensor(free.exit_layers + [bb.depth], device=h.device)[exit_at]
+    return {"pred": pred, "exit": exit_at, "confidence": conf, "layers": layers}
+
+
+def layer_costs(free: FREE, seq_len: float) -> tuple[float, float]:
+    """FLOPs per sample of one language-model layer and of one exit (G_k on the [CLS] row + norm + head),
+    for a sequence of seq_len tokens. Multiply-adds count 2; norms and softmaxes are left out."""
+    D, A = free.backbone.cfg.dim, free.backbone.cfg.num_answers
+    hidden = int(D * free.backbone.cfg.mlp_ratio)
+    S = seq_len
+    layer = 2 * (S * D * 3 * D + 2 * S * S * D + S * D * D + 2 * S * D * hidden)
+    exit_ = 2 * (D * D + S * D * 2 * D + 2 * S * D + D * D + 2 * D * hidden + D * A)
+    return layer, exit_
+
+
+def build_from_checkpoint(state: dict):
+    """Rebuild what a checkpoint holds: (backbone VLM, FREE or None if it has no exits, tokenizer,
+    answers, DataConfig). Everything in eval mode."""
+    backbone = VLM(cfg=ModelConfig(**state["model_config"]))
+    backbone.load_state_dict(state["model"])
+    backbone.eval()
+    free = None
+    if "exits" in state:
+        free = FREE(backbone, ExitConfig(**state["exit_config"]))
+        missing, unexpected = free.load_state_dict(state["exits"], strict=False)
+        if unexpected or any(not k.startswith("backbone.") for k in missing):
+            raise ValueError(f"checkpoint exits do not match their config (missing {missing}, unexpected {unexpected})")
+        free.eval()
+    return backbone, free, Tokenizer.from_str(state["tokenizer"]), state["answers"], DataConfig(**state["data_config"])

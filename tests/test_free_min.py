@@ -1,0 +1,149 @@
+"""free_min.py: the [CLS]-only exit layer, the losses' reach, and the early-exit forward."""
+import pytest
+import torch
+
+import free_min
+from free_min import FREE, ExitConfig, ExitLayer, early_exit_predict
+from model import VLM, ModelConfig
+
+T, A = 9, 6
+
+
+def make_free(**exit_kw) -> FREE:
+    torch.manual_seed(0)
+    backbone = VLM(cfg=ModelConfig(image_size=32, patch_size=8, vit_dim=32, vit_heads=2, dim=32, depth=6, heads=2,
+                                   max_text_len=T, vocab_size=40, num_answers=A)).eval()
+    free = FREE(backbone, ExitConfig(**exit_kw))
+    for p in free.exits.parameters():   # make exits differ from the backbone layers they were copied from
+        p.data.add_(0.05 * torch.randn_like(p))
+    return free.eval()
+
+
+def inputs(n=5, seed=1):
+    g = torch.Generator().manual_seed(seed)
+    lengths = torch.randint(3, T + 1, (n,), generator=g)
+    mask = torch.arange(T)[None, :] < lengths[:, None]          # (n, T)
+    tokens = torch.randint(4, 40, (n, T), generator=g) * mask
+    tokens[:, 0] = 2
+    return torch.rand(n, 3, 32, 32, generator=g), tokens, mask
+
+
+def test_exit_layers_default_and_validation():
+    assert free_min.resolve_exit_layers("", 8) == [2, 4, 6]
+    assert free_min.resolve_exit_layers("3, 1", 8) == [1, 3]
+    with pytest.raises(ValueError, match="'8' is not a layer between 1 and 7"):
+        free_min.resolve_exit_layers("2,8", 8)
+
+
+def test_cls_only_exit_layer_equals_full_layer_row():
+    free = make_free()
+    images, tokens, mask = inputs()
+    h, attn_mask = free.backbone.embed(images, tokens, mask)
+    block = free.backbone.blocks[3]
+    full = block(h, attn_mask=attn_mask)[:, 0]                          # (B, D): the whole layer, row 0
+    assert torch.allclose(ExitLayer(block)(h, attn_mask), full, atol=1e-5)
+
+
+def test_threshold_that_never_fires_gives_the_full_model():
+    free = make_free()
+    images, tokens, mask = inputs(8)
+    out = early_exit_predict(free, images, tokens, mask, rule="maxprob", threshold=1.01)
+    full = free.backbone(images, tokens, mask)
+    assert torch.equal(out["pred"], full.argmax(1))
+    assert (out["exit"] == free.num_exits).all() and (out["layers"] == 6).all()
+
+
+def test_threshold_that_always_fires_exits_everything_at_the_first_exit():
+    free = make_free()
+    images, tokens, mask = inputs(8)
+    out = early_exit_predict(free, images, tokens, mask, rule="maxprob", threshold=0.0)
+    states, attn_mask = free.backbone.hidden_states(images, tokens, mask)
+    first = free.exit_logits(0, free.exit_feature(0, states[free.exit_layers[0]], attn_mask))
+    assert (out["exit"] == 0).all() and (out["layers"] == free.exit_layers[0]).all()
+    assert torch.equal(out["pred"], first.argmax(1))
+
+
+def median_threshold(free, images, tokens, mask, rule):
+    """A threshold that lets about half of the samples leave at the first exit."""
+    states, attn_mask = free.backbone.hidden_states(images, tokens, mask)
+    p = free.exit_logits(0, free.exit_feature(0, states[free.exit_layers[0]], attn_mask)).softmax(1)
+    score = p.max(1).values if rule == "maxprob" else -(p * p.log()).sum(1) / torch.log(torch.tensor(float(A)))
+    v = score.sort().values
+    return ((v[len(v) // 2 - 1] + v[len(v) // 2]) / 2).item()   # half-way between two samples: no float ties
+
+
+@pytest.mark.parametrize("rule", ["maxprob", "entropy", "patience"])
+def test_batched_removal_equals_one_sample_at_a_time(rule):
+    free = make_free()
+    images, tokens, mask = inputs(12, seed=3)
+    threshold = 2 if rule == "patience" else median_threshold(free, images, tokens, mask, rule)
+    out = early_exit_predict(free, images, tokens, mask, rule=rule, threshold=threshold)
+    assert len(set(out["exit"].tolist())) > 1, "the test needs samples leaving at different exits"
+    for i in range(12):
+        n = int(mask[i].sum())
+        one = early_exit_predict(free, images[i:i + 1], tokens[i:i + 1, :n], mask[i:i + 1, :n], rule=rule,
+                                 threshold=threshold)
+        assert one["pred"].item() == out["pred"][i].item() and one["exit"].item() == out["exit"][i].item()
+        assert one["confidence"].item() == pytest.approx(out["confidence"][i].item(), abs=1e-5)
+
+
+def test_patience_semantics():
+    free = make_free()
+    images, tokens, mask = inputs(10)
+    states, attn_mask = free.backbone.hidden_states(images, tokens, mask)
+    answers = torch.stack([free.exit_logits(k, free.exit_feature(k, states[l], attn_mask)).argmax(1)
+                           for k, l in enumerate(free.exit_layers)])            # (K, B)
+    out = early_exit_predict(free, images, tokens, mask, rule="patience", threshold=2)
+    for b in range(10):
+        # the first exit k >= 1 whose answer equals exit k-1's answer, else the final layer
+        expected = next((k for k in range(1, free.num_exits) if answers[k, b] == answers[k - 1, b]), free.num_exits)
+        assert out["exit"][b].item() == expected
+    assert (early_exit_predict(free, images, tokens, mask, rule="patience", threshold=1)["exit"] == 0).all()
+
+
+def test_discriminator_step_changes_only_d_and_generator_step_only_exits():
+    free = make_free(exit_method="free", label_fraction=1.0)
+    images, tokens, mask = inputs(8)
+    free.train()
+    snapshot = lambda mod: [p.detach().clone() for p in mod.parameters()]
+    states, attn_mask = free.backbone.hidden_states(images, tokens, mask)
+    fakes = [free.exit_feature(k, states[l], attn_mask) for k, l in enumerate(free.exit_layers)]
+    before = {"backbone": snapshot(free.backbone), "exits": snapshot(free.exits), "discs": snapshot(free.discs)}
+    changed = lambda name: any(not torch.equal(a, b) for a, b in zip(before[name], getattr(free, name).parameters()))
+
+    opt_d = torch.optim.SGD(free.discs.parameters(), lr=0.1)
+    opt_g = torch.optim.SGD(free.generator_parameters(), lr=0.1)
+    d_loss, _ = free_min.discriminator_loss(free, states[-1][:, 0], fakes)
+    opt_d.zero_grad()
+    d_loss.backward()
+    opt_d.step()
+    assert changed("discs") and not changed("exits") and not changed("backbone")
+
+    before["discs"] = snapshot(free.discs)
+    final_logits = free.backbone.head(states[-1][:, 0])
+    g_loss, stats = free_min.generator_loss(free, fakes, final_logits, None, torch.zeros(8, dtype=torch.bool))
+    assert stats["adv"] > 0 and stats["kd"] > 0 and stats["ce"] == 0
+    opt_g.zero_grad()
+    g_loss.backward()
+    opt_g.step()
+    assert changed("exits") and not changed("discs") and not changed("backbone")
+
+
+def test_methods_use_only_their_terms():
+    images, tokens, mask = inputs(6)
+    targets = torch.softmax(torch.randn(6, A), 1)
+    labelled = torch.tensor([True, False, True, False, False, True])
+    for method, on in [("free", {"adv", "kd", "ce"}), ("kd", {"kd"}), ("ce", {"ce"})]:
+        free = make_free(exit_method=method)
+        states, attn_mask = free.backbone.hidden_states(images, tokens, mask)
+        fakes = [free.exit_feature(k, states[l], attn_mask) for k, l in enumerate(free.exit_layers)]
+        _, stats = free_min.generator_loss(free, fakes, free.backbone.head(states[-1][:, 0]), targets, labelled)
+        assert {k for k in ("adv", "kd", "ce") if stats[k] > 0} == on, method
+
+
+def test_own_heads_and_per_exit_discriminators():
+    free = make_free(exit_head="own", disc="per-exit")
+    assert len(free.heads) == free.num_exits == len(free.discs) == 2   # exits after layers 2 and 4 of 6
+    images, tokens, mask = inputs(4)
+    out = early_exit_predict(free, images, tokens, mask, threshold=0.0)
+    assert out["pred"].shape == (4,)
