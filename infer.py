@@ -267,7 +267,9 @@ def print_report(r: dict, free) -> None:
 def format_calibrated(c: dict) -> str:
     if c.get("threshold") is None:
         return f"calibrated ({c['rule']}): no threshold keeps the val accuracy drop within the limit"
-    return (f"calibrated on val ({c['rule']} >= {c['threshold']:g} for maxprob, <= for entropy, patience count): "
+    rule = {"maxprob": f"max prob >= {c['threshold']:g}", "entropy": f"normalized entropy <= {c['threshold']:g}",
+            "patience": f"same answer at {c['threshold']:g} exits in a row"}[c["rule"]]
+    return (f"calibrated on val ({c['rule']}: {rule}): "
             f"accuracy {c['accuracy']:.2f}% (drop {c['accuracy_drop']:+.2f} pts), layer speedup {c['layer_speedup']:.2f}x, "
             f"wall-clock speedup {c['wallclock_speedup_batch1']:.2f}x at batch 1, {c['wallclock_speedup_batched']:.2f}x "
             f"at batch {c['timing_batched']['batch_size']}")

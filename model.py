@@ -126,16 +126,20 @@ class VLM(nn.Module):
     def depth(self) -> int:
         return len(self.blocks)
 
-    def encode_image(self, images: torch.Tensor) -> torch.Tensor:
-        """images: (B, 3, H, W) in [0, 1] -> visual tokens (B, N, D)."""
-        x = self.vit.forward_features((images - self.pixel_mean) / self.pixel_std)  # (B, P, Dv), P = grid^2
+    def patch_features(self, images: torch.Tensor) -> torch.Tensor:
+        """images: (B, 3, H, W) in [0, 1] -> ViT tokens (B, P, Dv), P = (H / patch_size)^2."""
+        return self.vit.forward_features((images - self.pixel_mean) / self.pixel_std)
+
+    def encode_image(self, images: torch.Tensor, patches: torch.Tensor | None = None) -> torch.Tensor:
+        """images: (B, 3, H, W) in [0, 1] (or their ViT tokens) -> visual tokens (B, N, D)."""
+        x = self.patch_features(images) if patches is None else patches  # (B, P, Dv)
         B, _, Dv = x.shape
         g, k = self.grid, self.cfg.merge
         x = x.view(B, g // k, k, g // k, k, Dv)                     # (B, g/k, k, g/k, k, Dv)
         x = x.permute(0, 1, 3, 2, 4, 5).reshape(B, self.num_visual, k * k * Dv)  # (B, N, k*k*Dv)
         return self.visual_proj(x) + self.visual_pos                 # (B, N, D)
 
-    def embed(self, images: torch.Tensor, tokens: torch.Tensor, text_mask: torch.Tensor):
+    def embed(self, images: torch.Tensor, tokens: torch.Tensor, text_mask: torch.Tensor, patches=None):
         """Initial hidden states of the language model.
 
         images (B, 3, H, W), tokens (B, T) with [CLS] first, text_mask (B, T) bool (True = real token).
@@ -145,7 +149,7 @@ class VLM(nn.Module):
         t = int(text_mask.sum(dim=1).max())
         tokens, text_mask = tokens[:, :t], text_mask[:, :t]          # (B, T')
         text = self.tok_emb(tokens) + self.text_pos[:, :t]           # (B, T', D)
-        visual = self.encode_image(images)                           # (B, N, D)
+        visual = self.encode_image(images, patches)                  # (B, N, D)
         h = torch.cat([text, visual], dim=1)                         # (B, S, D), S = T' + N
         visual_mask = torch.ones(visual.shape[:2], dtype=torch.bool, device=h.device)
         mask = torch.cat([text_mask, visual_mask], dim=1)            # (B, S)
@@ -159,9 +163,9 @@ class VLM(nn.Module):
         """Final norm + answer classifier on [CLS] features: (B, D) -> logits (B, A)."""
         return self.classifier(self.norm(h_cls))
 
-    def forward(self, images: torch.Tensor, tokens: torch.Tensor, text_mask: torch.Tensor) -> torch.Tensor:
-        """The full model: logits (B, A)."""
-        h, attn_mask = self.embed(images, tokens, text_mask)
+    def forward(self, images: torch.Tensor, tokens: torch.Tensor, text_mask: torch.Tensor, patches=None) -> torch.Tensor:
+        """The full model: logits (B, A). `patches` = precomputed patch_features(images), if at hand."""
+        h, attn_mask = self.embed(images, tokens, text_mask, patches)
         for i in range(self.depth):
             h = self.layer(i, h, attn_mask)
         return self.head(h[:, 0])

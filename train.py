@@ -21,11 +21,12 @@ from dataclasses import asdict, dataclass, field
 
 import numpy as np
 import torch
+import torch.nn as nn
 import torch.nn.functional as F
 from tokenizers import Tokenizer
 from tqdm import tqdm
 
-from data import DataConfig, DataError, add_config_args, batches, config_from_args, load_data, majority_baseline
+from data import COLORS, SHAPES, DataConfig, DataError, add_config_args, batches, config_from_args, load_data, majority_baseline
 import infer
 from free_min import FREE, ExitConfig, build_from_checkpoint, discriminator_loss, generator_loss
 from model import VLM, ModelConfig
@@ -34,12 +35,14 @@ from model import VLM, ModelConfig
 @dataclass
 class TrainConfig:
     out: str = field(default="out", metadata={"help": "output folder for ckpt.pt and log.jsonl"})
-    epochs: int = field(default=6, metadata={"help": "stage-1 (backbone) epochs over the train split"})
+    epochs: int = field(default=5, metadata={"help": "stage-1 (backbone) epochs over the train split"})
     batch_size: int = field(default=64, metadata={"help": "training batch size"})
     lr: float = field(default=1e-3, metadata={"help": "peak AdamW learning rate"})
     weight_decay: float = field(default=0.05, metadata={"help": "AdamW weight decay"})
     warmup_steps: int = field(default=300, metadata={"help": "linear warm-up steps before the cosine decay"})
     grad_clip: float = field(default=1.0, metadata={"help": "clip the gradient norm to this (0 = off)"})
+    aux_weight: float = field(default=1.0, metadata={"help": "weight of the auxiliary patch loss (ViT tokens predict the "
+                                                             "colour and shape under them; shapes data only, 0 = off)"})
     eval_batch_size: int = field(default=256, metadata={"help": "batch size for evaluation"})
     seed: int = field(default=0, metadata={"help": "seed of initialization and batch order"})
     device: str = field(default="auto", metadata={"help": "auto (cuda, then mps, then cpu), cuda, mps or cpu",
@@ -100,6 +103,35 @@ def get_lr(step: int, total_steps: int, cfg: TrainConfig) -> float:
         return cfg.lr * (step + 1) / cfg.warmup_steps
     progress = min(1.0, (step - cfg.warmup_steps) / max(1, total_steps - cfg.warmup_steps))
     return cfg.lr * 0.5 * (1.0 + math.cos(math.pi * progress))
+
+
+class PatchProbe(nn.Module):
+    """Stage 1's auxiliary head: a linear read-out of every ViT token -> (colour, shape) under it.
+
+    NOTE (deviation): BLIP-2 starts from a ViT pretrained on web-scale data, whose tokens already say what
+    is where. Trained from scratch on VQA answers alone, our ViT learns to see shapes only slowly (the
+    language model cannot attend to "the circle" before the ViT can tell circles apart). The shapes
+    generator knows every pixel's colour and shape, so stage 1 adds this per-token loss: a cheap stand-in
+    for a pretrained image encoder. It is dropped after training (the VLM never uses it)."""
+
+    def __init__(self, vit_dim: int):
+        super().__init__()
+        self.colour = nn.Linear(vit_dim, len(COLORS) + 1)   # + background
+        self.shape = nn.Linear(vit_dim, len(SHAPES) + 1)
+
+    def loss(self, patches: torch.Tensor, pixel_labels: torch.Tensor, patch_size: int) -> torch.Tensor:
+        """patches (B, P, Dv); pixel_labels (B, 2, H, W) uint8. Each token's target is the colour/shape that
+        covers at least a quarter of its patch (the most common one), else background."""
+        total = 0.0
+        for channel, head in ((0, self.colour), (1, self.shape)):
+            onehot = F.one_hot(pixel_labels[:, channel].long(), head.out_features)      # (B, H, W, C)
+            cover = F.avg_pool2d(onehot.permute(0, 3, 1, 2).float(), patch_size)       # (B, C, g, g)
+            cover[:, 0] = 0.0                                                            # background never "covers"
+            frac, label = cover.max(dim=1)                                               # (B, g, g)
+            target = torch.where(frac >= 0.25, label, torch.zeros_like(label)).flatten(1)  # (B, P)
+            logits = head(patches.float())                                               # (B, P, C)
+            total = total + F.cross_entropy(logits.reshape(-1, head.out_features), target.reshape(-1))
+        return total
 
 
 def soft_cross_entropy(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
@@ -201,22 +233,49 @@ def resume_state(tcfg: TrainConfig, dcfg: DataConfig, mcfg: ModelConfig) -> dict
     return state
 
 
+def backbone_step(model, probe, opt, scaler, train, ids, tcfg, device, dtype) -> tuple[float, torch.Tensor]:
+    """One optimizer step of stage 1. Returns the VQA loss and the logits (B, A)."""
+    batch = to_device(train.batch(ids), device)
+    targets = train.soft_targets(ids, model.cfg.num_answers).to(device)         # (B, A)
+    with torch.autocast(device.type, dtype=dtype, enabled=dtype != torch.float32):
+        patches = model.patch_features(batch["images"])                       # (B, P, Dv)
+        logits = model(**batch, patches=patches)                              # (B, A)
+    loss = soft_cross_entropy(logits, targets)
+    total = loss
+    if probe is not None:
+        labels = train.pixel_labels[train.image_index[ids]].to(device)        # (B, 2, H, W)
+        total = loss + tcfg.aux_weight * probe.loss(patches, labels, model.cfg.patch_size)
+    if not torch.isfinite(total):
+        raise FloatingPointError(f"non-finite loss ({total.item()})")
+    opt.zero_grad(set_to_none=True)
+    scaler.scale(total).backward()
+    if tcfg.grad_clip > 0:
+        scaler.unscale_(opt)
+        torch.nn.utils.clip_grad_norm_([p for g in opt.param_groups for p in g["params"]], tcfg.grad_clip)
+    scaler.step(opt)
+    scaler.update()
+    return loss.item(), logits.detach()
+
+
 def train_backbone(model, splits, tokenizer, answers, dcfg, mcfg, tcfg, device, dtype, state=None):
-    """Stage 1: train the whole VLM on the train split with soft cross-entropy; eval on val each epoch."""
+    """Stage 1: train the whole VLM on the train split with soft cross-entropy (plus the auxiliary patch
+    loss on shapes data); evaluate on val and checkpoint after every epoch."""
     train, val = splits["train"], splits["val"]
     trainable = torch.nonzero(train.trainable()).squeeze(1)          # (n_train,) questions with a target
-    opt = torch.optim.AdamW(model.parameters(), lr=tcfg.lr, weight_decay=tcfg.weight_decay, betas=(0.9, 0.98))
+    probe = PatchProbe(mcfg.vit_dim).to(device) if tcfg.aux_weight > 0 and train.pixel_labels is not None else None
+    params = list(model.parameters()) + (list(probe.parameters()) if probe is not None else [])
+    opt = torch.optim.AdamW(params, lr=tcfg.lr, weight_decay=tcfg.weight_decay, betas=(0.9, 0.98))
     scaler = torch.amp.GradScaler(enabled=dtype == torch.float16)
-    steps_per_epoch = math.ceil(len(trainable) / tcfg.batch_size)
-    total_steps = tcfg.epochs * steps_per_epoch
+    total_steps = tcfg.epochs * math.ceil(len(trainable) / tcfg.batch_size)
     step, start_epoch = 0, 0
     if state is not None:
         opt.load_state_dict(state["optimizer"])
+        if probe is not None:
+            probe.load_state_dict(state["probe"])
         step, start_epoch = state["step"], state["epoch"] + 1
         set_rng_state(state["rng"])
         print(f"resumed from epoch {state['epoch'] + 1} (step {step})")
-    ckpt, log = os.path.join(tcfg.out, "ckpt.pt"), os.path.join(tcfg.out, "log.jsonl")
-    t0 = time.time()
+    ckpt, log, t0 = os.path.join(tcfg.out, "ckpt.pt"), os.path.join(tcfg.out, "log.jsonl"), time.time()
     for epoch in range(start_epoch, tcfg.epochs):
         model.train()
         bar = tqdm(list(batches(len(trainable), tcfg.batch_size, shuffle=True)), desc=f"backbone {epoch + 1}/{tcfg.epochs}",
@@ -226,25 +285,14 @@ def train_backbone(model, splits, tokenizer, answers, dcfg, mcfg, tcfg, device, 
             ids = trainable[ids]
             for group in opt.param_groups:
                 group["lr"] = get_lr(step, total_steps, tcfg)
-            batch = to_device(train.batch(ids), device)
-            targets = train.soft_targets(ids, len(answers)).to(device)  # (B, A)
-            with torch.autocast(device.type, dtype=dtype, enabled=dtype != torch.float32):
-                logits = model(**batch)                                   # (B, A)
-            loss = soft_cross_entropy(logits, targets)
-            if not torch.isfinite(loss):
-                raise SystemExit(f"error: non-finite loss ({loss.item()}) at step {step} of stage 1; the last good "
-                                 f"checkpoint is kept in {ckpt}. Try a lower --lr or --grad-clip.")
-            opt.zero_grad(set_to_none=True)
-            scaler.scale(loss).backward()
-            if tcfg.grad_clip > 0:
-                scaler.unscale_(opt)
-                torch.nn.utils.clip_grad_norm_(model.parameters(), tcfg.grad_clip)
-            scaler.step(opt)
-            scaler.update()
+            try:
+                loss, logits = backbone_step(model, probe, opt, scaler, train, ids, tcfg, device, dtype)
+            except FloatingPointError as e:
+                raise SystemExit(f"error: {e} at step {step} of stage 1; the last good checkpoint is kept in {ckpt}. "
+                                 f"Try a lower --lr or --grad-clip.")
             step += 1
-            loss_sum += loss.item() * len(ids)
+            loss_sum, seen = loss_sum + loss * len(ids), seen + len(ids)
             hit_sum += train.score(ids, logits.argmax(dim=1).cpu()).sum().item()
-            seen += len(ids)
             bar.set_postfix(loss=f"{loss_sum / seen:.3f}", acc=f"{100 * hit_sum / seen:.1f}%")
         res = evaluate(model, val, device, dtype, tcfg.eval_batch_size)
         elapsed = time.time() - t0
@@ -253,7 +301,8 @@ def train_backbone(model, splits, tokenizer, answers, dcfg, mcfg, tcfg, device, 
         log_json(log, {"stage": "backbone", "epoch": epoch + 1, "step": step, "train_loss": loss_sum / seen,
                        "train_accuracy": 100 * hit_sum / seen, "val_accuracy": res["accuracy"],
                        "val_per_family": res["per_family"], "time_s": round(elapsed, 1)})
-        save_checkpoint(ckpt, make_state(model, opt, step, epoch, dcfg, mcfg, tcfg, tokenizer, answers))
+        state = make_state(model, opt, step, epoch, dcfg, mcfg, tcfg, tokenizer, answers)
+        save_checkpoint(ckpt, state | ({"probe": probe.state_dict()} if probe is not None else {}))
     return model
 
 

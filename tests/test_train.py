@@ -120,7 +120,7 @@ def test_resume_refuses_a_different_model(tmp_path):
 def test_non_finite_loss_stops_and_keeps_last_checkpoint(tmp_path, monkeypatch, capsys):
     train.main(MICRO + ["--out", str(tmp_path), "--epochs", "1"])
     good = torch.load(tmp_path / "ckpt.pt", weights_only=False)["model"]
-    monkeypatch.setattr(train, "soft_cross_entropy", lambda logits, targets: logits.sum() * float("nan"))
+    monkeypatch.setattr(train, "soft_cross_entropy", lambda logits, targets: logits.float().sum() * float("nan"))
     with pytest.raises(SystemExit, match="non-finite loss"):
         train.main(MICRO + ["--out", str(tmp_path), "--resume"])
     kept = torch.load(tmp_path / "ckpt.pt", weights_only=False)["model"]
@@ -139,3 +139,21 @@ def test_bad_input_exits_2_with_one_line(tmp_path, args, message):
                           capture_output=True, text=True, timeout=120)
     assert proc.returncode == 2
     assert message in proc.stderr and "Traceback" not in proc.stderr
+
+
+def test_patch_probe_targets_follow_the_pixels():
+    """The auxiliary loss is lowest when the probe predicts the colour/shape covering each patch."""
+    labels = torch.zeros(1, 2, 16, 16, dtype=torch.uint8)
+    labels[0, 0, :8, :8], labels[0, 1, :8, :8] = 3, 2          # top-left patch: colour 3, shape 2
+    labels[0, 0, 8:, 8:9], labels[0, 1, 8:, 8:9] = 5, 4        # a thin sliver (1/8 of a patch): background
+    probe = train.PatchProbe(vit_dim=4)
+    with torch.no_grad():
+        for head in (probe.colour, probe.shape):
+            head.weight.zero_()
+            head.bias.zero_()
+        # token features one-hot by patch: the probe maps patch 0 to (3, 2) and the rest to background
+        probe.colour.weight[3, 0] = probe.shape.weight[2, 0] = 50.0
+        probe.colour.weight[0, 1] = probe.shape.weight[0, 1] = 50.0
+    right = torch.tensor([[[1.0, 0, 0, 0], [0, 1, 0, 0], [0, 1, 0, 0], [0, 1, 0, 0]]])   # (1, P=4, Dv=4)
+    wrong = right[:, [1, 0, 2, 3]]
+    assert probe.loss(right, labels, 8).item() < 1e-6 < probe.loss(wrong, labels, 8).item()
