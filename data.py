@@ -27,7 +27,7 @@ from dataclasses import dataclass, field, fields
 import numpy as np
 import torch
 import torch.nn.functional as F
-from tokenizers import Tokenizer, models, normalizers, pre_tokenizers, processors, trainers
+from tokenizers import Tokenizer, models, normalizers, pre_tokenizers, processors
 from PIL import Image, UnidentifiedImageError
 
 
@@ -550,12 +550,20 @@ SPECIAL_TOKENS = ["[PAD]", "[UNK]", "[CLS]", "[SEP]"]
 
 
 def train_tokenizer(questions: list[str], vocab_size: int, max_len: int) -> Tokenizer:
-    """WordPiece tokenizer trained on the train-split questions. encode() gives [CLS] q [SEP]."""
-    tok = Tokenizer(models.WordPiece(unk_token="[UNK]"))
-    tok.normalizer = normalizers.BertNormalizer(lowercase=True)
-    tok.pre_tokenizer = pre_tokenizers.BertPreTokenizer()
-    trainer = trainers.WordPieceTrainer(vocab_size=vocab_size, special_tokens=SPECIAL_TOKENS, show_progress=False)
-    tok.train_from_iterator(questions, trainer, length=len(questions))
+    """WordPiece tokenizer fitted on the train-split questions. encode() gives [CLS] q [SEP] [PAD]...
+
+    The vocabulary: the special tokens, every character seen (alone and as a '##' continuation, so an
+    unseen word still splits into known pieces), then whole words by frequency (ties alphabetical) up to
+    vocab_size. NOTE (deviation): tokenizers' WordPieceTrainer breaks frequency ties in hash-map order,
+    so its vocabulary changes from run to run; counting words ourselves keeps runs reproducible."""
+    normalizer, pre = normalizers.BertNormalizer(lowercase=True), pre_tokenizers.BertPreTokenizer()
+    counts = Counter(w for q in questions for w, _ in pre.pre_tokenize_str(normalizer.normalize_str(q)))
+    chars = sorted({c for w in counts for c in w})
+    vocab = SPECIAL_TOKENS + chars + ["##" + c for c in chars]
+    words = [w for w, _ in sorted(counts.items(), key=lambda kv: (-kv[1], kv[0])) if w not in vocab]
+    vocab += words[:max(0, vocab_size - len(vocab))]
+    tok = Tokenizer(models.WordPiece({t: i for i, t in enumerate(vocab)}, unk_token="[UNK]"))
+    tok.normalizer, tok.pre_tokenizer = normalizer, pre
     cls_id, sep_id = tok.token_to_id("[CLS]"), tok.token_to_id("[SEP]")
     tok.post_processor = processors.TemplateProcessing(single="[CLS] $A [SEP]", special_tokens=[("[CLS]", cls_id), ("[SEP]", sep_id)])
     tok.enable_truncation(max_length=max_len)
