@@ -331,7 +331,11 @@ def parse_args(argv=None):
     known, _ = pre.parse_known_args(argv)
     state = None
     if os.path.isfile(known.ckpt):
-        state = torch.load(known.ckpt, map_location="cpu", weights_only=False)
+        try:
+            state = torch.load(known.ckpt, map_location="cpu", weights_only=False)
+        except Exception as e:  # a truncated or foreign file: one line naming it, not a traceback
+            print(f"error: --ckpt {known.ckpt}: not a readable checkpoint ({e.__class__.__name__})", file=sys.stderr)
+            raise SystemExit(2)
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     add_config_args(p, InferConfig)
     add_config_args(p, DataConfig, state["data_config"] if state and "data_config" in state else None)
