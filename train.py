@@ -64,7 +64,7 @@ class TrainConfig:
 # or a laptop GPU), `tiny` = a sub-minute CPU run for tests, `base` = a bigger model and data for a GPU.
 PRESETS = {
     "tiny": dict(train_images=300, val_images=40, test_images=40, questions_per_image=4, dim=64, depth=4, heads=2,
-                 epochs=4, batch_size=32, warmup_steps=20, lr=2e-3, exit_epochs=2, report_timing_samples=32),
+                 epochs=4, batch_size=32, warmup_steps=20, lr=2e-3, exit_epochs=2, final_eval=False),
     "default": dict(),
     "base": dict(train_images=40000, val_images=2000, test_images=2000, dim=256, depth=12, heads=8, vit_dim=128,
                  vit_depth=2, epochs=20, batch_size=128, lr=5e-4, warmup_steps=1000),
