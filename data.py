@@ -41,7 +41,7 @@ class DataConfig:
                                                   "choices": ["shapes", "vqa2"]})
     data_seed: int = field(default=0, metadata={"help": "seed of the shapes generator (and of the vqa2 image split)"})
     image_size: int = field(default=64, metadata={"help": "images are (resized to) image_size x image_size RGB"})
-    train_images: int = field(default=8000, metadata={"help": "shapes: number of training images"})
+    train_images: int = field(default=6000, metadata={"help": "shapes: number of training images"})
     val_images: int = field(default=600, metadata={"help": "shapes: number of validation images"})
     test_images: int = field(default=600, metadata={"help": "shapes: number of test images"})
     questions_per_image: int = field(default=4, metadata={"help": "shapes: questions asked about each image"})

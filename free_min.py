@@ -11,7 +11,7 @@ FREE (Bajpai & Hanawal, ACL Findings 2025), as this project implements it (see R
 * A discriminator D (small MLP on [CLS] features) tells real final-layer features h_L from exit features
   G_k(h_{l_k}). Training alternates a D step and a G step on every batch:
 
-    L_D = BCE(D(h_L), 1) + sum_k BCE(D(G_k(h_{l_k})), 0)
+    L_D = BCE(D(h_L), 1) + (1/K) sum_k BCE(D(G_k(h_{l_k})), 0)     (real and fake halves weighted equally)
     L_G = sum_k [ lambda_adv * BCE(D(G_k(h_{l_k})), 1)                      (non-saturating GAN loss)
                   + lambda_kd * T^2 * KL(p_L^T || p_k^T)                    (distil the final layer)
                   + lambda_ce * CE(p_k, y) on labelled questions only ]     (semi-supervised setting)
@@ -54,7 +54,7 @@ class ExitConfig:
     lambda_kd: float = field(default=1.0, metadata={"help": "weight of the distillation term (free and kd)"})
     lambda_ce: float = field(default=1.0, metadata={"help": "weight of the cross-entropy term on labelled questions"})
     temperature: float = field(default=2.0, metadata={"help": "distillation temperature T"})
-    exit_epochs: int = field(default=3, metadata={"help": "stage-2 (exit) epochs"})
+    exit_epochs: int = field(default=2, metadata={"help": "stage-2 (exit) epochs"})
     exit_lr: float = field(default=5e-4, metadata={"help": "AdamW learning rate of the exit layers (generators)"})
     disc_lr: float = field(default=2e-4, metadata={"help": "AdamW learning rate of the discriminator"})
 
@@ -169,17 +169,21 @@ class FREE(nn.Module):
 
 
 def discriminator_loss(model: FREE, real: torch.Tensor, fakes: list[torch.Tensor]) -> tuple[torch.Tensor, dict]:
-    """L_D = BCE(D(h_L), 1) + sum_k BCE(D(G_k(h_{l_k})), 0), on normed features, fakes detached.
-    With one D per exit, each D_k sees the real features and its own exit's fakes."""
+    """L_D = BCE(D(h_L), 1) + (1/K) sum_k BCE(D(G_k(h_{l_k})), 0), on normed features, fakes detached.
+
+    The fake term is *averaged* over the K exits: summed, it outweighs the single real term K to 1 and D
+    learns to call everything fake (real accuracy near 0), which gives the generators no useful signal.
+    With one D per exit, each D_k sees the real features and its own exit's fakes (one real, one fake term)."""
     norm = model.backbone.norm
     real_n = norm(real)                                                                     # (B, D)
+    fakes_per_disc = len(fakes) // len(model.discs)                                         # K (shared) or 1
     loss, real_acc, fake_acc = 0.0, 0.0, 0.0
     for k, fake in enumerate(fakes):
         d_real, d_fake = model.disc(k)(real_n), model.disc(k)(norm(fake.detach()))           # (B,), (B,)
         if k == 0 or len(model.discs) > 1:
             loss = loss + F.binary_cross_entropy_with_logits(d_real, torch.ones_like(d_real))
             real_acc += (d_real > 0).float().mean().item() / len(model.discs)
-        loss = loss + F.binary_cross_entropy_with_logits(d_fake, torch.zeros_like(d_fake))
+        loss = loss + F.binary_cross_entropy_with_logits(d_fake, torch.zeros_like(d_fake)) / fakes_per_disc
         fake_acc += (d_fake < 0).float().mean().item() / len(fakes)
     return loss, {"d_loss": loss.item(), "d_real_acc": real_acc, "d_fake_acc": fake_acc}
 
@@ -267,13 +271,18 @@ def early_exit_predict(free: FREE, images: torch.Tensor, tokens: torch.Tensor, t
             c, a = probs.max(dim=1)
             streak = torch.where(a == last, streak + 1, torch.ones_like(streak))
             fire = rule_fires(rule, probs, threshold, streak)          # (B_alive,)
+            k += 1
+            n_fire = int(fire.sum())                                   # one sync; skip the bookkeeping if 0
+            if n_fire == 0:
+                last = a
+                continue
             rows = alive[fire]
-            pred[rows], conf[rows], exit_at[rows] = a[fire], c[fire], k
+            pred[rows], conf[rows], exit_at[rows] = a[fire], c[fire], k - 1
+            if n_fire == alive.numel():                                # every sample has left
+                alive = alive[:0]
+                break
             keep = ~fire
             h, attn_mask, alive, last, streak = h[keep], attn_mask[keep], alive[keep], a[keep], streak[keep]
-            k += 1
-            if alive.numel() == 0:                                     # every sample has left
-                break
     if alive.numel() > 0:
         probs = bb.head(h[:, 0]).float().softmax(dim=1)                # (B_alive, A): the final layer
         c, a = probs.max(dim=1)

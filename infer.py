@@ -2,6 +2,7 @@
 
     python infer.py --ckpt out/ckpt.pt --image IMG.png --question "what color is the circle?"
     python infer.py --ckpt out/ckpt.pt --eval [--split test] [--json report.json] [--plot curve.png]
+    python infer.py --compare out,runs/kd,runs/ce    # several stage-2 runs side by side (a markdown table)
 
 The paper's promise: inference is input-adaptive (a sample leaves at the first exit confident enough)
 and so faster at comparable accuracy (> 1.51x reported). Here samples that exit are removed from the
@@ -55,6 +56,9 @@ class InferConfig:
     timing_samples: int = field(default=256, metadata={"help": "questions timed per measurement (batch 1 and batched)"})
     repeats: int = field(default=5, metadata={"help": "timing repeats; the median is reported"})
     threads: int = field(default=0, metadata={"help": "CPU threads for torch (0 = torch's default; printed)"})
+    compare: str = field(default="", metadata={"help": "comma-separated train.py --out folders: print their test depth "
+                                                       "profiles (and calibrated points, where a report.json exists) "
+                                                       "side by side as a markdown table"})
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -369,8 +373,50 @@ def evaluate_checkpoint(free, tokenizer, answers, dcfg: DataConfig, cfg: InferCo
     return report
 
 
+def read_run(folder: str) -> dict:
+    """One finished stage-2 run: its exit config (from ckpt.pt), its test depth profile (the last test line
+    of log.jsonl) and its report.json, if train.py wrote one."""
+    ckpt, log, rep = (os.path.join(folder, f) for f in ("ckpt.pt", "log.jsonl", "report.json"))
+    state = torch.load(ckpt, map_location="cpu", weights_only=False) if os.path.isfile(ckpt) else {}
+    if "exit_config" not in state:
+        raise DataError(f"--compare: {ckpt} is missing or holds no exits")
+    lines = [json.loads(line) for line in open(log)] if os.path.isfile(log) else []
+    tests = [r for r in lines if r.get("stage") == "exits" and r.get("split") == "test"]
+    if not tests:
+        raise DataError(f"--compare: {log} has no test depth profile (did stage 2 finish?)")
+    report = json.load(open(rep)) if os.path.isfile(rep) else None
+    return {"folder": folder, "config": state["exit_config"], "test": tests[-1], "report": report}
+
+
+def compare_table(folders: list[str]) -> str:
+    """A markdown table: one row per run, its exits' standalone test accuracies, the final layer's, and the
+    calibrated early-exit point where the run has a report."""
+    runs = [read_run(f) for f in folders]
+    layers = sorted({e["layer"] for r in runs for e in r["test"]["test_exits"]})
+    head = ["run", "method", "labels F"] + [f"exit L{l}" for l in layers] + ["final", "calibrated early exit (test)"]
+    rows = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for r in runs:
+        acc = {e["layer"]: f"{e['accuracy']:.1f}" for e in r["test"]["test_exits"]}
+        c = (r["report"] or {}).get("calibrated") or {}
+        cal = "-" if c.get("threshold") is None else (
+            f"{c['rule']} {c['threshold']:g}: {c['accuracy']:.1f} ({c['accuracy_drop']:+.1f}), "
+            f"{c['layer_speedup']:.2f}x layers, {c['wallclock_speedup_batch1']:.2f}x wall batch 1, "
+            f"{c['wallclock_speedup_batched']:.2f}x batched")
+        cells = [r["folder"], r["config"]["exit_method"], f"{r['config']['label_fraction']:g}"]
+        cells += [acc.get(l, "-") for l in layers] + [f"{r['test']['test_final']:.1f}", cal]
+        rows.append("| " + " | ".join(cells) + " |")
+    return "\n".join(rows)
+
+
 def main(argv=None) -> None:
     cfg, dcfg, state = parse_args(argv)
+    if cfg.compare:
+        try:
+            print(compare_table([f for f in cfg.compare.split(",") if f]))
+        except DataError as e:
+            print(f"error: {e}", file=sys.stderr)
+            raise SystemExit(2)
+        return
     if cfg.threads > 0:
         torch.set_num_threads(cfg.threads)
     try:

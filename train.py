@@ -35,7 +35,7 @@ from model import VLM, ModelConfig
 @dataclass
 class TrainConfig:
     out: str = field(default="out", metadata={"help": "output folder for ckpt.pt and log.jsonl"})
-    epochs: int = field(default=5, metadata={"help": "stage-1 (backbone) epochs over the train split"})
+    epochs: int = field(default=2, metadata={"help": "stage-1 (backbone) epochs over the train split"})
     batch_size: int = field(default=64, metadata={"help": "training batch size"})
     lr: float = field(default=1e-3, metadata={"help": "peak AdamW learning rate"})
     weight_decay: float = field(default=0.05, metadata={"help": "AdamW weight decay"})
@@ -503,6 +503,7 @@ def run_exits(model: VLM, state: dict, splits, ecfg: ExitConfig, tcfg: TrainConf
     res = evaluate_exits(free, splits["test"], device, dtype, tcfg.eval_batch_size)
     print_depth_profile(res, "test")
     log_json(os.path.join(tcfg.out, "log.jsonl"), {"stage": "exits", "split": "test", "method": ecfg.exit_method,
+                                                   "label_fraction": ecfg.label_fraction,
                                                    "test_final": res["final"], "test_exits": res["exits"]})
     if tcfg.final_eval:
         # the early-exit report of infer.py, on CPU: the timings are what a CPU user would see

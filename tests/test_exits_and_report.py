@@ -136,3 +136,16 @@ def test_one_question_round_trip(report, tmp_path):
     bad = subprocess.run([sys.executable, "infer.py", "--ckpt", str(out / "ckpt.pt"), "--image", str(tmp_path / "nope.png"),
                           "--question", "what?"], cwd=ROOT, capture_output=True, text=True, timeout=120)
     assert bad.returncode == 2 and "nope.png" in bad.stderr and "Traceback" not in bad.stderr
+
+
+def test_compare_table_puts_runs_side_by_side(report, tmp_path):
+    out, r = report
+    test_line = [json.loads(l) for l in open(out / "log.jsonl") if '"split": "test"' in l][-1]
+    lines = infer.compare_table([str(out), str(out)]).splitlines()
+    assert "exit L2" in lines[0] and "final" in lines[0] and len(lines) == 4
+    assert lines[2] == lines[3] and f"| {out} | free | 1 |" in lines[2]
+    assert f"| {test_line['test_exits'][0]['accuracy']:.1f} | {test_line['test_final']:.1f} |" in lines[2]
+    if r["calibrated"]["threshold"] is not None:
+        assert f"{r['calibrated']['layer_speedup']:.2f}x layers" in lines[2]
+    with pytest.raises(data.DataError, match="no exits"):
+        infer.compare_table([str(tmp_path)])
