@@ -389,14 +389,15 @@ def read_run(folder: str) -> dict:
 
 
 def compare_table(folders: list[str]) -> str:
-    """A markdown table: one row per run, its exits' standalone test accuracies, the final layer's, and the
-    calibrated early-exit point where the run has a report."""
+    """A markdown table: one row per run, its exits' standalone test accuracies (with, in brackets, the % of
+    questions where the exit agrees with the final layer), the final layer's, and the calibrated
+    early-exit point where the run has a report."""
     runs = [read_run(f) for f in folders]
     layers = sorted({e["layer"] for r in runs for e in r["test"]["test_exits"]})
-    head = ["run", "method", "labels F"] + [f"exit L{l}" for l in layers] + ["final", "calibrated early exit (test)"]
+    head = ["run", "method", "labels F"] + [f"exit L{l} (agree %)" for l in layers] + ["final", "calibrated early exit (test)"]
     rows = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for r in runs:
-        acc = {e["layer"]: f"{e['accuracy']:.1f}" for e in r["test"]["test_exits"]}
+        acc = {e["layer"]: f"{e['accuracy']:.1f} ({e['agreement']:.0f})" for e in r["test"]["test_exits"]}
         c = (r["report"] or {}).get("calibrated") or {}
         cal = "-" if c.get("threshold") is None else (
             f"{c['rule']} {c['threshold']:g}: {c['accuracy']:.1f} ({c['accuracy_drop']:+.1f}), "

@@ -144,7 +144,8 @@ def test_compare_table_puts_runs_side_by_side(report, tmp_path):
     lines = infer.compare_table([str(out), str(out)]).splitlines()
     assert "exit L2" in lines[0] and "final" in lines[0] and len(lines) == 4
     assert lines[2] == lines[3] and f"| {out} | free | 1 |" in lines[2]
-    assert f"| {test_line['test_exits'][0]['accuracy']:.1f} | {test_line['test_final']:.1f} |" in lines[2]
+    e = test_line["test_exits"][0]
+    assert f"| {e['accuracy']:.1f} ({e['agreement']:.0f}) | {test_line['test_final']:.1f} |" in lines[2]
     if r["calibrated"]["threshold"] is not None:
         assert f"{r['calibrated']['layer_speedup']:.2f}x layers" in lines[2]
     with pytest.raises(data.DataError, match="no exits"):
