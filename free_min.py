@@ -159,6 +159,13 @@ class FREE(nn.Module):
         """Answer logits (B, A) of exit k from its feature: the frozen shared head, or the exit's own."""
         return self.backbone.head(feat) if self.heads is None else self.heads[k](feat)
 
+    def all_outputs(self, images: torch.Tensor, tokens: torch.Tensor, text_mask: torch.Tensor) -> dict:
+        """One backbone pass with every exit read (no early exit): 'states' (L+1 tensors (B, S, D)),
+        'attn_mask', 'final' logits (B, A) and 'exits' = K exit logits (B, A). For evaluation and reports."""
+        states, attn_mask = self.backbone.hidden_states(images, tokens, text_mask)
+        exits = [self.exit_logits(k, self.exit_feature(k, states[l], attn_mask)) for k, l in enumerate(self.exit_layers)]
+        return {"states": states, "attn_mask": attn_mask, "final": self.backbone.head(states[-1][:, 0]), "exits": exits}
+
     def disc(self, k: int) -> Discriminator:
         return self.discs[0 if len(self.discs) == 1 else k]
 

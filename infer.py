@@ -71,12 +71,11 @@ def collect(free, split, batch_size: int) -> dict:
     bb = free.backbone
     final, exits, raw, seq = [], [], [], []
     for ids in batches(len(split), batch_size):
-        states, attn_mask = bb.hidden_states(**split.batch(ids))
-        final.append(bb.head(states[-1][:, 0]).softmax(1))
-        exits.append(torch.stack([free.exit_logits(k, free.exit_feature(k, states[l], attn_mask)).softmax(1)
-                                  for k, l in enumerate(free.exit_layers)]))           # (K, B, A)
-        raw.append(torch.stack([bb.head(states[l][:, 0]).softmax(1) for l in free.exit_layers]))
-        seq.append(attn_mask.sum(dim=-1).flatten().float())                            # (B,) real tokens
+        out = free.all_outputs(**split.batch(ids))
+        final.append(out["final"].softmax(1))
+        exits.append(torch.stack([e.softmax(1) for e in out["exits"]]))                 # (K, B, A)
+        raw.append(torch.stack([bb.head(out["states"][l][:, 0]).softmax(1) for l in free.exit_layers]))
+        seq.append(out["attn_mask"].sum(dim=-1).flatten().float())                     # (B,) real tokens
     return {"final": torch.cat(final), "exits": torch.cat(exits, 1), "raw": torch.cat(raw, 1),
             "seq_len": torch.cat(seq).mean().item()}
 

@@ -331,13 +331,6 @@ def labelled_mask(n: int, fraction: float, seed: int) -> torch.Tensor:
 
 
 @torch.no_grad()
-def exit_outputs(free: FREE, batch: dict):
-    """One backbone pass: final logits (B, A) and every exit's logits [(B, A)] * K."""
-    states, attn_mask = free.backbone.hidden_states(**batch)
-    exits = [free.exit_logits(k, free.exit_feature(k, states[l], attn_mask)) for k, l in enumerate(free.exit_layers)]
-    return free.backbone.head(states[-1][:, 0]), exits
-
-
 @torch.no_grad()
 def evaluate_exits(free: FREE, split, device, dtype, batch_size: int) -> dict:
     """Standalone accuracy (%) of every exit (all samples forced to leave there), of the final layer, and
@@ -346,9 +339,9 @@ def evaluate_exits(free: FREE, split, device, dtype, batch_size: int) -> dict:
     final_pred, exit_pred = [], []
     for ids in batches(len(split), batch_size):
         with torch.autocast(device.type, dtype=dtype, enabled=dtype != torch.float32):
-            final_logits, exits = exit_outputs(free, to_device(split.batch(ids), device))
-        final_pred.append(final_logits.argmax(1).cpu())
-        exit_pred.append(torch.stack([e.argmax(1).cpu() for e in exits]))                # (K, B)
+            out = free.all_outputs(**to_device(split.batch(ids), device))
+        final_pred.append(out["final"].argmax(1).cpu())
+        exit_pred.append(torch.stack([e.argmax(1).cpu() for e in out["exits"]]))         # (K, B)
     final_pred, exit_pred = torch.cat(final_pred), torch.cat(exit_pred, dim=1)            # (n,), (K, n)
     every = torch.arange(len(split))
     return {"final": 100.0 * split.score(every, final_pred).mean().item(),

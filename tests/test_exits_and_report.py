@@ -79,8 +79,8 @@ def test_stage2_raises_agreement_with_the_final_layer(backbone, tmp_path, method
 
     def kd_to_final(model):
         with torch.no_grad():
-            final_logits, exits = train.exit_outputs(model, splits["val"].batch(torch.arange(len(splits["val"]))))
-        return free_min.distillation_loss(exits[0], final_logits, 1.0).item()
+            out = model.all_outputs(**splits["val"].batch(torch.arange(len(splits["val"]))))
+        return free_min.distillation_loss(out["exits"][0], out["final"], 1.0).item()
 
     assert kd_to_final(free) < 0.9 * kd_to_final(fresh)
     assert [r["epoch"] for r in log if r.get("stage") == "exits" and "val_exits" in r] == [1, 2, 3, 4]
