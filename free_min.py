@@ -278,18 +278,16 @@ def early_exit_predict(free: FREE, images: torch.Tensor, tokens: torch.Tensor, t
             c, a = probs.max(dim=1)
             streak = torch.where(a == last, streak + 1, torch.ones_like(streak))
             fire = rule_fires(rule, probs, threshold, streak)          # (B_alive,)
-            k += 1
-            n_fire = int(fire.sum())                                   # one sync; skip the bookkeeping if 0
-            if n_fire == 0:
+            if bool(fire.any()):                                       # one sync; no bookkeeping if none leave
+                rows = alive[fire]
+                pred[rows], conf[rows], exit_at[rows] = a[fire], c[fire], k
+                keep = ~fire
+                h, attn_mask, alive, last, streak = h[keep], attn_mask[keep], alive[keep], a[keep], streak[keep]
+            else:
                 last = a
-                continue
-            rows = alive[fire]
-            pred[rows], conf[rows], exit_at[rows] = a[fire], c[fire], k - 1
-            if n_fire == alive.numel():                                # every sample has left
-                alive = alive[:0]
+            k += 1
+            if alive.numel() == 0:                                     # every sample has left
                 break
-            keep = ~fire
-            h, attn_mask, alive, last, streak = h[keep], attn_mask[keep], alive[keep], a[keep], streak[keep]
     if alive.numel() > 0:
         probs = bb.head(h[:, 0]).float().softmax(dim=1)                # (B_alive, A): the final layer
         c, a = probs.max(dim=1)

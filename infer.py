@@ -379,11 +379,17 @@ def read_run(folder: str) -> dict:
     state = torch.load(ckpt, map_location="cpu", weights_only=False) if os.path.isfile(ckpt) else {}
     if "exit_config" not in state:
         raise DataError(f"--compare: {ckpt} is missing or holds no exits")
-    lines = [json.loads(line) for line in open(log)] if os.path.isfile(log) else []
+    lines = []
+    if os.path.isfile(log):
+        with open(log) as f:
+            lines = [json.loads(line) for line in f]
     tests = [r for r in lines if r.get("stage") == "exits" and r.get("split") == "test"]
     if not tests:
         raise DataError(f"--compare: {log} has no test depth profile (did stage 2 finish?)")
-    report = json.load(open(rep)) if os.path.isfile(rep) else None
+    report = None
+    if os.path.isfile(rep):
+        with open(rep) as f:
+            report = json.load(f)
     return {"folder": folder, "config": state["exit_config"], "test": tests[-1], "report": report}
 
 
@@ -410,16 +416,12 @@ def compare_table(folders: list[str]) -> str:
 
 def main(argv=None) -> None:
     cfg, dcfg, state = parse_args(argv)
-    if cfg.compare:
-        try:
-            print(compare_table([f for f in cfg.compare.split(",") if f]))
-        except DataError as e:
-            print(f"error: {e}", file=sys.stderr)
-            raise SystemExit(2)
-        return
     if cfg.threads > 0:
         torch.set_num_threads(cfg.threads)
     try:
+        if cfg.compare:
+            print(compare_table([f for f in cfg.compare.split(",") if f]))
+            return
         free, tokenizer, answers = load_free(cfg, state)
         if cfg.eval:
             evaluate_checkpoint(free, tokenizer, answers, dcfg, cfg)
