@@ -21,6 +21,7 @@ import json
 import math
 import os
 import re
+import sys
 from collections import Counter
 from dataclasses import dataclass, field, fields
 
@@ -57,22 +58,50 @@ class DataConfig:
     tokenizer_vocab: int = field(default=2000, metadata={"help": "WordPiece vocabulary size of the question tokenizer"})
 
 
+def check_data_config(cfg: DataConfig) -> None:
+    """Refuse data settings that cannot work, naming the flag (DataError), before anything is generated or
+    read. (Whether the VQA v2 files exist and parse is checked when they are read, also before training.)"""
+    for name in ("image_size", "train_images", "val_images", "test_images", "num_answers", "tokenizer_vocab"):
+        if getattr(cfg, name) < 1:
+            raise DataError(f"--{name.replace('_', '-')} must be at least 1 (got {getattr(cfg, name)})")
+    if not 1 <= cfg.questions_per_image <= len(FAMILIES):
+        raise DataError(f"--questions-per-image must be between 1 and {len(FAMILIES)} (one per question family; "
+                        f"got {cfg.questions_per_image})")
+    if cfg.max_question_len < 3:
+        raise DataError(f"--max-question-len must be at least 3 ([CLS], one word, [SEP]; got {cfg.max_question_len})")
+    if cfg.vqa_max_questions < 0:
+        raise DataError(f"--vqa-max-questions must be >= 0 (0 = all; got {cfg.vqa_max_questions})")
+    if cfg.data == "vqa2":
+        for flag, value in (("--vqa-questions", cfg.vqa_questions), ("--vqa-annotations", cfg.vqa_annotations)):
+            if not value:
+                raise DataError(f"--data vqa2 needs {flag} FILE")
+            if not os.path.isfile(value):
+                raise DataError(f"{flag} {value}: file not found")
+        if not cfg.vqa_images:
+            raise DataError("--data vqa2 needs --vqa-images DIR")
+        if not os.path.isdir(cfg.vqa_images):
+            raise DataError(f"--vqa-images {cfg.vqa_images}: directory not found")
+
+
 # ----------------------------------------------------------------------------------------------------
 # The official VQA v2 answer normalization and accuracy (GT-Vision-Lab/VQA, vqaEval.py)
 # ----------------------------------------------------------------------------------------------------
+# The official table, entry for entry, quirks included: answers are lowercased before the lookup, so its
+# capitalised keys ("Im", "Ive", "Id've", "I'dve") never match ("im" stays "im"); "let's" and "she's" map to
+# themselves (so "lets" and "shes" stay as they are) and "somebody'd" maps to "somebodyd".
 _CONTRACTIONS = {
     "aint": "ain't", "arent": "aren't", "cant": "can't", "couldve": "could've", "couldnt": "couldn't",
     "couldn'tve": "couldn't've", "couldnt've": "couldn't've", "didnt": "didn't", "doesnt": "doesn't",
     "dont": "don't", "hadnt": "hadn't", "hadnt've": "hadn't've", "hadn'tve": "hadn't've", "hasnt": "hasn't",
     "havent": "haven't", "hed": "he'd", "hed've": "he'd've", "he'dve": "he'd've", "hes": "he's",
-    "howd": "how'd", "howll": "how'll", "hows": "how's", "id've": "i'd've", "i'dve": "i'd've", "im": "i'm",
-    "ive": "i've", "isnt": "isn't", "itd": "it'd", "itd've": "it'd've", "it'dve": "it'd've", "itll": "it'll",
-    "lets": "let's", "maam": "ma'am", "mightnt": "mightn't", "mightnt've": "mightn't've",
+    "howd": "how'd", "howll": "how'll", "hows": "how's", "Id've": "I'd've", "I'dve": "I'd've", "Im": "I'm",
+    "Ive": "I've", "isnt": "isn't", "itd": "it'd", "itd've": "it'd've", "it'dve": "it'd've", "itll": "it'll",
+    "let's": "let's", "maam": "ma'am", "mightnt": "mightn't", "mightnt've": "mightn't've",
     "mightn'tve": "mightn't've", "mightve": "might've", "mustnt": "mustn't", "mustve": "must've",
     "neednt": "needn't", "notve": "not've", "oclock": "o'clock", "oughtnt": "oughtn't", "ow's'at": "'ow's'at",
     "'ows'at": "'ow's'at", "'ow'sat": "'ow's'at", "shant": "shan't", "shed've": "she'd've",
-    "she'dve": "she'd've", "shes": "she's", "shouldve": "should've", "shouldnt": "shouldn't",
-    "shouldnt've": "shouldn't've", "shouldn'tve": "shouldn't've", "somebodyd": "somebody'd",
+    "she'dve": "she'd've", "she's": "she's", "shouldve": "should've", "shouldnt": "shouldn't",
+    "shouldnt've": "shouldn't've", "shouldn'tve": "shouldn't've", "somebody'd": "somebodyd",
     "somebodyd've": "somebody'd've", "somebody'dve": "somebody'd've", "somebodyll": "somebody'll",
     "somebodys": "somebody's", "someoned": "someone'd", "someoned've": "someone'd've",
     "someone'dve": "someone'd've", "someonell": "someone'll", "someones": "someone's", "somethingd": "something'd",
@@ -96,8 +125,10 @@ _ARTICLES = {"a", "an", "the"}
 _PUNCT = [";", "/", "[", "]", '"', "{", "}", "(", ")", "=", "+", "\\", "_", "-", ">", "<", "@", "`", ",", "?", "!"]
 _COMMA_BETWEEN_DIGITS = re.compile(r"(\d)(,)(\d)")
 # NOTE: the official regex is "(?!<=\d)(\.)(?!\d)": its look-behind is mistyped, so in effect a period is
-# dropped unless a digit follows it. We keep that behaviour to score exactly as the official script.
+# dropped unless a digit follows it. The official call is periodStrip.sub("", text, re.UNICODE), where
+# re.UNICODE (= 32) lands in the `count` argument: at most 32 periods are dropped. We keep both quirks.
 _PERIOD_STRIP = re.compile(r"(?!<=\d)(\.)(?!\d)")
+_PERIOD_STRIP_COUNT = int(re.UNICODE)
 
 
 def _process_punctuation(text: str) -> str:
@@ -109,7 +140,7 @@ def _process_punctuation(text: str) -> str:
             out = out.replace(p, "")
         else:
             out = out.replace(p, " ")
-    return _PERIOD_STRIP.sub("", out)
+    return _PERIOD_STRIP.sub("", out, count=_PERIOD_STRIP_COUNT)
 
 
 def _process_digit_article(text: str) -> str:
@@ -133,9 +164,9 @@ def official_score_table(answers: list[str]) -> tuple[dict[str, float], bool]:
     """Scores of every prediction that earns credit on a question, as the official metric gives them.
 
     Returns (table, unanimous). The keys are raw stripped answers when all humans agree (the official
-    script then does no normalization), else normalized answers. With 10 answers the score of a
-    prediction matching k of them is the mean over the 10 leave-one-out subsets of min(1, matches/3),
-    i.e. k=1 -> 0.3, 2 -> 0.6, 3 -> 0.9, 4+ -> 1. With n != 10 answers: min(1, k / min(3, n)).
+    script then does no normalization), else normalized answers. With 10 answers (every VQA v2 question)
+    the score of a prediction matching k of them is the official one: the mean over the 10 leave-one-out
+    subsets of min(1, matches / 3), i.e. k = 1 -> 0.3, 2 -> 0.6, 3 -> 0.9, 4+ -> 1.
     """
     cleaned = [_clean(a) for a in answers]
     unanimous = len(set(cleaned)) <= 1
@@ -147,6 +178,11 @@ def official_score_table(answers: list[str]) -> tuple[dict[str, float], bool]:
             # leave-one-out: k subsets lose a match (k-1 left), 10-k subsets keep all k
             table[key] = (k * min(1.0, (k - 1) / 3) + (n - k) * min(1.0, k / 3)) / n
         else:
+            # NOTE (deviation): the official script assumes 10 answers. Its leave-one-out on n answers
+            # caps the score below 1 for n < 4 and gives 0 to *every* prediction when n = 1, so a data set
+            # with one answer per question (the built-in shapes set) could not be scored at all. For n != 10
+            # we give min(1, k / min(3, n)): full credit when min(3, n) answers agree with the prediction
+            # (the official rule's "3 agreeing humans = right", scaled down to fewer humans).
             table[key] = min(1.0, k / min(3, n))
     return table, unanimous
 
@@ -167,7 +203,11 @@ SHAPES = ["circle", "square", "triangle", "diamond"]
 FAMILIES = ["exist", "query_color", "query_shape", "count", "compare", "relate"]
 ANSWER_TYPES = {"exist": "yes/no", "compare": "yes/no", "count": "number",
                 "query_color": "other", "query_shape": "other", "relate": "other"}
-MIN_SIZE, MAX_SIZE = 5.5, 8.5     # object "radius" in pixels (every shape fits in a circle of this radius)
+MIN_SIZE, MAX_SIZE = 5.5, 8.5     # object size r in pixels (see _shape_mask for what r means per shape)
+# How far each shape reaches from its centre, in units of r (the radius of its circumscribed circle / r): a
+# square's corners are at (+-0.8 r, +-0.8 r), a triangle's base corners at (+-r, 0.7 r). Objects are kept
+# apart by these, so that no two shapes overlap or touch.
+EXTENT = {"circle": 1.0, "square": 0.8 * math.sqrt(2), "triangle": math.sqrt(1 + 0.7 ** 2), "diamond": 1.0}
 
 
 @dataclass
@@ -180,20 +220,25 @@ class Obj:
 
 
 def make_scene(rng: np.random.Generator, image_size: int = 64) -> list[Obj]:
-    """3-6 non-overlapping objects at random (not grid-snapped) positions, random sizes, shapes, colours."""
+    """3-6 objects at random (not grid-snapped) positions, random sizes, shapes, colours, at least 2 pixels
+    apart (measured between the shapes' circumscribed circles) and inside the image."""
     scale = image_size / 64
     while True:
         n, objs = int(rng.integers(3, 7)), []
         for _ in range(200):
+            color, shape = str(rng.choice(list(COLORS))), str(rng.choice(SHAPES))
             r = rng.uniform(MIN_SIZE, MAX_SIZE) * scale
-            x, y = rng.uniform(r + 1, image_size - r - 1, size=2)
-            if all(math.hypot(x - o.x, y - o.y) > r + o.r + 2 for o in objs):
-                objs.append(Obj(str(rng.choice(list(COLORS))), str(rng.choice(SHAPES)), x, y, r))
+            x, y = rng.uniform(r + 1, image_size - r - 1, size=2)   # every shape spans at most +-r in x and y
+            reach = EXTENT[shape] * r
+            if all(math.hypot(x - o.x, y - o.y) > reach + EXTENT[o.shape] * o.r + 2 for o in objs):
+                objs.append(Obj(color, shape, x, y, r))
                 if len(objs) == n:
                     return objs
 
 
 def _shape_mask(o: Obj, xx: np.ndarray, yy: np.ndarray) -> np.ndarray:
+    """Pixels (by their centres xx, yy) covered by o: a circle of radius r, a square of half-side 0.8 r, a
+    diamond of half-diagonal r, or an upward triangle (apex r above the centre, base 0.7 r below, half-width r)."""
     dx, dy = xx - o.x, yy - o.y
     if o.shape == "circle":
         return dx ** 2 + dy ** 2 <= o.r ** 2
@@ -538,8 +583,11 @@ def vqa2_splits(cfg: DataConfig):
         for r in recs:
             r["image_index"] = pos[r["image_id"]]
         splits[name] = (images, recs, None)
-    if not splits["train"][1]:
-        raise DataError("vqa2: the training split is empty; give more questions")
+    for name, (_, recs, _) in splits.items():
+        if not recs:
+            raise DataError(f"--vqa-questions {cfg.vqa_questions}: the {name} split is empty: {len(records)} questions on "
+                            f"{len(ids)} images were found, and the 80/10/10 split by image needs at least 10 images "
+                            f"(raise --vqa-max-questions or give more questions)")
     return splits
 
 
@@ -701,6 +749,13 @@ def majority_baseline(train: Split, evaluated: Split) -> dict[str, float]:
 # ----------------------------------------------------------------------------------------------------
 # Command-line configuration shared by train.py and infer.py: every dataclass field becomes a flag
 # ----------------------------------------------------------------------------------------------------
+class Parser(argparse.ArgumentParser):
+    """argparse that reports a bad flag in one line and exits 2, without the (long) usage text."""
+
+    def error(self, message):
+        self.exit(2, f"error: {message} (see {self.prog} -h)\n")
+
+
 def add_config_args(parser, cfg_class, defaults: dict | None = None) -> None:
     """Add --field-name for each field of a config dataclass (typed, with the field's help text).
     Fields with metadata flag=False are derived from the data and have no flag."""
@@ -727,20 +782,22 @@ def config_from_args(cfg_class, args, **overrides):
     return cfg_class(**values)
 
 
-def main() -> None:
-    p = argparse.ArgumentParser(description="Write the built-in shapes dataset in VQA v2 format.")
+def main(argv=None) -> None:
+    p = Parser(description="Write the built-in shapes dataset in VQA v2 format.")
     p.add_argument("--write", required=True, metavar="DIR", help="output folder (questions.json, annotations.json, images/)")
     for name, default in [("train-images", 400), ("val-images", 50), ("test-images", 50)]:
         p.add_argument(f"--{name}", type=int, default=default, help=f"number of {name.split('-')[0]} images")
     p.add_argument("--questions-per-image", type=int, default=4, help="questions per image")
     p.add_argument("--seed", type=int, default=0, help="generator seed")
-    args = p.parse_args()
+    args = p.parse_args(argv)
     cfg = DataConfig(train_images=args.train_images, val_images=args.val_images, test_images=args.test_images,
                      questions_per_image=args.questions_per_image, data_seed=args.seed)
     try:
+        check_data_config(cfg)
         write_vqa_format(cfg, args.write)
-    except DataError as e:
-        raise SystemExit(f"error: {e}")
+    except (DataError, OSError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        raise SystemExit(2)
     n = (args.train_images + args.val_images + args.test_images)
     print(f"wrote {n} images and {n * args.questions_per_image} questions to {args.write}")
 

@@ -24,6 +24,7 @@ The backbone (model.py) is frozen throughout: only G_k (and, for --exit-head own
 are trained, in train.py's stage 2.
 """
 import copy
+import os
 from dataclasses import dataclass, field
 
 import torch
@@ -31,8 +32,8 @@ import torch.nn as nn
 import torch.nn.functional as F
 from tokenizers import Tokenizer
 
-from data import DataConfig
-from model import VLM, ModelConfig
+from data import DataConfig, DataError
+from model import VLM, ModelConfig, fold_batchnorm
 
 
 @dataclass
@@ -45,6 +46,20 @@ class ExitConfig:
     disc: str = field(default="shared", metadata={"help": "one discriminator for all exits (shared) or one per exit",
                                                    "choices": ["shared", "per-exit"]})
     disc_hidden: int = field(default=256, metadata={"help": "hidden width of the discriminator MLP"})
+    disc_input: str = field(default="feature", metadata={"help": "what D judges: feature (the paper: a [CLS] feature, final "
+                                                                  "layer = real, exit = fake) or pair (a conditional D: the "
+                                                                  "exit's input feature together with the final or exit feature)",
+                                                          "choices": ["feature", "pair"]})
+    adv_loss: str = field(default="gan", metadata={"help": "generator's adversarial term: gan (non-saturating, the paper) or "
+                                                            "fm (feature matching: the exit and final features of the same "
+                                                            "question should look alike in D's hidden layer)",
+                                                    "choices": ["gan", "fm"]})
+    disc_reg: str = field(default="none", metadata={"help": "keep D from winning: none, r1 (gradient penalty on real inputs) "
+                                                             "or noise (Gaussian instance noise on D's inputs)",
+                                                     "choices": ["none", "r1", "noise"]})
+    disc_reg_weight: float = field(default=1.0, metadata={"help": "r1: the penalty weight gamma; noise: the noise std"})
+    adv_warmup: int = field(default=0, metadata={"help": "stage-2 epochs of distillation/CE only before the adversarial "
+                                                          "term is switched on (D trains from the start)"})
     exit_method: str = field(default="free", metadata={"help": "free: adversarial + KD (+ CE on labels); kd: self-"
                                                                 "distillation only (FastBERT); ce: labels only (DeeBERT)",
                                                         "choices": ["free", "kd", "ce"]})
@@ -70,6 +85,27 @@ def resolve_exit_layers(spec: str, depth: int) -> list[int]:
     if not layers:
         raise ValueError(f"--exit-layers: no exit layer (the model has {depth} language-model layers)")
     return sorted(set(layers))
+
+
+def check_exit_config(cfg: ExitConfig, depth: int) -> None:
+    """Refuse stage-2 settings that cannot work, naming the flag at fault (ValueError). train.py calls it
+    before any data is made or any step is taken."""
+    resolve_exit_layers(cfg.exit_layers, depth)
+    if not 0.0 <= cfg.label_fraction <= 1.0:
+        raise ValueError(f"--label-fraction must be between 0 and 1 (got {cfg.label_fraction})")
+    if cfg.exit_method == "ce" and cfg.label_fraction <= 0:
+        raise ValueError("--exit-method ce trains on labels only and needs --label-fraction > 0")
+    for name in ("temperature", "exit_lr", "disc_lr"):
+        if getattr(cfg, name) <= 0:
+            raise ValueError(f"--{name.replace('_', '-')} must be > 0 (got {getattr(cfg, name)})")
+    for name in ("lambda_adv", "lambda_kd", "lambda_ce"):
+        if getattr(cfg, name) < 0:
+            raise ValueError(f"--{name.replace('_', '-')} must be >= 0 (got {getattr(cfg, name)})")
+    if cfg.disc_reg_weight < 0 or cfg.adv_warmup < 0:
+        raise ValueError(f"--disc-reg-weight and --adv-warmup must be >= 0 (got {cfg.disc_reg_weight}, {cfg.adv_warmup})")
+    for name in ("exit_epochs", "disc_hidden"):
+        if getattr(cfg, name) < 1:
+            raise ValueError(f"--{name.replace('_', '-')} must be at least 1 (got {getattr(cfg, name)})")
 
 
 class ExitLayer(nn.Module):
@@ -110,16 +146,17 @@ class ExitLayer(nn.Module):
 
 
 class Discriminator(nn.Module):
-    """D: [CLS] feature (B, D) -> logit (B,) of "this is a real final-layer feature".
-    It sees features after the frozen final norm, i.e. exactly what the shared head reads."""
+    """D: its input (B, D_in) -> logit (B,) of "this is real". D_in = D for the paper's D (a [CLS] feature
+    after the frozen final norm, i.e. exactly what the shared head reads) or 2D for a conditional D (the
+    exit's input feature, then the feature). `body` is the hidden layer that feature matching compares."""
 
-    def __init__(self, dim: int, hidden: int):
+    def __init__(self, in_dim: int, hidden: int):
         super().__init__()
-        self.net = nn.Sequential(nn.Linear(dim, hidden), nn.LeakyReLU(0.2), nn.Linear(hidden, hidden),
-                                 nn.LeakyReLU(0.2), nn.Linear(hidden, 1))
+        self.body = nn.Sequential(nn.Linear(in_dim, hidden), nn.LeakyReLU(0.2), nn.Linear(hidden, hidden), nn.LeakyReLU(0.2))
+        self.out = nn.Linear(hidden, 1)
 
-    def forward(self, feat: torch.Tensor) -> torch.Tensor:
-        return self.net(feat)[:, 0]
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.out(self.body(x))[:, 0]
 
 
 class FREE(nn.Module):
@@ -139,7 +176,8 @@ class FREE(nn.Module):
             self.heads = nn.ModuleList([nn.Sequential(copy.deepcopy(backbone.norm), copy.deepcopy(backbone.classifier))
                                         for _ in self.exit_layers]).requires_grad_(True)
         n_disc = 1 if cfg.disc == "shared" else len(self.exit_layers)
-        self.discs = nn.ModuleList([Discriminator(backbone.cfg.dim, cfg.disc_hidden) for _ in range(n_disc)])
+        in_dim = backbone.cfg.dim * (2 if cfg.disc_input == "pair" else 1)
+        self.discs = nn.ModuleList([Discriminator(in_dim, cfg.disc_hidden) for _ in range(n_disc)])
 
     @property
     def num_exits(self) -> int:
@@ -166,6 +204,12 @@ class FREE(nn.Module):
         exits = [self.exit_logits(k, self.exit_feature(k, states[l], attn_mask)) for k, l in enumerate(self.exit_layers)]
         return {"states": states, "attn_mask": attn_mask, "final": self.backbone.head(states[-1][:, 0]), "exits": exits}
 
+    def load_exits(self, exits: dict) -> None:
+        """Load the exit layers, heads and discriminators train.py saved (everything but the backbone)."""
+        missing, unexpected = self.load_state_dict(exits, strict=False)
+        if unexpected or any(not k.startswith("backbone.") for k in missing):
+            raise ValueError(f"checkpoint exits do not match their config (missing {missing}, unexpected {unexpected})")
+
     def disc(self, k: int) -> Discriminator:
         return self.discs[0 if len(self.discs) == 1 else k]
 
@@ -175,22 +219,46 @@ class FREE(nn.Module):
         return params + (list(self.heads.parameters()) if self.heads is not None else [])
 
 
-def discriminator_loss(model: FREE, real: torch.Tensor, fakes: list[torch.Tensor]) -> tuple[torch.Tensor, dict]:
-    """L_D = BCE(D(h_L), 1) + (1/K) sum_k BCE(D(G_k(h_{l_k})), 0), on normed features, fakes detached.
+def disc_input(model: FREE, feat: torch.Tensor, cond: torch.Tensor) -> torch.Tensor:
+    """What D sees of one [CLS] feature (B, D): the feature after the frozen final norm (the head's input),
+    preceded, for a conditional D, by the exit's input feature h_{l_k}[CLS] (layer-normed: (B, 2D)).
+    With --disc-reg noise, Gaussian instance noise is added while training (Sonderby et al. 2017)."""
+    x = model.backbone.norm(feat)                                                           # (B, D)
+    if model.cfg.disc_input == "pair":
+        x = torch.cat([F.layer_norm(cond, cond.shape[-1:]), x], dim=1)                      # (B, 2D)
+    if model.cfg.disc_reg == "noise" and model.training:
+        x = x + model.cfg.disc_reg_weight * torch.randn_like(x)
+    return x
 
-    The fake term is *averaged* over the K exits: summed, it outweighs the single real term K to 1 and D
-    learns to call everything fake (real accuracy near 0), which gives the generators no useful signal.
-    With one D per exit, each D_k sees the real features and its own exit's fakes (one real, one fake term)."""
-    norm = model.backbone.norm
-    real_n = norm(real)                                                                     # (B, D)
-    fakes_per_disc = len(fakes) // len(model.discs)                                         # K (shared) or 1
+
+def discriminator_loss(model: FREE, real: torch.Tensor, fakes: list[torch.Tensor],
+                       conds: list[torch.Tensor]) -> tuple[torch.Tensor, dict]:
+    """L_D = (1/K) sum_k [ BCE(D(h_L), 1) + BCE(D(G_k(h_{l_k})), 0) ] (+ R1), fakes detached.
+
+    real (B, D) = h_L[CLS]; fakes = K exit features (B, D); conds = K exit inputs h_{l_k}[CLS] (B, D), read
+    by a conditional D only. Each exit contributes one real and one fake term, and one shared D *averages*
+    over the K exits, so real and fake weigh the same: summed, the K fake terms outweighed the real one K
+    to 1 and D learned to call everything fake (real accuracy near 0), which gave the generators no useful
+    signal. (For the paper's unconditional D the K real terms are identical: BCE(D(h_L), 1) + the mean
+    fake term.) With one D per exit, D_k sees the real features and its own exit's fakes.
+    R1 (--disc-reg r1, Mescheder et al. 2018): + gamma/2 * E ||grad_x D(x_real)||^2, so D stays smooth
+    around real features instead of winning by a sharp boundary."""
+    share = 1.0 if len(model.discs) > 1 else 1.0 / len(fakes)
+    r1 = model.cfg.disc_reg == "r1"
     loss, real_acc, fake_acc = 0.0, 0.0, 0.0
     for k, fake in enumerate(fakes):
-        d_real, d_fake = model.disc(k)(real_n), model.disc(k)(norm(fake.detach()))           # (B,), (B,)
-        if k == 0 or len(model.discs) > 1:
-            loss = loss + F.binary_cross_entropy_with_logits(d_real, torch.ones_like(d_real))
-            real_acc += (d_real > 0).float().mean().item() / len(model.discs)
-        loss = loss + F.binary_cross_entropy_with_logits(d_fake, torch.zeros_like(d_fake)) / fakes_per_disc
+        d = model.disc(k)
+        x_real, x_fake = disc_input(model, real, conds[k]), disc_input(model, fake.detach(), conds[k])
+        if r1:
+            x_real = x_real.detach().requires_grad_(True)
+        d_real, d_fake = d(x_real), d(x_fake)                                                # (B,), (B,)
+        term = F.binary_cross_entropy_with_logits(d_real, torch.ones_like(d_real)) + \
+            F.binary_cross_entropy_with_logits(d_fake, torch.zeros_like(d_fake))
+        if r1:
+            grad, = torch.autograd.grad(d_real.float().sum(), x_real, create_graph=True)   # (B, D_in)
+            term = term + model.cfg.disc_reg_weight / 2 * grad.float().pow(2).sum(dim=1).mean()
+        loss = loss + share * term
+        real_acc += (d_real > 0).float().mean().item() / len(fakes)
         fake_acc += (d_fake < 0).float().mean().item() / len(fakes)
     return loss, {"d_loss": loss.item(), "d_real_acc": real_acc, "d_fake_acc": fake_acc}
 
@@ -202,23 +270,39 @@ def distillation_loss(exit_logits: torch.Tensor, final_logits: torch.Tensor, tem
     return temperature ** 2 * F.kl_div(log_p_exit, p_final, reduction="batchmean")
 
 
-def generator_loss(model: FREE, fakes: list[torch.Tensor], final_logits: torch.Tensor,
-                   targets: torch.Tensor | None, labelled: torch.Tensor) -> tuple[torch.Tensor, dict]:
-    """L_G = sum_k [lambda_adv BCE(D(G_k), 1) + lambda_kd T^2 KL(p_L^T || p_k^T) + lambda_ce CE(p_k, y)].
+def adversarial_term(model: FREE, k: int, fake: torch.Tensor, real: torch.Tensor, cond: torch.Tensor) -> torch.Tensor:
+    """The generator's adversarial loss for exit k: gan = BCE(D(G_k), 1), the non-saturating GAN loss (the
+    paper); fm = feature matching (Salimans et al. 2016), here per question: the mean squared distance
+    between D's hidden features of the exit's feature and of the final layer's, for the same question."""
+    d = model.disc(k)
+    x_fake = disc_input(model, fake, cond)
+    if model.cfg.adv_loss == "fm":
+        with torch.no_grad():
+            target = d.body(disc_input(model, real, cond))                                  # (B, hidden)
+        return F.mse_loss(d.body(x_fake).float(), target.float())
+    d_fake = d(x_fake)                                                                      # (B,)
+    return F.binary_cross_entropy_with_logits(d_fake, torch.ones_like(d_fake))
+
+
+def generator_loss(model: FREE, fakes: list[torch.Tensor], final_logits: torch.Tensor, targets: torch.Tensor | None,
+                   labelled: torch.Tensor, real: torch.Tensor, conds: list[torch.Tensor],
+                   adv_weight: float) -> tuple[torch.Tensor, dict]:
+    """L_G = sum_k [lambda_adv ADV_k + lambda_kd T^2 KL(p_L^T || p_k^T) + lambda_ce CE(p_k, y)].
 
     Which terms are on depends on the method: free = adv + kd (+ ce), kd = kd only, ce = ce only.
-    targets (B, A) soft labels or None; labelled (B,) bool: the questions whose labels may be used."""
+    targets (B, A) soft labels or None; labelled (B,) bool: the questions whose labels may be used.
+    real (B, D) = h_L[CLS] and conds = the K exit inputs h_{l_k}[CLS] feed the adversarial term, weighted
+    by adv_weight (lambda_adv, or 0 during the --adv-warmup epochs)."""
     cfg = model.cfg
-    use_adv = cfg.exit_method == "free" and cfg.lambda_adv > 0
+    use_adv = cfg.exit_method == "free" and adv_weight > 0
     use_kd = cfg.exit_method in ("free", "kd") and cfg.lambda_kd > 0
     use_ce = cfg.exit_method in ("free", "ce") and cfg.lambda_ce > 0 and targets is not None and bool(labelled.any())
     loss, stats = fakes[0].new_zeros(()), {"adv": 0.0, "kd": 0.0, "ce": 0.0}
     for k, fake in enumerate(fakes):
         logits = model.exit_logits(k, fake)                                                   # (B, A)
         if use_adv:
-            d_fake = model.disc(k)(model.backbone.norm(fake))                                 # (B,)
-            adv = F.binary_cross_entropy_with_logits(d_fake, torch.ones_like(d_fake))
-            loss, stats["adv"] = loss + cfg.lambda_adv * adv, stats["adv"] + adv.item()
+            adv = adversarial_term(model, k, fake, real, conds[k])
+            loss, stats["adv"] = loss + adv_weight * adv, stats["adv"] + adv.item()
         if use_kd:
             kd = distillation_loss(logits, final_logits, cfg.temperature)
             loss, stats["kd"] = loss + cfg.lambda_kd * kd, stats["kd"] + kd.item()
@@ -296,6 +380,14 @@ def early_exit_predict(free: FREE, images: torch.Tensor, tokens: torch.Tensor, t
     return {"pred": pred, "exit": exit_at, "confidence": conf, "layers": layers}
 
 
+def inference_copy(free: FREE) -> FREE:
+    """A copy of `free` for timing and evaluation: eval mode, conv-stem BatchNorms folded into their
+    convolutions (model.fold_batchnorm). Same answers; used for the full model and early exit alike."""
+    copied = copy.deepcopy(free).eval()
+    fold_batchnorm(copied.backbone)
+    return copied
+
+
 def layer_costs(free: FREE, seq_len: float) -> tuple[float, float]:
     """FLOPs per sample of one language-model layer and of one exit (G_k on the [CLS] row + norm + head),
     for a sequence of seq_len tokens. Multiply-adds count 2; norms and softmaxes are left out."""
@@ -307,6 +399,21 @@ def layer_costs(free: FREE, seq_len: float) -> tuple[float, float]:
     return layer, exit_
 
 
+def load_checkpoint(path: str, flag: str = "") -> dict:
+    """Read a checkpoint written by train.py; DataError (naming the flag and file) if it is missing, unreadable
+    or not a free-min checkpoint."""
+    where = f"{flag} {path}".strip()
+    if not os.path.isfile(path):
+        raise DataError(f"{where}: checkpoint not found")
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=False)
+    except Exception as e:  # a truncated or foreign file: say which file, not a traceback
+        raise DataError(f"{where}: not a readable checkpoint ({e.__class__.__name__})")
+    if not isinstance(state, dict) or not {"model", "model_config", "data_config"} <= set(state):
+        raise DataError(f"{where}: not a free-min checkpoint (no backbone weights and configs in it)")
+    return state
+
+
 def build_from_checkpoint(state: dict):
     """Rebuild what a checkpoint holds: (backbone VLM, FREE or None if it has no exits, tokenizer,
     answers, DataConfig). Everything in eval mode."""
@@ -316,8 +423,6 @@ def build_from_checkpoint(state: dict):
     free = None
     if "exits" in state:
         free = FREE(backbone, ExitConfig(**state["exit_config"]))
-        missing, unexpected = free.load_state_dict(state["exits"], strict=False)
-        if unexpected or any(not k.startswith("backbone.") for k in missing):
-            raise ValueError(f"checkpoint exits do not match their config (missing {missing}, unexpected {unexpected})")
+        free.load_exits(state["exits"])
         free.eval()
     return backbone, free, Tokenizer.from_str(state["tokenizer"]), state["answers"], DataConfig(**state["data_config"])

@@ -32,8 +32,10 @@ from dataclasses import asdict, dataclass, field
 
 import torch
 
-from data import DataConfig, DataError, add_config_args, batches, config_from_args, encode_questions, load_data, load_image
-from free_min import RULES, build_from_checkpoint, early_exit_predict, layer_costs, rule_fires
+from data import (DataConfig, DataError, Parser, add_config_args, batches, check_data_config, config_from_args,
+                  encode_questions, load_data, load_image)
+from free_min import (RULES, ExitConfig, build_from_checkpoint, early_exit_predict, inference_copy, layer_costs, load_checkpoint,
+                      rule_fires)
 
 THRESHOLDS = {"maxprob": [0.5, 0.6, 0.7, 0.8, 0.85, 0.9, 0.95, 0.98, 0.99, 0.995, 0.999],
               "entropy": [0.6, 0.5, 0.4, 0.3, 0.2, 0.15, 0.1, 0.05, 0.02, 0.01, 0.001]}
@@ -56,6 +58,10 @@ class InferConfig:
     timing_samples: int = field(default=256, metadata={"help": "questions timed per measurement (batch 1 and batched)"})
     repeats: int = field(default=5, metadata={"help": "timing repeats; the median is reported"})
     threads: int = field(default=0, metadata={"help": "CPU threads for torch (0 = torch's default; printed)"})
+    device: str = field(default="cpu", metadata={"help": "where the report runs and is timed: cpu, cuda or auto (cuda if "
+                                                         "there is one)", "choices": ["cpu", "cuda", "auto"]})
+    timing: bool = field(default=True, metadata={"help": "measure wall-clock speedups (--no-timing: accuracy and the layer "
+                                                         "view only, which is deterministic and fast; for sweeps)"})
     compare: str = field(default="", metadata={"help": "comma-separated train.py --out folders: print their test depth "
                                                        "profiles (and calibrated points, where a report.json exists) "
                                                        "side by side as a markdown table"})
@@ -67,17 +73,22 @@ class InferConfig:
 @torch.no_grad()
 def collect(free, split, batch_size: int) -> dict:
     """Probabilities of the final layer (n, A), of every exit (K, n, A) and of a raw readout of the same
-    layers through the frozen head without G_k (K, n, A), plus the mean sequence length."""
-    bb = free.backbone
+    layers through the frozen head without G_k (K, n, A), plus the mean sequence length. Runs on the
+    model's device; returns CPU tensors."""
+    bb, device = free.backbone, next(free.parameters()).device
     final, exits, raw, seq = [], [], [], []
     for ids in batches(len(split), batch_size):
-        out = free.all_outputs(**split.batch(ids))
-        final.append(out["final"].softmax(1))
-        exits.append(torch.stack([e.softmax(1) for e in out["exits"]]))                 # (K, B, A)
-        raw.append(torch.stack([bb.head(out["states"][l][:, 0]).softmax(1) for l in free.exit_layers]))
-        seq.append(out["attn_mask"].sum(dim=-1).flatten().float())                     # (B,) real tokens
+        out = free.all_outputs(**to_device(split.batch(ids), device))
+        final.append(out["final"].float().softmax(1).cpu())
+        exits.append(torch.stack([e.float().softmax(1) for e in out["exits"]]).cpu())   # (K, B, A)
+        raw.append(torch.stack([bb.head(out["states"][l][:, 0]).float().softmax(1) for l in free.exit_layers]).cpu())
+        seq.append(out["attn_mask"].sum(dim=-1).flatten().float().cpu())                # (B,) real tokens
     return {"final": torch.cat(final), "exits": torch.cat(exits, 1), "raw": torch.cat(raw, 1),
             "seq_len": torch.cat(seq).mean().item()}
+
+
+def to_device(batch: dict, device: torch.device) -> dict:
+    return {k: v.to(device) for k, v in batch.items()}
 
 
 def simulate(probs: dict, rule: str, threshold: float) -> dict:
@@ -112,19 +123,24 @@ def layer_speedup(free, sim: dict, seq_len: float) -> tuple[float, float]:
 # ----------------------------------------------------------------------------------------------------
 # Wall-clock timing: same process, warm-up, interleaved, median of repeats
 # ----------------------------------------------------------------------------------------------------
-@torch.no_grad()
+@torch.inference_mode()
 def time_speedup(free, split, ids: torch.Tensor, batch_size: int, rule: str, threshold: float, repeats: int) -> dict:
-    """Seconds for the full model and for early exit over the same questions (inputs prepared beforehand,
-    image encoder included), interleaved so that both see the same machine load. Returns medians."""
-    inputs = [split.batch(b) for b in torch.split(ids, batch_size)]
+    """Seconds for the full model and for early exit over the same questions (inputs prepared on the model's
+    device beforehand, image encoder included), interleaved so that both see the same machine load, each
+    run ending when its answers are ready (a device sync on a GPU). Returns medians."""
+    device = next(free.parameters()).device
+    inputs = [to_device(split.batch(b), device) for b in torch.split(ids, batch_size)]
+    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
 
     def full():
         for x in inputs:
             free.backbone(**x).argmax(1)
+        sync()
 
     def early():
         for x in inputs:
             early_exit_predict(free, **x, rule=rule, threshold=threshold)
+        sync()
 
     runs = {"full": full, "early_exit": early}
     times = defaultdict(list)
@@ -201,6 +217,19 @@ def calibrate(free, val, val_probs: dict, rule: str, max_drop: float) -> dict:
     return {"rule": rule, "threshold": best["threshold"], "val_accuracy_drop": full - best["accuracy"]}
 
 
+def oracle_exits(probs: dict) -> dict:
+    """Where every question would leave if a rule knew the final layer's answer: at the earliest exit that
+    already gives it (else at the final layer). Same answers as the full model; the most any exit rule can
+    save on these exits without changing an answer. Same keys as simulate()."""
+    exits, final = probs["exits"], probs["final"]                                      # (K, n, A), (n, A)
+    K = exits.shape[0]
+    pred = final.argmax(1)                                                             # (n,)
+    agree = exits.argmax(2) == pred[None]                                              # (K, n)
+    first = agree.float().argmax(0)                                                    # first agreeing exit
+    exit_at = torch.where(agree.any(0), first, torch.full_like(first, K))
+    return {"exit": exit_at, "pred": pred, "evaluated": torch.clamp(exit_at + 1, max=K)}
+
+
 def per_family_depth(free, split, sim: dict) -> dict:
     """Mean language-model layers run and the share leaving at each exit, per question family."""
     layers = torch.tensor(free.exit_layers + [free.backbone.depth])[sim["exit"]].float()
@@ -214,39 +243,60 @@ def per_family_depth(free, split, sim: dict) -> dict:
 
 
 def build_report(free, splits: dict, split_name: str, cfg: InferConfig) -> dict:
-    """Everything the README reports about one checkpoint, on one split (calibrated on val)."""
+    """Everything the README reports about one checkpoint, on one split (calibrated on val). It runs, and is
+    timed, where `free` is (its device), on an inference copy with the conv-stem BatchNorms folded."""
+    free = inference_copy(free)
+    device = next(free.parameters()).device
     split = splits[split_name]
     probs = collect(free, split, cfg.batch_size)
     val_probs = probs if split_name == "val" else collect(free, splits["val"], cfg.batch_size)
     profile = depth_profile(free, split, probs)
-    g = torch.Generator().manual_seed(0)
-    timing_ids = torch.randperm(len(split), generator=g)[:cfg.timing_samples]
+    timing_ids = torch.randperm(len(split), generator=torch.Generator().manual_seed(0))[:cfg.timing_samples]
     sweep = []
     for rule in RULES:
         for row in sweep_rule(free, split, probs, rule):
-            row["wallclock_speedup"] = time_speedup(free, split, timing_ids, cfg.batch_size, rule, row["threshold"],
-                                                    max(1, cfg.repeats // 2))["speedup"]
+            if cfg.timing:
+                row["wallclock_speedup"] = time_speedup(free, split, timing_ids, cfg.batch_size, rule, row["threshold"],
+                                                        max(1, cfg.repeats // 2))["speedup"]
             sweep.append(row)
-    cal = calibrate(free, splits["val"], val_probs, cfg.rule, cfg.max_drop)
-    report = {"split": split_name, "samples": len(split), "threads": torch.get_num_threads(),
+    oracle = oracle_exits(probs)
+    oracle_layers, oracle_speedup = layer_speedup(free, oracle, probs["seq_len"])
+    report = {"split": split_name, "samples": len(split), "device": str(device), "threads": torch.get_num_threads(),
               "full": {"accuracy": profile["final"]}, "exits": profile["exits"],
               "mid_crisis": {"free_exits": mid_crisis(profile), "raw_readout": mid_crisis(profile, "raw_accuracy")},
-              "overthinking": overthinking(split, probs), "sweep": sweep}
-    if cal["threshold"] is not None:
-        sim = simulate(probs, cal["rule"], cal["threshold"])
-        avg_layers, speedup = layer_speedup(free, sim, probs["seq_len"])
-        t1 = time_speedup(free, split, timing_ids[:max(1, cfg.timing_samples // 2)], 1, cal["rule"], cal["threshold"], cfg.repeats)
-        tb = time_speedup(free, split, timing_ids, cfg.batch_size, cal["rule"], cal["threshold"], cfg.repeats)
-        cal |= {"accuracy": accuracy(split, sim["pred"]), "accuracy_drop": profile["final"] - accuracy(split, sim["pred"]),
-                "avg_layers": avg_layers, "layer_speedup": speedup, "wallclock_speedup_batch1": t1["speedup"],
-                "wallclock_speedup_batched": tb["speedup"], "timing_batch1": t1, "timing_batched": tb}
-        report["per_family"] = per_family_depth(free, split, sim)
-    report["calibrated"] = cal
+              "overthinking": overthinking(split, probs), "sweep": sweep,
+              "oracle": {"avg_layers": oracle_layers, "layer_speedup": oracle_speedup}}
+    report["calibrated"] = calibrated_point(free, split, probs, calibrate(free, splits["val"], val_probs, cfg.rule, cfg.max_drop),
+                                            profile["final"], oracle_speedup, timing_ids, cfg)
+    if report["calibrated"]["threshold"] is not None:
+        report["per_family"] = per_family_depth(free, split, simulate(probs, cfg.rule, report["calibrated"]["threshold"]))
     return report
 
 
+def calibrated_point(free, split, probs: dict, cal: dict, full_accuracy: float, oracle_speedup: float,
+                     timing_ids: torch.Tensor, cfg: InferConfig) -> dict:
+    """The val-calibrated threshold reported on the eval split: accuracy and its drop, the layer view, the
+    share of the oracle's saving it reaches ((1 - 1/s) / (1 - 1/s_oracle), in compute saved) and, with
+    timing on, the measured wall-clock speedup at batch 1 and batched."""
+    if cal["threshold"] is None:
+        return cal
+    sim = simulate(probs, cal["rule"], cal["threshold"])
+    avg_layers, speedup = layer_speedup(free, sim, probs["seq_len"])
+    acc = accuracy(split, sim["pred"])
+    saved = (1 - 1 / speedup) / (1 - 1 / oracle_speedup) if oracle_speedup > 1 else 0.0
+    cal = cal | {"accuracy": acc, "accuracy_drop": full_accuracy - acc, "avg_layers": avg_layers, "layer_speedup": speedup,
+                 "share_of_oracle_saving": saved}
+    if cfg.timing:
+        t1 = time_speedup(free, split, timing_ids[:max(1, cfg.timing_samples // 2)], 1, cal["rule"], cal["threshold"], cfg.repeats)
+        tb = time_speedup(free, split, timing_ids, cfg.batch_size, cal["rule"], cal["threshold"], cfg.repeats)
+        cal |= {"wallclock_speedup_batch1": t1["speedup"], "wallclock_speedup_batched": tb["speedup"],
+                "timing_batch1": t1, "timing_batched": tb}
+    return cal
+
+
 def print_report(r: dict, free) -> None:
-    print(f"\n== early-exit report on {r['split']} ({r['samples']} questions, {r['threads']} torch threads) ==")
+    print(f"\n== early-exit report on {r['split']} ({r['samples']} questions; measured on {r['device']}, "
+          f"{r['threads']} torch threads) ==")
     print(f"full model accuracy: {r['full']['accuracy']:.2f}%  ({free.backbone.depth} language-model layers)")
     print("depth profile (every sample forced to leave at the exit):")
     for e in r["exits"]:
@@ -257,10 +307,13 @@ def print_report(r: dict, free) -> None:
     o = r["overthinking"]
     print(f"overthinking: {o['fixable_pct']:.2f}% of questions are right at some exit but wrong at the final layer; "
           f"{o['early_right_pct_of_final_right']:.1f}% of those the final layer gets right were already right at an exit")
-    print(f"{'rule':<9}{'thr':>7}{'acc %':>8}{'layers':>8}{'layer x':>9}{'clock x':>9}")
+    timed = bool(r["sweep"]) and "wallclock_speedup" in r["sweep"][0]
+    print(f"{'rule':<9}{'thr':>7}{'acc %':>8}{'layers':>8}{'layer x':>9}" + (f"{'clock x':>9}" if timed else ""))
     for s in r["sweep"]:
-        print(f"{s['rule']:<9}{s['threshold']:>7g}{s['accuracy']:>8.2f}{s['avg_layers']:>8.2f}{s['layer_speedup']:>9.2f}"
-              f"{s['wallclock_speedup']:>9.2f}")
+        print(f"{s['rule']:<9}{s['threshold']:>7g}{s['accuracy']:>8.2f}{s['avg_layers']:>8.2f}{s['layer_speedup']:>9.2f}" +
+              (f"{s['wallclock_speedup']:>9.2f}" if timed else ""))
+    print(f"oracle (every question leaves at the earliest exit that gives the final layer's answer): "
+          f"{r['oracle']['avg_layers']:.2f} layers, layer speedup {r['oracle']['layer_speedup']:.2f}x")
     print(format_calibrated(r["calibrated"]))
     for fam, d in r.get("per_family", {}).items():
         shares = " ".join(f"{k}:{v:.0f}%" for k, v in d["exit_share"].items())
@@ -272,10 +325,12 @@ def format_calibrated(c: dict) -> str:
         return f"calibrated ({c['rule']}): no threshold keeps the val accuracy drop within the limit"
     rule = {"maxprob": f"max prob >= {c['threshold']:g}", "entropy": f"normalized entropy <= {c['threshold']:g}",
             "patience": f"same answer at {c['threshold']:g} exits in a row"}[c["rule"]]
-    return (f"calibrated on val ({c['rule']}: {rule}): "
-            f"accuracy {c['accuracy']:.2f}% (drop {c['accuracy_drop']:+.2f} pts), layer speedup {c['layer_speedup']:.2f}x, "
-            f"wall-clock speedup {c['wallclock_speedup_batch1']:.2f}x at batch 1, {c['wallclock_speedup_batched']:.2f}x "
-            f"at batch {c['timing_batched']['batch_size']}")
+    line = (f"calibrated on val ({c['rule']}: {rule}): accuracy {c['accuracy']:.2f}% (drop {c['accuracy_drop']:+.2f} pts), "
+            f"layer speedup {c['layer_speedup']:.2f}x ({100 * c['share_of_oracle_saving']:.0f}% of the oracle's saving)")
+    if "wallclock_speedup_batch1" in c:
+        line += (f", wall-clock speedup {c['wallclock_speedup_batch1']:.2f}x at batch 1, "
+                 f"{c['wallclock_speedup_batched']:.2f}x at batch {c['timing_batched']['batch_size']}")
+    return line
 
 
 def plot_report(r: dict, path: str) -> None:
@@ -284,14 +339,18 @@ def plot_report(r: dict, path: str) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
     fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(11, 4.2))
+    timed = bool(r["sweep"]) and "wallclock_speedup" in r["sweep"][0]
+    key = "wallclock_speedup" if timed else "layer_speedup"            # measured if timed, else the layer view
     for rule in RULES:
-        rows = sorted((s for s in r["sweep"] if s["rule"] == rule), key=lambda s: s["wallclock_speedup"])
-        ax1.plot([s["wallclock_speedup"] for s in rows], [s["accuracy"] for s in rows], "o-", ms=3, label=rule)
+        rows = sorted((s for s in r["sweep"] if s["rule"] == rule), key=lambda s: s[key])
+        ax1.plot([s[key] for s in rows], [s["accuracy"] for s in rows], "o-", ms=3, label=rule)
     ax1.plot([1.0], [r["full"]["accuracy"]], "ks", label="full model")
     c = r["calibrated"]
     if c.get("threshold") is not None:
-        ax1.plot([c["wallclock_speedup_batched"]], [c["accuracy"]], "r*", ms=14, label=f"calibrated ({c['rule']})")
-    ax1.set(xlabel="wall-clock speedup (batched)", ylabel="accuracy (%)", title="accuracy vs measured speedup")
+        ax1.plot([c["wallclock_speedup_batched" if timed else "layer_speedup"]], [c["accuracy"]], "r*", ms=14,
+                 label=f"calibrated ({c['rule']})")
+    ax1.set(xlabel=f"wall-clock speedup (batched, {r['device']})" if timed else "layer speedup", ylabel="accuracy (%)",
+            title="accuracy vs speedup")
     ax1.legend()
     layers = [e["layer"] for e in r["exits"]]
     ax2.plot(layers, [e["accuracy"] for e in r["exits"]], "o-", label="FREE exits")
@@ -319,7 +378,9 @@ def answer_one(free, tokenizer, answers: list[str], image_size: int, cfg: InferC
         raise DataError("--question is empty")
     image = load_image(cfg.image, image_size).float()[None] / 255.0          # (1, 3, H, W)
     tokens, text_mask = encode_questions(tokenizer, [cfg.question])           # (1, T)
-    out = early_exit_predict(free, image, tokens, text_mask, rule=cfg.rule, threshold=threshold)
+    device = next(free.parameters()).device
+    out = early_exit_predict(free, image.to(device), tokens.to(device), text_mask.to(device), rule=cfg.rule,
+                             threshold=threshold)
     k = out["exit"].item()
     where = f"exit {k + 1} of {free.num_exits} (after layer {free.exit_layers[k]} of {free.backbone.depth})" \
         if k < free.num_exits else f"the final layer ({free.backbone.depth} of {free.backbone.depth})"
@@ -329,17 +390,17 @@ def answer_one(free, tokenizer, answers: list[str], image_size: int, cfg: InferC
 
 def parse_args(argv=None):
     """--ckpt is read first: its data config gives the defaults of the data flags."""
-    pre = argparse.ArgumentParser(add_help=False)
+    pre = Parser(add_help=False)
     pre.add_argument("--ckpt", default=InferConfig.ckpt)
     known, _ = pre.parse_known_args(argv)
     state = None
     if os.path.isfile(known.ckpt):
         try:
-            state = torch.load(known.ckpt, map_location="cpu", weights_only=False)
-        except Exception as e:  # a truncated or foreign file: one line naming it, not a traceback
-            print(f"error: --ckpt {known.ckpt}: not a readable checkpoint ({e.__class__.__name__})", file=sys.stderr)
+            state = load_checkpoint(known.ckpt, "--ckpt")
+        except DataError as e:   # a truncated or foreign file: one line naming it, not a traceback
+            print(f"error: {e}", file=sys.stderr)
             raise SystemExit(2)
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = Parser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     add_config_args(p, InferConfig)
     add_config_args(p, DataConfig, state["data_config"] if state and "data_config" in state else None)
     args = p.parse_args(argv)
@@ -351,7 +412,7 @@ def load_free(cfg: InferConfig, state: dict | None):
         raise DataError(f"--ckpt {cfg.ckpt}: checkpoint not found")
     try:
         backbone, free, tokenizer, answers, _ = build_from_checkpoint(state)
-    except (KeyError, ValueError, RuntimeError) as e:
+    except (KeyError, TypeError, ValueError, RuntimeError) as e:
         raise DataError(f"--ckpt {cfg.ckpt}: not a free-min checkpoint ({e.__class__.__name__}: {str(e)[:120]})")
     if free is None:
         raise DataError(f"--ckpt {cfg.ckpt}: has a backbone but no exits; train them with python train.py --stage exits")
@@ -374,56 +435,126 @@ def evaluate_checkpoint(free, tokenizer, answers, dcfg: DataConfig, cfg: InferCo
 
 def read_run(folder: str) -> dict:
     """One finished stage-2 run: its exit config (from ckpt.pt), its test depth profile (the last test line
-    of log.jsonl) and its report.json, if train.py wrote one."""
+    of log.jsonl) and its report.json, if train.py wrote one. DataError naming the file if one is unreadable."""
     ckpt, log, rep = (os.path.join(folder, f) for f in ("ckpt.pt", "log.jsonl", "report.json"))
-    state = torch.load(ckpt, map_location="cpu", weights_only=False) if os.path.isfile(ckpt) else {}
+    state = load_checkpoint(ckpt, "--compare")
     if "exit_config" not in state:
-        raise DataError(f"--compare: {ckpt} is missing or holds no exits")
-    lines = []
-    if os.path.isfile(log):
-        with open(log) as f:
-            lines = [json.loads(line) for line in f]
-    tests = [r for r in lines if r.get("stage") == "exits" and r.get("split") == "test"]
+        raise DataError(f"--compare {ckpt}: holds a backbone but no exits")
+    tests = [r for r in read_json_lines(log) if r.get("stage") == "exits" and r.get("split") == "test"]
     if not tests:
-        raise DataError(f"--compare: {log} has no test depth profile (did stage 2 finish?)")
+        raise DataError(f"--compare {log}: no test depth profile (did stage 2 finish?)")
     report = None
     if os.path.isfile(rep):
-        with open(rep) as f:
-            report = json.load(f)
+        try:
+            with open(rep) as f:
+                report = json.load(f)
+        except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+            raise DataError(f"--compare {rep}: not a readable report ({e.__class__.__name__})")
     return {"folder": folder, "config": state["exit_config"], "test": tests[-1], "report": report}
 
 
+def read_json_lines(path: str) -> list[dict]:
+    """The records of a log.jsonl ([] if the file does not exist); DataError naming the file if it is broken."""
+    if not os.path.isfile(path):
+        return []
+    try:
+        with open(path) as f:
+            return [json.loads(line) for line in f if line.strip()]
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise DataError(f"--compare {path}: not a readable log ({e.__class__.__name__})")
+
+
+def run_label(config: dict) -> str:
+    """A run's method and every exit setting that differs from the defaults, e.g. 'free (disc_input=pair)'."""
+    default = asdict(ExitConfig())
+    skip = {"exit_method", "label_fraction", "exit_layers"}
+    changed = [f"{k}={v}" for k, v in config.items() if k not in skip and k in default and v != default[k]]
+    return config["exit_method"] + (f" ({', '.join(changed)})" if changed else "")
+
+
+def mean_std(values: list[float], fmt: str = ".1f") -> str:
+    """'m' for one value, 'm ± s' (sample std) for several."""
+    if len(values) == 1:
+        return f"{values[0]:{fmt}}"
+    return f"{statistics.mean(values):{fmt}} ± {statistics.stdev(values):{fmt.lstrip('+')}}"
+
+
 def compare_table(folders: list[str]) -> str:
-    """A markdown table: one row per run, its exits' standalone test accuracies (with, in brackets, the % of
-    questions where the exit agrees with the final layer), the final layer's, and the calibrated
-    early-exit point where the run has a report."""
-    runs = [read_run(f) for f in folders]
-    layers = sorted({e["layer"] for r in runs for e in r["test"]["test_exits"]})
-    head = ["run", "method", "labels F"] + [f"exit L{l} (agree %)" for l in layers] + ["final", "calibrated early exit (test)"]
+    """A markdown table of several stage-2 runs. Runs that differ only in their seed are one row (mean ± std
+    over them, n = how many): every exit's standalone test accuracy with, in brackets, the mean % of
+    questions on which it agrees with the final layer; the final layer's accuracy; and, where the runs have
+    a report.json, the calibrated early-exit point (test accuracy drop, layer speedup, share of the oracle's
+    saving, and the measured wall-clock speedups where the report was timed)."""
+    groups = defaultdict(list)
+    for r in map(read_run, folders):
+        key = (run_label(r["config"]), r["config"]["label_fraction"], r["config"]["exit_layers"])
+        groups[key].append(r)
+    layers = sorted({e["layer"] for runs in groups.values() for r in runs for e in r["test"]["test_exits"]})
+    head = ["method", "labels F", "n"] + [f"exit L{l} (agree %)" for l in layers] + ["final", "calibrated early exit (test)"]
     rows = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
-    for r in runs:
-        acc = {e["layer"]: f"{e['accuracy']:.1f} ({e['agreement']:.0f})" for e in r["test"]["test_exits"]}
-        c = (r["report"] or {}).get("calibrated") or {}
-        cal = "-" if c.get("threshold") is None else (
-            f"{c['rule']} {c['threshold']:g}: {c['accuracy']:.1f} ({c['accuracy_drop']:+.1f}), "
-            f"{c['layer_speedup']:.2f}x layers, {c['wallclock_speedup_batch1']:.2f}x wall batch 1, "
-            f"{c['wallclock_speedup_batched']:.2f}x batched")
-        cells = [r["folder"], r["config"]["exit_method"], f"{r['config']['label_fraction']:g}"]
-        cells += [acc.get(l, "-") for l in layers] + [f"{r['test']['test_final']:.1f}", cal]
+    for (label, fraction, _), runs in groups.items():
+        cells = [label, f"{fraction:g}", str(len(runs))]
+        for l in layers:
+            es = [e for r in runs for e in r["test"]["test_exits"] if e["layer"] == l]
+            cells.append("-" if not es else f"{mean_std([e['accuracy'] for e in es])} "
+                                             f"({statistics.mean(e['agreement'] for e in es):.0f})")
+        cells += [mean_std([r["test"]["test_final"] for r in runs]), calibrated_cell(runs)]
         rows.append("| " + " | ".join(cells) + " |")
     return "\n".join(rows)
 
 
+def calibrated_cell(runs: list[dict]) -> str:
+    """The calibrated points of a group of runs, as mean ± std; '-' where a run has none."""
+    cals = [(r["report"] or {}).get("calibrated") or {} for r in runs]
+    if any(c.get("threshold") is None for c in cals):
+        return "-"
+    thresholds = "/".join(f"{t:g}" for t in sorted({c["threshold"] for c in cals}))
+    cell = (f"{cals[0]['rule']} {thresholds}: "
+            f"drop {mean_std([c['accuracy_drop'] for c in cals], '+.2f')}, "
+            f"{mean_std([c['layer_speedup'] for c in cals], '.2f')}x layers "
+            f"({mean_std([100 * c['share_of_oracle_saving'] for c in cals], '.0f')}% of oracle)")
+    if all("wallclock_speedup_batch1" in c for c in cals):
+        cell += (f", wall {mean_std([c['wallclock_speedup_batch1'] for c in cals], '.2f')}x batch 1, "
+                 f"{mean_std([c['wallclock_speedup_batched'] for c in cals], '.2f')}x batched")
+    return cell
+
+
+def report_device(choice: str) -> torch.device:
+    """--device: cpu, cuda, or auto (cuda if torch sees one)."""
+    if choice == "auto":
+        choice = "cuda" if torch.cuda.is_available() else "cpu"
+    if choice == "cuda" and not torch.cuda.is_available():
+        raise DataError("--device cuda: torch sees no CUDA device here (use --device cpu or auto)")
+    return torch.device(choice)
+
+
+def check_infer_config(cfg: InferConfig) -> None:
+    """Refuse settings that cannot work, naming the flag (DataError)."""
+    for name in ("batch_size", "timing_samples", "repeats"):
+        if getattr(cfg, name) < 1:
+            raise DataError(f"--{name.replace('_', '-')} must be at least 1 (got {getattr(cfg, name)})")
+    if cfg.threads < 0 or cfg.max_drop < 0:
+        raise DataError(f"--threads and --max-drop must be >= 0 (got {cfg.threads}, {cfg.max_drop})")
+    if cfg.threshold != -1 and (cfg.threshold < 0 or (cfg.rule == "patience" and cfg.threshold != int(cfg.threshold))):
+        raise DataError(f"--threshold {cfg.threshold:g}: give -1 (the calibrated one), a probability for maxprob/entropy, "
+                        f"or a whole number of exits for patience")
+    if bool(cfg.image) != bool(cfg.question):
+        raise DataError("--image and --question go together: give both")
+
+
 def main(argv=None) -> None:
     cfg, dcfg, state = parse_args(argv)
-    if cfg.threads > 0:
-        torch.set_num_threads(cfg.threads)
     try:
+        check_infer_config(cfg)
+        if cfg.threads > 0:
+            torch.set_num_threads(cfg.threads)
         if cfg.compare:
             print(compare_table([f for f in cfg.compare.split(",") if f]))
             return
         free, tokenizer, answers = load_free(cfg, state)
+        free.to(report_device(cfg.device))
         if cfg.eval:
+            check_data_config(dcfg)
             evaluate_checkpoint(free, tokenizer, answers, dcfg, cfg)
         elif cfg.image:
             threshold = cfg.threshold

@@ -19,6 +19,7 @@ The language model dominates the compute (the ViT is one narrow block), because 
 language-model layers, as in the paper. `embed`, `layer` and `head` are what free_min.py builds exits on.
 """
 import math
+import os
 from dataclasses import dataclass, field
 from functools import partial
 
@@ -51,6 +52,27 @@ class ModelConfig:
     num_answers: int = field(default=0, metadata={"help": "answer vocabulary A (set from the data)", "flag": False})
 
 
+def check_model_config(cfg: ModelConfig) -> None:
+    """Refuse an architecture that cannot be built, naming the flag at fault (ValueError). Called by VLM and,
+    before any data is made, by train.py, so a bad flag costs seconds, not a training run."""
+    for name in ("patch_size", "vit_dim", "vit_heads", "merge", "dim", "depth", "heads"):
+        if getattr(cfg, name) < 1:
+            raise ValueError(f"--{name.replace('_', '-')} must be at least 1 (got {getattr(cfg, name)})")
+    if cfg.stem == "conv" and cfg.patch_size != 2 ** round(math.log2(cfg.patch_size)):
+        raise ValueError(f"--patch-size {cfg.patch_size}: the conv stem halves the image log2(patch size) times, "
+                         f"so it needs a power of two (2, 4, 8, 16)")
+    if cfg.image_size % (cfg.patch_size * cfg.merge):
+        raise ValueError(f"--image-size {cfg.image_size} is not a multiple of --patch-size x --merge = "
+                         f"{cfg.patch_size} x {cfg.merge}")
+    if cfg.dim % cfg.heads or cfg.vit_dim % cfg.vit_heads:
+        bad = ("--dim", cfg.dim, "--heads", cfg.heads) if cfg.dim % cfg.heads else ("--vit-dim", cfg.vit_dim, "--vit-heads", cfg.vit_heads)
+        raise ValueError(f"{bad[0]} {bad[1]} is not divisible by {bad[2]} {bad[3]}")
+    if cfg.mlp_ratio <= 0 or not 0 <= cfg.dropout < 1:
+        raise ValueError(f"--mlp-ratio must be > 0 and --dropout in [0, 1) (got {cfg.mlp_ratio}, {cfg.dropout})")
+    if cfg.vit_weights and not os.path.isfile(cfg.vit_weights):
+        raise ValueError(f"--vit-weights {cfg.vit_weights}: file not found")
+
+
 def conv_stem(patch_size: int, width: int) -> nn.Module:
     """log2(patch_size) stride-2 3x3 conv + BN + ReLU layers: (B, 3, H, W) -> (B, width, H/p, W/p).
     NOTE (deviation): BLIP-2's ViT embeds linear patches; a conv stem (Xiao et al. 2021, "Early convolutions
@@ -69,8 +91,6 @@ def make_vit(cfg: ModelConfig) -> nn.Module:
     kwargs = dict(img_size=cfg.image_size, patch_size=cfg.patch_size, embed_dim=cfg.vit_dim, depth=cfg.vit_depth,
                   num_heads=cfg.vit_heads, num_classes=0, class_token=False, global_pool="avg", fc_norm=False)
     if cfg.stem == "conv":
-        if 2 ** int(math.log2(cfg.patch_size)) != cfg.patch_size:
-            raise ValueError(f"--stem conv needs a power-of-two --patch-size (got {cfg.patch_size})")
         # timm's HybridEmbed runs the CNN, then a 1x1 projection to the ViT width: one token per stem output pixel
         kwargs |= dict(patch_size=1, embed_layer=partial(HybridEmbed, backbone=conv_stem(cfg.patch_size, cfg.vit_dim)))
     if cfg.vit_weights:
@@ -82,8 +102,7 @@ def make_vit(cfg: ModelConfig) -> nn.Module:
 class VLM(nn.Module):
     def __init__(self, *, cfg: ModelConfig):
         super().__init__()
-        if cfg.image_size % (cfg.patch_size * cfg.merge):
-            raise ValueError(f"image_size {cfg.image_size} is not a multiple of patch_size*merge = {cfg.patch_size * cfg.merge}")
+        check_model_config(cfg)
         if cfg.vocab_size < 1 or cfg.num_answers < 1:
             raise ValueError("ModelConfig.vocab_size and num_answers must be set from the data")
         self.cfg = cfg
@@ -178,3 +197,27 @@ class VLM(nn.Module):
             h = self.layer(i, h, attn_mask)
             states.append(h)
         return states, attn_mask
+
+
+@torch.no_grad()
+def fold_batchnorm(model: nn.Module) -> nn.Module:
+    """Fold every BatchNorm2d that follows a Conv2d (the conv stem's) into that convolution, in place, and
+    return the model. For inference copies only (eval mode; never train the result).
+
+    In eval mode BN(conv(x)) = g * (w * x + c - mean) / sqrt(var + eps) + b = w' * x + c', with
+    w' = w * g / sqrt(var + eps) and c' = b + (c - mean) * g / sqrt(var + eps): the same outputs (up to float
+    rounding) for one operation instead of two. This trims the image encoder, a fixed cost that early exit
+    cannot skip, for the full model and the early-exit model alike."""
+    for seq in [m for m in model.modules() if isinstance(m, nn.Sequential)]:
+        for i in range(len(seq) - 1):
+            conv, bn = seq[i], seq[i + 1]
+            if not (isinstance(conv, nn.Conv2d) and isinstance(bn, nn.BatchNorm2d)):
+                continue
+            scale = bn.weight / torch.sqrt(bn.running_var + bn.eps)                      # (C_out,)
+            fused = nn.Conv2d(conv.in_channels, conv.out_channels, conv.kernel_size, conv.stride, conv.padding,
+                              conv.dilation, conv.groups, bias=True).to(conv.weight.device)
+            fused.weight.copy_(conv.weight * scale[:, None, None, None])                 # (C_out, C_in, k, k)
+            bias = conv.bias if conv.bias is not None else torch.zeros_like(bn.running_mean)
+            fused.bias.copy_(bn.bias + (bias - bn.running_mean) * scale)
+            seq[i], seq[i + 1] = fused, nn.Identity()
+    return model.eval()

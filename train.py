@@ -26,10 +26,12 @@ import torch.nn.functional as F
 from tokenizers import Tokenizer
 from tqdm import tqdm
 
-from data import COLORS, SHAPES, DataConfig, DataError, add_config_args, batches, config_from_args, load_data, majority_baseline
+from data import (COLORS, SHAPES, DataConfig, DataError, Parser, add_config_args, batches, check_data_config,
+                  config_from_args, load_data, majority_baseline)
 import infer
-from free_min import FREE, ExitConfig, build_from_checkpoint, discriminator_loss, generator_loss
-from model import VLM, ModelConfig
+from free_min import (FREE, ExitConfig, build_from_checkpoint, check_exit_config, discriminator_loss, generator_loss,
+                      load_checkpoint)
+from model import VLM, ModelConfig, check_model_config
 
 
 @dataclass
@@ -56,6 +58,8 @@ class TrainConfig:
                                                         "so several exit methods can share one backbone"})
     final_eval: bool = field(default=True, metadata={"help": "end with infer.py's early-exit report on the test split "
                                                              "(OUT/report.json, OUT/speedup.png)"})
+    report_timing: bool = field(default=True, metadata={"help": "time the final report's early exit in wall-clock seconds "
+                                                               "(--no-report-timing: accuracy and the layer view only)"})
     report_timing_samples: int = field(default=256, metadata={"help": "questions timed per wall-clock measurement "
                                                                       "in the final report"})
 
@@ -73,10 +77,10 @@ PRESETS = {
 
 def parse_args(argv=None):
     """--preset picks the defaults; every config field is a flag that overrides them."""
-    pre = argparse.ArgumentParser(add_help=False)
+    pre = Parser(add_help=False)
     pre.add_argument("--preset", default="default", choices=list(PRESETS))
     known, _ = pre.parse_known_args(argv)
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = Parser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--preset", default="default", choices=list(PRESETS),
                    help="named defaults: tiny (tests, <1 min CPU), default (2-core CPU / laptop GPU), base (GPU)")
     for cls in (DataConfig, ModelConfig, TrainConfig, ExitConfig):
@@ -89,6 +93,10 @@ def pick_device(choice: str):
     """Device autodetect cuda -> mps -> cpu, and the autocast dtype with the reason for it."""
     if choice == "auto":
         choice = "cuda" if torch.cuda.is_available() else ("mps" if torch.backends.mps.is_available() else "cpu")
+    if choice == "cuda" and not torch.cuda.is_available():
+        raise DataError("--device cuda: torch sees no CUDA device here (use --device auto or cpu)")
+    if choice == "mps" and not torch.backends.mps.is_available():
+        raise DataError("--device mps: torch sees no MPS device here (use --device auto or cpu)")
     device = torch.device(choice)
     if device.type == "cuda" and torch.cuda.is_bf16_supported():
         return device, torch.bfloat16, "bf16 autocast: this GPU supports bfloat16 (no loss scaling needed)"
@@ -174,15 +182,6 @@ def save_checkpoint(path: str, state: dict) -> None:
     os.replace(tmp, path)
 
 
-def load_checkpoint(path: str) -> dict:
-    if not os.path.isfile(path):
-        raise DataError(f"{path}: checkpoint not found")
-    try:
-        return torch.load(path, map_location="cpu", weights_only=False)
-    except Exception as e:  # a truncated or foreign file: say which file, not a traceback
-        raise DataError(f"{path}: not a readable checkpoint ({e.__class__.__name__})")
-
-
 def log_json(path: str, record: dict) -> None:
     with open(path, "a") as f:
         f.write(json.dumps(record) + "\n")
@@ -214,22 +213,83 @@ def make_state(model, opt, step, epoch, dcfg, mcfg, tcfg, tokenizer, answers) ->
             "train_config": asdict(tcfg), "answers": answers, "tokenizer": tokenizer.to_str()}
 
 
-def resume_state(tcfg: TrainConfig, dcfg: DataConfig, mcfg: ModelConfig) -> dict | None:
-    """The checkpoint to continue from (with --resume), after checking it was made with the same configs."""
+# Flags that shape the optimisation: a run resumed with other values would follow another schedule.
+SCHEDULE_FLAGS = {"backbone": ("epochs", "batch_size", "lr", "weight_decay", "warmup_steps", "grad_clip", "aux_weight", "seed"),
+                  "exits": ("batch_size", "seed")}
+DERIVED = ("vocab_size", "num_answers", "max_text_len", "image_size")   # set from the data, not by flags
+
+
+def refuse_changes(path: str, saved: dict, now: dict, keys, what: str) -> None:
+    """DataError listing every flag in `keys` whose value differs from the one the checkpoint was made with."""
+    diff = [k for k in keys if k in saved and saved[k] != now[k]]
+    if diff:
+        changes = ", ".join(f"--{k.replace('_', '-')} {saved[k]!r} -> {now[k]!r}" for k in diff)
+        raise DataError(f"--resume: {path} was made with other {what} ({changes}); resume with the same values, "
+                        f"or start over without --resume")
+
+
+def resume_state(tcfg: TrainConfig, dcfg: DataConfig, mcfg: ModelConfig, ecfg: ExitConfig) -> dict | None:
+    """The checkpoint to continue from (with --resume), after checking that it was made with the same settings.
+    An interrupted stage 1 continues stage 1; an interrupted stage 2 (exits but no finished flag) continues
+    stage 2. Without --resume, says that an existing checkpoint will be replaced."""
     path = os.path.join(tcfg.out, "ckpt.pt")
     if not tcfg.resume:
         if os.path.exists(path):
-            print(f"note: {path} exists and will be overwritten (use --resume to continue it)")
+            print(f"note: {path} exists and will be replaced when this run saves (use --resume to continue it)")
         return None
-    state = load_checkpoint(path)
-    if "optimizer" not in state:
-        raise DataError(f"--resume: {path} holds a finished run (backbone and exits); there is nothing to resume")
+    state = load_checkpoint(path, "--resume")
+    if "exits" in state:
+        if tcfg.stage == "backbone":
+            raise DataError(f"--resume --stage backbone: {path} holds a finished backbone (and exits); "
+                            f"resume an interrupted stage 2 with --stage all or --stage exits")
+        if "exit_progress" not in state:
+            raise DataError(f"--resume: {path} holds a finished run (backbone and trained exits); there is nothing to "
+                            f"resume (train other exits with --stage exits --backbone {path} --out ANOTHER_FOLDER)")
+        refuse_changes(path, state["exit_config"], asdict(ecfg), state["exit_config"], "exit settings")
+        refuse_changes(path, state["train_config"], asdict(tcfg), SCHEDULE_FLAGS["exits"], "training settings")
+        return state
+    if tcfg.stage == "exits":
+        raise DataError(f"--resume --stage exits: {path} holds a backbone but no interrupted stage 2 to resume "
+                        f"(drop --resume to train exits on it)")
     for name, cfg in [("data_config", dcfg), ("model_config", mcfg)]:
-        saved = {k: v for k, v in state[name].items() if k not in ("vocab_size", "num_answers", "max_text_len", "image_size")}
-        now = {k: v for k, v in asdict(cfg).items() if k in saved}
-        if saved != now:
-            diff = sorted(k for k in saved if saved[k] != now[k])
-            raise DataError(f"--resume: {path} was made with different settings ({', '.join(diff)})")
+        keys = [k for k in state[name] if k not in DERIVED]
+        refuse_changes(path, state[name], asdict(cfg), keys, "data or model settings")
+    refuse_changes(path, state["train_config"], asdict(tcfg), SCHEDULE_FLAGS["backbone"], "training settings")
+    return state
+
+
+def check_train_config(tcfg: TrainConfig) -> None:
+    """Refuse training settings that cannot work, naming the flag (DataError)."""
+    for name in ("epochs", "batch_size", "eval_batch_size", "report_timing_samples"):
+        if getattr(tcfg, name) < 1:
+            raise DataError(f"--{name.replace('_', '-')} must be at least 1 (got {getattr(tcfg, name)})")
+    if tcfg.lr <= 0:
+        raise DataError(f"--lr must be > 0 (got {tcfg.lr})")
+    for name in ("weight_decay", "warmup_steps", "grad_clip", "aux_weight", "threads"):
+        if getattr(tcfg, name) < 0:
+            raise DataError(f"--{name.replace('_', '-')} must be >= 0 (got {getattr(tcfg, name)})")
+    if tcfg.backbone and tcfg.stage != "exits":
+        raise DataError("--backbone is read by --stage exits only (the other stages train their own backbone)")
+
+
+def validate(dcfg: DataConfig, mcfg: ModelConfig, tcfg: TrainConfig, ecfg: ExitConfig) -> dict | None:
+    """Check every flag, and read the checkpoint the run starts from, before any data is made or any step is
+    taken: a bad flag costs seconds, and nothing already written is touched. Returns that checkpoint (the
+    backbone of --stage exits, or the run to --resume) or None."""
+    check_data_config(dcfg)
+    check_train_config(tcfg)
+    mcfg.image_size, mcfg.max_text_len = dcfg.image_size, dcfg.max_question_len
+    try:
+        if tcfg.stage == "exits" and not tcfg.resume:
+            state = load_checkpoint(tcfg.backbone or os.path.join(tcfg.out, "ckpt.pt"),
+                                    "--backbone" if tcfg.backbone else "--stage exits (no --backbone, so OUT/ckpt.pt):")
+        else:
+            check_model_config(mcfg)
+            state = resume_state(tcfg, dcfg, mcfg, ecfg)
+        depth = state["model_config"]["depth"] if state is not None else mcfg.depth
+        check_exit_config(ecfg, depth)
+    except ValueError as e:   # the config checks of model.py and free_min.py
+        raise DataError(str(e))
     return state
 
 
@@ -321,16 +381,14 @@ def report_test(model, splits, device, dtype, tcfg) -> dict:
 # Stage 2: FREE exits, trained against the frozen backbone
 # ----------------------------------------------------------------------------------------------------
 def labelled_mask(n: int, fraction: float, seed: int) -> torch.Tensor:
-    """(n,) bool: the questions whose labels the exits may see, a fixed random `fraction` of the train split."""
-    if not 0.0 <= fraction <= 1.0:
-        raise DataError(f"--label-fraction must be between 0 and 1 (got {fraction})")
+    """(n,) bool: the questions whose labels the exits may see, a fixed random `fraction` of the train split
+    (round(fraction * n) of them, the same ones for every method and epoch of a seed)."""
     order = torch.randperm(n, generator=torch.Generator().manual_seed(seed + 12345))
     mask = torch.zeros(n, dtype=torch.bool)
     mask[order[:round(fraction * n)]] = True
     return mask
 
 
-@torch.no_grad()
 @torch.no_grad()
 def evaluate_exits(free: FREE, split, device, dtype, batch_size: int) -> dict:
     """Standalone accuracy (%) of every exit (all samples forced to leave there), of the final layer, and
@@ -350,58 +408,76 @@ def evaluate_exits(free: FREE, split, device, dtype, batch_size: int) -> dict:
                       for k, l in enumerate(free.exit_layers)]}
 
 
-def exit_step(free: FREE, batch: dict, targets, labelled, opt_g, opt_d) -> dict:
-    """One batch of stage 2: a D step (free only), then a G step on the exits."""
-    with torch.no_grad():
+def exit_step(free: FREE, batch: dict, targets, labelled, opt_g, opt_d, scaler, device, dtype, adv_weight: float) -> dict:
+    """One batch of stage 2: a D step (free only), then a G step on the exits. The losses are computed under
+    autocast; backward and the optimizer steps run outside it, through the grad scaler (a no-op unless fp16),
+    as in stage 1."""
+    autocast = lambda: torch.autocast(device.type, dtype=dtype, enabled=dtype != torch.float32)
+    with torch.no_grad(), autocast():
         states, attn_mask = free.backbone.hidden_states(**batch)                         # frozen backbone
         real = states[-1][:, 0]                                                          # h_L: (B, D)
         final_logits = free.backbone.head(real)                                          # (B, A): the teacher
-    fakes = [free.exit_feature(k, states[l], attn_mask) for k, l in enumerate(free.exit_layers)]  # G_k(h_{l_k})
+        conds = [states[l][:, 0] for l in free.exit_layers]                              # h_{l_k}[CLS]: K x (B, D)
+    with autocast():
+        fakes = [free.exit_feature(k, states[l], attn_mask) for k, l in enumerate(free.exit_layers)]  # G_k(h_{l_k})
     stats = {}
     if free.cfg.exit_method == "free":
         # Discriminator step: tell final-layer features (real) from exit features (fake)
-        d_loss, stats = discriminator_loss(free, real, fakes)
+        with autocast():
+            d_loss, stats = discriminator_loss(free, real, fakes, conds)
         opt_d.zero_grad(set_to_none=True)
-        d_loss.backward()
-        opt_d.step()
+        scaler.scale(d_loss).backward()
+        scaler.step(opt_d)
     # Generator step: exit features should fool D and let the frozen head answer like the final layer
-    g_loss, g_stats = generator_loss(free, fakes, final_logits, targets, labelled)
+    with autocast():
+        g_loss, g_stats = generator_loss(free, fakes, final_logits, targets, labelled, real, conds, adv_weight)
     if not math.isfinite(g_stats["g_loss"]) or not all(math.isfinite(v) for v in stats.values()):
         raise FloatingPointError(f"non-finite stage-2 loss (G {g_stats['g_loss']}, D {stats.get('d_loss')})")
     opt_g.zero_grad(set_to_none=True)
-    g_loss.backward()
-    opt_g.step()
+    scaler.scale(g_loss).backward()
+    scaler.step(opt_g)
+    scaler.update()
     return stats | g_stats
 
 
-def train_exits(free: FREE, splits, tcfg: TrainConfig, device, dtype, save) -> None:
-    """Stage 2: train the exits (and D) for cfg.exit_epochs; log every exit's val accuracy each epoch."""
+def train_exits(free: FREE, splits, tcfg: TrainConfig, device, dtype, save, progress: dict | None = None) -> None:
+    """Stage 2: train the exits (and D) for cfg.exit_epochs; log every exit's val accuracy each epoch and save
+    after each. `save(progress)` gets what --resume needs (None after the last epoch); `progress` continues
+    an interrupted run."""
     ecfg, train = free.cfg, splits["train"]
     labelled = labelled_mask(len(train), ecfg.label_fraction, tcfg.seed)
     if ecfg.exit_method == "ce":
-        if ecfg.label_fraction <= 0:
-            raise DataError("--exit-method ce trains on labels only and needs --label-fraction > 0")
         pool = torch.nonzero(labelled & train.trainable()).squeeze(1)   # ce sees labelled questions only
     else:
         pool = torch.arange(len(train))                                 # free/kd learn from every question
     opt_g = torch.optim.AdamW(free.generator_parameters(), lr=ecfg.exit_lr, weight_decay=0.01)
     opt_d = torch.optim.AdamW(free.discs.parameters(), lr=ecfg.disc_lr, betas=(0.5, 0.999), weight_decay=0.0)
-    log, t0 = os.path.join(tcfg.out, "log.jsonl"), time.time()
+    scaler = torch.amp.GradScaler(device.type, enabled=dtype == torch.float16)
     gen = torch.Generator().manual_seed(tcfg.seed)
-    for epoch in range(ecfg.exit_epochs):
+    start = 0
+    if progress is not None:
+        for obj, key in ((opt_g, "opt_g"), (opt_d, "opt_d"), (scaler, "scaler")):
+            obj.load_state_dict(progress[key])
+        gen.set_state(progress["batch_order"])
+        set_rng_state(progress["rng"])
+        start = progress["epoch"] + 1
+        print(f"resumed stage 2 after epoch {start} of {ecfg.exit_epochs}")
+    log, t0 = os.path.join(tcfg.out, "log.jsonl"), time.time()
+    for epoch in range(start, ecfg.exit_epochs):
         free.train()
+        adv_weight = ecfg.lambda_adv if epoch >= ecfg.adv_warmup else 0.0     # distillation/CE only while warming up
         sums, seen = defaultdict(float), 0
         bar = tqdm(list(batches(len(pool), tcfg.batch_size, shuffle=True, generator=gen)),
                    desc=f"exits ({ecfg.exit_method}) {epoch + 1}/{ecfg.exit_epochs}", leave=False, dynamic_ncols=True, disable=None)
         for ids in bar:
             ids = pool[ids]
             targets = train.soft_targets(ids, free.backbone.cfg.num_answers).to(device) if ecfg.label_fraction > 0 else None
-            with torch.autocast(device.type, dtype=dtype, enabled=dtype != torch.float32):
-                try:
-                    stats = exit_step(free, to_device(train.batch(ids), device), targets, labelled[ids].to(device), opt_g, opt_d)
-                except FloatingPointError as e:
-                    raise SystemExit(f"error: {e} in stage 2, epoch {epoch + 1}; the last good checkpoint is kept "
-                                     f"in {os.path.join(tcfg.out, 'ckpt.pt')}. Try a lower --exit-lr / --disc-lr.")
+            try:
+                stats = exit_step(free, to_device(train.batch(ids), device), targets, labelled[ids].to(device),
+                                  opt_g, opt_d, scaler, device, dtype, adv_weight)
+            except FloatingPointError as e:
+                raise SystemExit(f"error: {e} in stage 2, epoch {epoch + 1}; the last good checkpoint is kept "
+                                 f"in {os.path.join(tcfg.out, 'ckpt.pt')}. Try a lower --exit-lr / --disc-lr.")
             for k, v in stats.items():
                 sums[k] += v
             seen += 1
@@ -413,7 +489,9 @@ def train_exits(free: FREE, splits, tcfg: TrainConfig, device, dtype, save) -> N
               f"  final:{res['final']:.1f}  ({time.time() - t0:.0f}s)")
         log_json(log, {"stage": "exits", "method": ecfg.exit_method, "epoch": epoch + 1, **means,
                        "val_final": res["final"], "val_exits": res["exits"], "time_s": round(time.time() - t0, 1)})
-        save()
+        last = epoch + 1 == ecfg.exit_epochs
+        save(None if last else {"epoch": epoch, "opt_g": opt_g.state_dict(), "opt_d": opt_d.state_dict(),
+                                "scaler": scaler.state_dict(), "batch_order": gen.get_state(), "rng": rng_state()})
 
 
 def print_depth_profile(res: dict, split_name: str) -> None:
@@ -427,89 +505,126 @@ def print_depth_profile(res: dict, split_name: str) -> None:
 def main(argv=None) -> None:
     args, dcfg, mcfg, tcfg = parse_args(argv)
     ecfg = config_from_args(ExitConfig, args)
-    if tcfg.threads > 0:
-        torch.set_num_threads(tcfg.threads)
-    device, dtype, why = pick_device(tcfg.device)
-    print(f"device: {device}  ({why}); torch threads: {torch.get_num_threads()}")
     try:
-        run(args, dcfg, mcfg, tcfg, ecfg, device, dtype)
+        state = validate(dcfg, mcfg, tcfg, ecfg)     # every flag, before any data is made or step taken
+        if tcfg.threads > 0:
+            torch.set_num_threads(tcfg.threads)
+        device, dtype, why = pick_device(tcfg.device)
+        print(f"device: {device}  ({why}); torch threads: {torch.get_num_threads()}")
+        run(args, state, dcfg, mcfg, tcfg, ecfg, device, dtype)
     except DataError as e:
         print(f"error: {e}", file=sys.stderr)
         raise SystemExit(2)
 
 
-def run(args, dcfg, mcfg, tcfg, ecfg, device, dtype) -> None:
+def run(args, state, dcfg, mcfg, tcfg, ecfg, device, dtype) -> None:
+    """Stage 1 (unless --stage exits or an interrupted stage 2 is resumed), then stage 2 (unless --stage backbone).
+    `state`: the checkpoint validate() read (a backbone, or the run to resume), or None."""
     os.makedirs(tcfg.out, exist_ok=True)
     ckpt_path = os.path.join(tcfg.out, "ckpt.pt")
     torch.manual_seed(tcfg.seed)
-    if tcfg.stage == "exits":
-        state = load_checkpoint(tcfg.backbone or ckpt_path)
+    from_backbone = state is not None and (tcfg.stage == "exits" or "exits" in state)
+    if from_backbone:
         model, _, tokenizer, answers, dcfg = build_from_checkpoint(state)
         mcfg = model.cfg
     else:
-        state = resume_state(tcfg, dcfg, mcfg)
         tokenizer = Tokenizer.from_str(state["tokenizer"]) if state else None
         answers = state["answers"] if state else None
     t = time.time()
     splits, tokenizer, answers = load_data(dcfg, tokenizer, answers)
-    mcfg.image_size, mcfg.max_text_len = dcfg.image_size, dcfg.max_question_len
     mcfg.vocab_size, mcfg.num_answers = tokenizer.get_vocab_size(), len(answers)
     sizes = ", ".join(f"{k} {len(v)}" for k, v in splits.items())
     print(f"data: {dcfg.data} ({sizes} questions), {len(answers)} answers, {mcfg.vocab_size} tokens ({time.time() - t:.1f}s)")
     print("config:", json.dumps({"preset": args.preset, "data": asdict(dcfg), "model": asdict(mcfg),
                                  "train": asdict(tcfg), "exits": asdict(ecfg)}))
-    if tcfg.stage != "exits":
+    if not from_backbone:
         model = VLM(cfg=mcfg)
         if state is not None:
             model.load_state_dict(state["model"])
-        elif os.path.exists(os.path.join(tcfg.out, "log.jsonl")):
-            os.remove(os.path.join(tcfg.out, "log.jsonl"))
+        else:
+            start_fresh_log(tcfg.out)
         model.to(device)
         print(f"model: {sum(p.numel() for p in model.parameters()) / 1e6:.2f}M parameters, "
               f"{mcfg.depth} language-model layers of width {mcfg.dim}")
         train_backbone(model, splits, tokenizer, answers, dcfg, mcfg, tcfg, device, dtype, state)
         report_test(model, splits, device, dtype, tcfg)
-        state = load_checkpoint(os.path.join(tcfg.out, "ckpt.pt"))
         if tcfg.stage == "backbone":
             return
-    run_exits(model, state, splits, ecfg, tcfg, device, dtype)
+        state = load_checkpoint(ckpt_path)
+        source = {"path": ckpt_path, "train_config": state["train_config"]}
+    elif "exit_progress" in state:
+        source = state["backbone_source"]                     # an interrupted stage 2, continued
+    else:
+        source = {"path": tcfg.backbone or ckpt_path, "train_config": state.get("train_config")}
+        if os.path.abspath(source["path"]) != os.path.abspath(ckpt_path):
+            start_fresh_log(tcfg.out)                         # a new run in OUT: the old log is not about it
+    run_exits(model, state, source, splits, ecfg, tcfg, device, dtype)
 
 
-def run_exits(model: VLM, state: dict, splits, ecfg: ExitConfig, tcfg: TrainConfig, device, dtype) -> None:
-    """Stage 2 on a trained backbone; the checkpoint then holds the backbone and the exits together."""
+def start_fresh_log(out: str) -> None:
+    """A new run in OUT: drop the log and report files an earlier run left there, so that nothing in OUT
+    describes another run (checkpoints are replaced atomically when this run saves)."""
+    for name in ("log.jsonl", "report.json", "speedup.png"):
+        path = os.path.join(out, name)
+        if os.path.exists(path):
+            os.remove(path)
+
+
+# What a stage-2 checkpoint keeps of the backbone it starts from: the weights and what rebuilds them.
+BACKBONE_KEYS = ("model", "model_config", "data_config", "answers", "tokenizer")
+
+
+def run_exits(model: VLM, state: dict, source: dict, splits, ecfg: ExitConfig, tcfg: TrainConfig, device, dtype) -> None:
+    """Stage 2 on a trained backbone. The checkpoint then holds the frozen backbone (and `source`: the file it
+    came from and how that was trained), this run's exits and configs, and nothing else of another run."""
     model.to(device)
     before = {k: v.clone() for k, v in model.state_dict().items()}
     free = FREE(model, ecfg).to(device)
+    progress = state.get("exit_progress") if "exits" in state else None
+    if progress is not None:
+        try:
+            free.load_exits(state["exits"])
+        except ValueError as e:
+            raise DataError(f"--resume {os.path.join(tcfg.out, 'ckpt.pt')}: {e}")
     print(f"exits: {ecfg.exit_method} after layers {free.exit_layers} (head: {ecfg.exit_head}, discriminator: "
           f"{ecfg.disc}, label fraction {ecfg.label_fraction}); "
           f"{sum(p.numel() for p in free.generator_parameters()) / 1e6:.2f}M trainable exit parameters")
-    print_depth_profile(evaluate_exits(free, splits["val"], device, dtype, tcfg.eval_batch_size), "val before stage 2")
+    if progress is None:
+        print_depth_profile(evaluate_exits(free, splits["val"], device, dtype, tcfg.eval_batch_size), "val before stage 2")
     ckpt_path = os.path.join(tcfg.out, "ckpt.pt")
-    base = {k: v for k, v in state.items() if k not in ("optimizer", "rng")}
+    own = {k: state[k] for k in BACKBONE_KEYS} | {"backbone_source": source}
 
-    def save():
-        save_checkpoint(ckpt_path, base | {"exits": {k: v for k, v in free.state_dict().items()
-                                                     if not k.startswith("backbone.")},
-                                           "exit_config": asdict(ecfg)})
-    train_exits(free, splits, tcfg, device, dtype, save)
-    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items()), "the frozen backbone changed"
+    def save(progress: dict | None) -> None:
+        exits = {k: v for k, v in free.state_dict().items() if not k.startswith("backbone.")}
+        extra = {} if progress is None else {"exit_progress": progress}
+        save_checkpoint(ckpt_path, own | {"exits": exits, "exit_config": asdict(ecfg), "train_config": asdict(tcfg)} | extra)
+    train_exits(free, splits, tcfg, device, dtype, save, progress)
+    changed = [k for k, v in model.state_dict().items() if not torch.equal(before[k], v)]
+    if changed:
+        raise RuntimeError(f"stage 2 changed the frozen backbone ({', '.join(changed[:3])}): this is a bug, please report it")
     res = evaluate_exits(free, splits["test"], device, dtype, tcfg.eval_batch_size)
     print_depth_profile(res, "test")
     log_json(os.path.join(tcfg.out, "log.jsonl"), {"stage": "exits", "split": "test", "method": ecfg.exit_method,
                                                    "label_fraction": ecfg.label_fraction,
                                                    "test_final": res["final"], "test_exits": res["exits"]})
     if tcfg.final_eval:
-        # the early-exit report of infer.py, on CPU: the timings are what a CPU user would see
-        free.cpu().eval()
-        icfg = infer.InferConfig(json=os.path.join(tcfg.out, "report.json"), plot=os.path.join(tcfg.out, "speedup.png"),
-                                 timing_samples=tcfg.report_timing_samples)
-        report = infer.build_report(free, splits, "test", icfg)
-        infer.print_report(report, free)
-        infer.write_json(icfg.json, report)
-        infer.plot_report(report, icfg.plot)
-        state = load_checkpoint(ckpt_path) | {"calibrated": {k: report["calibrated"].get(k) for k in ("rule", "threshold")}}
-        save_checkpoint(ckpt_path, state)
-        print(f"wrote {icfg.json} and {icfg.plot}")
+        final_report(free, splits, tcfg, ckpt_path)
+
+
+def final_report(free: FREE, splits, tcfg: TrainConfig, ckpt_path: str) -> None:
+    """infer.py's early-exit report on the test split, run and timed where the model trained (the GPU on a
+    GPU machine, the CPU otherwise; the report names the device and threads). Its calibrated threshold is
+    stored in this run's checkpoint for infer.py --image."""
+    free.eval()
+    icfg = infer.InferConfig(json=os.path.join(tcfg.out, "report.json"), plot=os.path.join(tcfg.out, "speedup.png"),
+                             timing_samples=tcfg.report_timing_samples, timing=tcfg.report_timing)
+    report = infer.build_report(free, splits, "test", icfg)
+    infer.print_report(report, free)
+    infer.write_json(icfg.json, report)
+    infer.plot_report(report, icfg.plot)
+    state = load_checkpoint(ckpt_path) | {"calibrated": {k: report["calibrated"].get(k) for k in ("rule", "threshold")}}
+    save_checkpoint(ckpt_path, state)
+    print(f"wrote {icfg.json} and {icfg.plot}")
 
 
 if __name__ == "__main__":

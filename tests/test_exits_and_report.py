@@ -3,6 +3,7 @@ import json
 import os
 import subprocess
 import sys
+from dataclasses import asdict
 
 import numpy as np
 import pytest
@@ -43,27 +44,111 @@ def test_stage2_keeps_backbone_bit_identical_and_stores_exits(backbone, tmp_path
     assert not any(k.startswith("backbone.") for k in state["exits"])
 
 
-def test_label_free_training_ignores_labels(backbone, tmp_path, monkeypatch):
-    """With --label-fraction 0, scrambling every training label changes nothing in the exits."""
-    a = exits_run(backbone, tmp_path / "a", "--label-fraction", "0")
+def scrambled_loader(monkeypatch, rows):
+    """Make train.load_data shuffle the training targets of the train-split questions `rows` among
+    themselves (every other question keeps its own)."""
     real_load = data.load_data
 
-    def scrambled(*args, **kw):
+    def load(*args, **kw):
         splits, tok, answers = real_load(*args, **kw)
-        tr = splits["train"]
-        g = torch.Generator().manual_seed(1)
-        tr.target_idx = tr.target_idx[torch.randperm(len(tr), generator=g)]
+        tr, idx = splits["train"], rows(len(splits["train"]))
+        perm = idx[torch.randperm(len(idx), generator=torch.Generator().manual_seed(1))]
+        for name in ("target_idx", "target_score"):
+            t = getattr(tr, name).clone()
+            t[idx] = getattr(tr, name)[perm]
+            setattr(tr, name, t)
+        assert not torch.equal(tr.target_idx, real_load(*args, **kw)[0]["train"].target_idx)
         return splits, tok, answers
-
-    monkeypatch.setattr(train, "load_data", scrambled)
-    b = exits_run(backbone, tmp_path / "b", "--label-fraction", "0")
-    assert all(torch.equal(a["exits"][k], b["exits"][k]) for k in a["exits"])
+    monkeypatch.setattr(train, "load_data", load)
 
 
-def test_ce_needs_labels(backbone, tmp_path):
-    with pytest.raises(SystemExit) as e:
-        exits_run(backbone, tmp_path, "--exit-method", "ce", "--label-fraction", "0")
+def same_exits(a, b) -> bool:
+    return all(torch.equal(a["exits"][k], b["exits"][k]) for k in a["exits"])
+
+
+@pytest.mark.parametrize("method, fraction", [("free", 0.0), ("kd", 1.0)])
+def test_label_free_methods_never_read_a_label(backbone, tmp_path, monkeypatch, method, fraction):
+    """free at F = 0 and kd at any F: scrambling every training label changes nothing in the exits."""
+    args = ["--exit-method", method, "--label-fraction", str(fraction)]
+    a = exits_run(backbone, tmp_path / "a", *args)
+    scrambled_loader(monkeypatch, lambda n: torch.arange(n))
+    assert same_exits(a, exits_run(backbone, tmp_path / "b", *args))
+
+
+def test_label_fraction_selects_round_f_n_fixed_questions():
+    for n, f in [(1000, 0.1), (999, 0.01), (37, 0.5), (10, 0.0), (10, 1.0)]:
+        mask = train.labelled_mask(n, f, seed=0)
+        assert mask.sum().item() == round(f * n)
+        assert torch.equal(mask, train.labelled_mask(n, f, seed=0))                   # fixed for a seed
+    assert not torch.equal(train.labelled_mask(1000, 0.1, 0), train.labelled_mask(1000, 0.1, 1))
+    assert (train.labelled_mask(1000, 0.1, 0) <= train.labelled_mask(1000, 0.2, 0)).all()  # nested as F grows
+
+
+@pytest.mark.parametrize("method", ["free", "ce"])
+def test_cross_entropy_reads_only_the_labelled_fraction(backbone, tmp_path, monkeypatch, method):
+    """At 0 < F < 1 the exits depend on the labels of the round(F n) labelled questions and on no other."""
+    args = ["--exit-method", method, "--label-fraction", "0.25"]
+    a = exits_run(backbone, tmp_path / "a", *args)
+    labelled = lambda n: torch.nonzero(train.labelled_mask(n, 0.25, seed=0)).squeeze(1)
+    unlabelled = lambda n: torch.nonzero(~train.labelled_mask(n, 0.25, seed=0)).squeeze(1)
+    with monkeypatch.context() as m:
+        scrambled_loader(m, unlabelled)
+        assert same_exits(a, exits_run(backbone, tmp_path / "b", *args))
+    scrambled_loader(monkeypatch, labelled)
+    assert not same_exits(a, exits_run(backbone, tmp_path / "c", *args))
+
+
+def test_stage2_checkpoint_holds_only_its_own_run(backbone, tmp_path):
+    """Nothing of another run leaks in: not the backbone run's calibrated threshold, probe, optimizer or
+    training config (only the backbone weights, what rebuilds them, and where they came from)."""
+    foreign = torch.load(backbone, weights_only=False) | {"calibrated": {"rule": "maxprob", "threshold": 0.123}}
+    torch.save(foreign, tmp_path / "foreign.pt")
+    state = exits_run(tmp_path / "foreign.pt", tmp_path / "run", "--batch-size", "16")
+    assert set(state) == {"model", "model_config", "data_config", "answers", "tokenizer", "backbone_source", "exits",
+                          "exit_config", "train_config"}
+    assert state["train_config"]["batch_size"] == 16 and state["train_config"]["stage"] == "exits"
+    assert state["backbone_source"] == {"path": str(tmp_path / "foreign.pt"), "train_config": foreign["train_config"]}
+    assert not (tmp_path / "run" / "report.json").exists()
+
+
+def test_stage2_resumes_after_a_crash_and_matches_an_uninterrupted_run(backbone, tmp_path, monkeypatch):
+    args = ["--exit-method", "free", "--exit-epochs", "3"]
+    full = exits_run(backbone, tmp_path / "full", *args)
+    real_save = train.save_checkpoint
+
+    def save_then_crash(path, state):
+        real_save(path, state)
+        if state["exit_progress"]["epoch"] == 1:
+            raise KeyboardInterrupt                          # dies right after stage-2 epoch 2 was saved
+    monkeypatch.setattr(train, "save_checkpoint", save_then_crash)
+    with pytest.raises(KeyboardInterrupt):
+        exits_run(backbone, tmp_path / "cut", *args)
+    monkeypatch.setattr(train, "save_checkpoint", real_save)
+    assert "exit_progress" in torch.load(tmp_path / "cut" / "ckpt.pt", weights_only=False)
+    resumed = exits_run(backbone, tmp_path / "cut", *args, "--resume")
+    assert same_exits(full, resumed) and "exit_progress" not in resumed
+    epochs = [r["epoch"] for r in map(json.loads, open(tmp_path / "cut" / "log.jsonl")) if "val_exits" in r]
+    assert epochs == [1, 2, 3]
+    with pytest.raises(SystemExit) as e:                     # now finished: nothing left to resume
+        exits_run(backbone, tmp_path / "cut", *args, "--resume")
     assert e.value.code == 2
+
+
+def test_fp16_stage2_goes_through_the_grad_scaler_outside_autocast(backbone, tmp_path, monkeypatch):
+    """The path of a GPU without bf16 (fp16 autocast + grad scaler), run on the CPU, which supports both:
+    every optimizer step goes through the scaler, and backward/step run outside autocast."""
+    monkeypatch.setattr(train, "pick_device", lambda choice: (torch.device("cpu"), torch.float16, "fp16 (test)"))
+    steps = []
+    real_step = torch.amp.GradScaler.step
+
+    def step(self, optimizer, *args, **kw):
+        assert self.is_enabled() and not torch.is_autocast_enabled("cpu")
+        steps.append(optimizer)
+        return real_step(self, optimizer, *args, **kw)
+    monkeypatch.setattr(torch.amp.GradScaler, "step", step)
+    state = exits_run(backbone, tmp_path, "--exit-method", "free", "--exit-epochs", "1")
+    assert len(steps) == 2 * 15 and len({id(o) for o in steps}) == 2      # D and G step on each of 15 batches
+    assert all(torch.isfinite(v).all() for v in state["exits"].values())
 
 
 @pytest.mark.parametrize("method", ["free", "kd"])
@@ -138,15 +223,155 @@ def test_one_question_round_trip(report, tmp_path):
     assert bad.returncode == 2 and "nope.png" in bad.stderr and "Traceback" not in bad.stderr
 
 
-def test_compare_table_puts_runs_side_by_side(report, tmp_path):
+def fake_run(folder, config: dict, exit_acc: float, agree: float, final: float, calibrated: dict | None):
+    """A finished stage-2 run folder as --compare reads it: ckpt.pt (configs), log.jsonl, report.json."""
+    folder.mkdir(parents=True)
+    torch.save({"model": {}, "model_config": {}, "data_config": {}, "exit_config": asdict(free_min.ExitConfig(**config))},
+               folder / "ckpt.pt")
+    line = {"stage": "exits", "split": "test", "test_final": final, "test_exits": [{"layer": 2, "accuracy": exit_acc,
+                                                                                      "agreement": agree}]}
+    (folder / "log.jsonl").write_text(json.dumps(line) + "\n")
+    if calibrated is not None:
+        (folder / "report.json").write_text(json.dumps({"calibrated": {"rule": "maxprob"} | calibrated}))
+    return str(folder)
+
+
+def test_compare_table_averages_seeds_by_hand(tmp_path):
+    cal = lambda t, drop, layer, share, w1, wb: {"threshold": t, "accuracy_drop": drop, "layer_speedup": layer,
+                                                 "share_of_oracle_saving": share, "wallclock_speedup_batch1": w1,
+                                                 "wallclock_speedup_batched": wb}
+    runs = [fake_run(tmp_path / "a0", {}, 50.0, 80.0, 60.0, cal(0.9, 0.5, 1.5, 0.5, 1.2, 1.4)),
+            fake_run(tmp_path / "kd", {"exit_method": "kd"}, 58.0, 95.0, 60.0, None),
+            fake_run(tmp_path / "a1", {}, 54.0, 90.0, 62.0, cal(0.95, 1.0, 1.7, 0.6, 1.4, 1.6)),
+            fake_run(tmp_path / "pair", {"disc_input": "pair", "label_fraction": 0.1}, 40.0, 70.0, 60.0, None)]
+    lines = infer.compare_table(runs).splitlines()
+    assert lines[0] == "| method | labels F | n | exit L2 (agree %) | final | calibrated early exit (test) |"
+    # two seeds of one setting: mean ± sample std, e.g. std(50, 54) = 2.83, std(1.5, 1.7) = 0.14
+    assert lines[2] == ("| free | 1 | 2 | 52.0 ± 2.8 (85) | 61.0 ± 1.4 | maxprob 0.9/0.95: drop +0.75 ± 0.35, "
+                        "1.60 ± 0.14x layers (55 ± 7% of oracle), wall 1.30 ± 0.14x batch 1, 1.50 ± 0.14x batched |")
+    assert lines[3] == "| kd | 1 | 1 | 58.0 (95) | 60.0 | - |"
+    assert lines[4] == "| free (disc_input=pair) | 0.1 | 1 | 40.0 (70) | 60.0 | - |"
+
+
+def test_compare_reads_real_runs(report, tmp_path):
     out, r = report
+    lines = infer.compare_table([str(out)]).splitlines()
     test_line = [json.loads(l) for l in open(out / "log.jsonl") if '"split": "test"' in l][-1]
-    lines = infer.compare_table([str(out), str(out)]).splitlines()
-    assert "exit L2" in lines[0] and "final" in lines[0] and len(lines) == 4
-    assert lines[2] == lines[3] and f"| {out} | free | 1 |" in lines[2]
     e = test_line["test_exits"][0]
-    assert f"| {e['accuracy']:.1f} ({e['agreement']:.0f}) | {test_line['test_final']:.1f} |" in lines[2]
-    if r["calibrated"]["threshold"] is not None:
-        assert f"{r['calibrated']['layer_speedup']:.2f}x layers" in lines[2]
-    with pytest.raises(data.DataError, match="no exits"):
+    assert lines[2].startswith(f"| free | 1 | 1 | {e['accuracy']:.1f} ({e['agreement']:.0f}) | {test_line['test_final']:.1f} |")
+    with pytest.raises(data.DataError, match="ckpt.pt: checkpoint not found"):
         infer.compare_table([str(tmp_path)])
+
+
+# ---------------------------------------------------------------- the analyses, on hand-made inputs
+class GoldSplit:
+    """A stand-in split whose questions have one right answer each: score 1 if pred == gold, else 0."""
+
+    def __init__(self, gold):
+        self.gold = torch.tensor(gold)
+
+    def __len__(self):
+        return len(self.gold)
+
+    def score(self, ids, pred):
+        return (self.gold[ids] == pred).float()
+
+
+def hand_made_probs():
+    """4 questions, 3 answers, exits after layers 2 and 4 of 6; the final layer is right on every question.
+    Exit confidences (right/wrong): q0 .95 R then 1.0 R; q1 .6 W then .8 R; q2 1.0 R at both; q3 .7 W then .55 R."""
+    e0 = torch.tensor([[.95, .05, 0], [.6, .4, 0], [0, 0, 1], [.2, .7, .1]])
+    e1 = torch.tensor([[1, 0, 0], [0, .8, .2], [0, 0, 1], [.55, .45, 0]])
+    final = torch.eye(3)[[0, 1, 2, 0]]
+    return GoldSplit([0, 1, 2, 0]), {"exits": torch.stack([e0, e1]), "final": final, "raw": torch.stack([e0, e1]),
+                                     "seq_len": 10.0}
+
+
+def tiny_free():
+    from test_free_min import make_free
+    return make_free(exit_layers="2,4")        # D = 32, A = 6, mlp hidden 128, depth 6
+
+
+def test_layer_costs_by_hand():
+    layer, exit_ = free_min.layer_costs(tiny_free(), seq_len=10)
+    # layer: 2 x (qkv 10*32*96 + scores and mix 2*10*10*32 + proj 10*32*32 + MLP 2*10*32*128)
+    assert layer == 2 * (30720 + 6400 + 10240 + 81920)
+    # exit ([CLS] row only): 2 x (q 32*32 + kv 10*32*64 + scores and mix 2*10*32 + proj 32*32 + MLP 2*32*128 + head 32*6)
+    assert exit_ == 2 * (1024 + 20480 + 640 + 1024 + 8192 + 192)
+
+
+def test_simulate_calibrate_and_layer_speedup_by_hand():
+    free, (val, probs) = tiny_free(), hand_made_probs()
+    sim = infer.simulate(probs, "maxprob", 0.8)
+    assert sim["exit"].tolist() == [0, 1, 0, 2] and sim["pred"].tolist() == [0, 1, 2, 0]
+    assert sim["evaluated"].tolist() == [1, 2, 1, 2]
+    e = free_min.layer_costs(free, 10.0)[1] / free_min.layer_costs(free, 10.0)[0]
+    avg_layers, speedup = infer.layer_speedup(free, sim, 10.0)
+    assert avg_layers == pytest.approx((2 + 4 + 2 + 6) / 4)
+    assert speedup == pytest.approx(6 / ((14 + 6 * e) / 4))
+    # thresholds 0.5-0.6 let q1 and q3 leave wrong at layer 2 (50 %), 0.7 lets q3 (75 %); from 0.8 on all are
+    # right, and 0.8 is the cheapest of those: 14 layers in all (0.85-0.95: 16; 0.98 and up: 18)
+    assert infer.accuracy(val, infer.simulate(probs, "maxprob", 0.6)["pred"]) == 50.0
+    assert infer.accuracy(val, infer.simulate(probs, "maxprob", 0.7)["pred"]) == 75.0
+    assert infer.calibrate(free, val, probs, "maxprob", max_drop=1.0) == {"rule": "maxprob", "threshold": 0.8,
+                                                                         "val_accuracy_drop": 0.0}
+    assert infer.calibrate(free, val, probs, "maxprob", max_drop=30.0)["threshold"] == 0.7
+    assert infer.calibrate(free, val, probs, "maxprob", max_drop=50.0)["threshold"] == 0.5
+
+
+def test_overthinking_by_hand():
+    val, probs = hand_made_probs()
+    probs["final"] = torch.eye(3)[[0, 0, 1, 0]]          # the final layer now gets q1 and q2 wrong
+    o = infer.overthinking(val, probs)
+    # q1 and q2 are right at an exit but wrong at the end; of the two the final layer gets right (q0, q3),
+    # both were right at an exit before it
+    assert o["fixable_pct"] == 50.0 and o["early_right_pct_of_final_right"] == 100.0
+
+
+def test_mid_crisis_by_hand():
+    profile = {"exits": [{"layer": 2, "accuracy": 50.0, "raw_accuracy": 30.0}, {"layer": 4, "accuracy": 42.0, "raw_accuracy": 35.0},
+                         {"layer": 6, "accuracy": 47.0, "raw_accuracy": 40.0}], "final": 49.0}
+    assert infer.mid_crisis(profile) == {"drop": 8.0, "from_layer": 2, "to_layer": 4}
+    assert infer.mid_crisis(profile, "raw_accuracy") == {"drop": 0.0, "from_layer": None, "to_layer": None}
+    profile["final"] = 40.0
+    assert infer.mid_crisis(profile) == {"drop": 10.0, "from_layer": 2, "to_layer": "final"}
+
+
+def test_infer_errors_are_one_line(backbone, tmp_path, capsys):
+    (tmp_path / "broken").mkdir()
+    (tmp_path / "broken" / "ckpt.pt").write_bytes(b"not a checkpoint")
+    cases = [(["--compare", str(tmp_path / "broken")], "--compare " + str(tmp_path / "broken" / "ckpt.pt") + ": not a readable"),
+             (["--ckpt", str(backbone), "--eval"], "has a backbone but no exits"),
+             (["--ckpt", str(tmp_path / "broken" / "ckpt.pt"), "--eval"], "--ckpt"),
+             (["--ckpt", str(backbone), "--eval", "--threshold", "-3"], "--threshold -3"),
+             (["--ckpt", str(backbone), "--image", "x.png"], "--image and --question go together")]
+    for args, message in cases:
+        with pytest.raises(SystemExit) as e:
+            infer.main(args)
+        err = capsys.readouterr().err
+        assert e.value.code == 2 and err.count("\n") == 1 and message in err, (args, err)
+
+
+def test_compare_names_a_broken_report(report, tmp_path, capsys):
+    out, _ = report
+    run = tmp_path / "run"
+    run.mkdir()
+    for name in ("ckpt.pt", "log.jsonl"):
+        (run / name).write_bytes((out / name).read_bytes())
+    (run / "report.json").write_text("{truncated")
+    with pytest.raises(SystemExit) as e:
+        infer.main(["--compare", str(run)])
+    assert e.value.code == 2 and f"--compare {run / 'report.json'}: not a readable report" in capsys.readouterr().err
+
+
+def test_data_command_line_exits_2_on_bad_input(tmp_path, capsys):
+    with pytest.raises(SystemExit) as e:
+        data.main(["--write", str(tmp_path), "--train-images", "0"])
+    assert e.value.code == 2 and capsys.readouterr().err == "error: --train-images must be at least 1 (got 0)\n"
+
+
+def test_adversarial_warmup_trains_d_but_not_the_adversarial_term(backbone, tmp_path):
+    exits_run(backbone, tmp_path, "--exit-method", "free", "--adv-warmup", "1", "--exit-epochs", "2")
+    epochs = [r for r in map(json.loads, open(tmp_path / "log.jsonl")) if "val_exits" in r]
+    assert epochs[0]["adv"] == 0.0 and epochs[0]["d_loss"] > 0 and epochs[0]["kd"] > 0
+    assert epochs[1]["adv"] > 0

@@ -114,7 +114,8 @@ def test_discriminator_step_changes_only_d_and_generator_step_only_exits():
 
     opt_d = torch.optim.SGD(free.discs.parameters(), lr=0.1)
     opt_g = torch.optim.SGD(free.generator_parameters(), lr=0.1)
-    d_loss, _ = free_min.discriminator_loss(free, states[-1][:, 0], fakes)
+    conds = [states[l][:, 0] for l in free.exit_layers]
+    d_loss, _ = free_min.discriminator_loss(free, states[-1][:, 0], fakes, conds)
     opt_d.zero_grad()
     d_loss.backward()
     opt_d.step()
@@ -122,7 +123,8 @@ def test_discriminator_step_changes_only_d_and_generator_step_only_exits():
 
     before["discs"] = snapshot(free.discs)
     final_logits = free.backbone.head(states[-1][:, 0])
-    g_loss, stats = free_min.generator_loss(free, fakes, final_logits, None, torch.zeros(8, dtype=torch.bool))
+    g_loss, stats = free_min.generator_loss(free, fakes, final_logits, None, torch.zeros(8, dtype=torch.bool),
+                                            states[-1][:, 0], conds, 1.0)
     assert stats["adv"] > 0 and stats["kd"] > 0 and stats["ce"] == 0
     opt_g.zero_grad()
     g_loss.backward()
@@ -138,7 +140,9 @@ def test_methods_use_only_their_terms():
         free = make_free(exit_method=method)
         states, attn_mask = free.backbone.hidden_states(images, tokens, mask)
         fakes = [free.exit_feature(k, states[l], attn_mask) for k, l in enumerate(free.exit_layers)]
-        _, stats = free_min.generator_loss(free, fakes, free.backbone.head(states[-1][:, 0]), targets, labelled)
+        conds = [states[l][:, 0] for l in free.exit_layers]
+        _, stats = free_min.generator_loss(free, fakes, free.backbone.head(states[-1][:, 0]), targets, labelled,
+                                           states[-1][:, 0], conds, 1.0)
         assert {k for k in ("adv", "kd", "ce") if stats[k] > 0} == on, method
 
 
@@ -148,3 +152,68 @@ def test_own_heads_and_per_exit_discriminators():
     images, tokens, mask = inputs(4)
     out = early_exit_predict(free, images, tokens, mask, threshold=0.0)
     assert out["pred"].shape == (4,)
+
+
+def test_discriminator_loss_averages_the_fake_term_over_the_exits():
+    """With one shared D, K copies of the same fake feature weigh as much as one (the fake term is a mean over
+    the exits: summed, K fakes would outweigh the single real term K to 1)."""
+    free = make_free(exit_layers="1,2,3")
+    real, fake = torch.randn(8, 32), torch.randn(8, 32)
+    cond = torch.randn(8, 32)
+    one, _ = free_min.discriminator_loss(free, real, [fake], [cond])
+    three, _ = free_min.discriminator_loss(free, real, [fake, fake, fake], [cond, cond, cond])
+    assert three.item() == pytest.approx(one.item(), rel=1e-6)
+    d = free.discs[0]
+    bce = torch.nn.functional.binary_cross_entropy_with_logits
+    norm = free.backbone.norm
+    by_hand = bce(d(norm(real)), torch.ones(8)) + bce(d(norm(fake)), torch.zeros(8))
+    assert one.item() == pytest.approx(by_hand.item(), rel=1e-6)
+
+
+def test_per_exit_discriminators_each_see_the_real_term_and_their_own_fake():
+    free = make_free(exit_layers="1,2", disc="per-exit")
+    real, fakes = torch.randn(8, 32), [torch.randn(8, 32), torch.randn(8, 32)]
+    loss, _ = free_min.discriminator_loss(free, real, fakes, [torch.randn(8, 32)] * 2)
+    bce = torch.nn.functional.binary_cross_entropy_with_logits
+    norm = free.backbone.norm
+    by_hand = sum(bce(free.discs[k](norm(real)), torch.ones(8)) + bce(free.discs[k](norm(fakes[k])), torch.zeros(8))
+                  for k in range(2))
+    assert loss.item() == pytest.approx(by_hand.item(), rel=1e-6)
+
+
+def test_conditional_discriminator_judges_the_pair():
+    """--disc-input pair: D reads the exit's input feature too (its logit depends on it); the paper's D does not."""
+    real, cond, other = torch.randn(8, 32), torch.randn(8, 32), torch.randn(8, 32)
+    pair, plain = make_free(disc_input="pair"), make_free()
+    assert pair.discs[0].body[0].in_features == 64 and plain.discs[0].body[0].in_features == 32
+    d = lambda free, c: free.discs[0](free_min.disc_input(free, real, c))
+    assert not torch.allclose(d(pair, cond), d(pair, other)) and torch.equal(d(plain, cond), d(plain, other))
+
+
+def test_feature_matching_is_zero_when_the_exit_matches_the_final_layer():
+    free = make_free(adv_loss="fm")
+    real, cond = torch.randn(8, 32), torch.randn(8, 32)
+    assert free_min.adversarial_term(free, 0, real.clone(), real, cond).item() == 0.0
+    fake = (real + 0.5 * torch.randn(8, 32)).requires_grad_(True)
+    fm = free_min.adversarial_term(free, 0, fake, real, cond)
+    fm.backward()
+    assert fm.item() > 0 and fake.grad.abs().sum() > 0
+
+
+def test_r1_penalty_adds_the_real_inputs_gradient_norm():
+    real, fakes, conds = torch.randn(8, 32), [torch.randn(8, 32)], [torch.randn(8, 32)]
+    plain, r1 = make_free(), make_free(disc_reg="r1", disc_reg_weight=4.0)
+    base, _ = free_min.discriminator_loss(plain, real, fakes, conds)
+    penalised, _ = free_min.discriminator_loss(r1, real, fakes, conds)       # same D weights (same seed)
+    x = free_min.disc_input(r1, real, conds[0]).detach().requires_grad_(True)
+    grad, = torch.autograd.grad(r1.discs[0](x).sum(), x)
+    assert penalised.item() == pytest.approx(base.item() + 4.0 / 2 * grad.pow(2).sum(1).mean().item(), rel=1e-5)
+
+
+def test_instance_noise_only_while_training():
+    free = make_free(disc_reg="noise", disc_reg_weight=0.5)
+    feat, cond = torch.randn(8, 32), torch.randn(8, 32)
+    assert torch.equal(free_min.disc_input(free.eval(), feat, cond), free_min.disc_input(free, feat, cond))
+    free.train()
+    noisy = free_min.disc_input(free, feat, cond) - free.backbone.norm(feat)
+    assert 0.4 < noisy.std().item() < 0.6
