@@ -441,14 +441,16 @@ def generate_shapes_split(n_images: int, questions_per_image: int, seed: int, im
     return images, records, labels
 
 
-def shapes_splits(cfg: DataConfig):
-    """train/val/test of the shapes set: different seeds and disjoint image-id ranges."""
+def shapes_splits(cfg: DataConfig, only: tuple[str, ...] = ("train", "val", "test")):
+    """train/val/test of the shapes set: different seeds and disjoint image-id ranges. `only` generates just
+    those splits (each is the same whichever others are made)."""
     sizes = {"train": cfg.train_images, "val": cfg.val_images, "test": cfg.test_images}
     splits, first_id = {}, 1
     for k, (name, n) in enumerate(sizes.items()):
         if n < 1:
             raise DataError(f"--{name}-images must be at least 1 (got {n})")
-        splits[name] = generate_shapes_split(n, cfg.questions_per_image, cfg.data_seed * 1000 + k, cfg.image_size, first_id)
+        if name in only:
+            splits[name] = generate_shapes_split(n, cfg.questions_per_image, cfg.data_seed * 1000 + k, cfg.image_size, first_id)
         first_id += n
     return splits
 
@@ -711,10 +713,15 @@ def make_split(images: np.ndarray, records: list[dict], labels: np.ndarray | Non
                  pixel_labels=None if labels is None else torch.from_numpy(labels))
 
 
-def load_data(cfg: DataConfig, tokenizer: Tokenizer | None = None, answers: list[str] | None = None):
+def load_data(cfg: DataConfig, tokenizer: Tokenizer | None = None, answers: list[str] | None = None,
+              only: tuple[str, ...] = ("train", "val", "test")):
     """Build (splits, tokenizer, answers). Pass a checkpoint's tokenizer and answers to reuse them;
-    otherwise both are fitted on the train split."""
-    raw = shapes_splits(cfg) if cfg.data == "shapes" else vqa2_splits(cfg)
+    otherwise both are fitted on the train split. `only`: the splits wanted (shapes data makes just those;
+    without "train", pass the tokenizer and answers)."""
+    if "train" not in only and (tokenizer is None or answers is None):
+        raise ValueError("load_data without the train split needs the tokenizer and answers it was trained with")
+    raw = shapes_splits(cfg, only) if cfg.data == "shapes" else vqa2_splits(cfg)
+    raw = {name: split for name, split in raw.items() if name in only}
     if tokenizer is None:
         tokenizer = train_tokenizer([r["question"] for r in raw["train"][1]], cfg.tokenizer_vocab, cfg.max_question_len)
     if answers is None:

@@ -421,7 +421,7 @@ def load_free(cfg: InferConfig, state: dict | None):
 
 def evaluate_checkpoint(free, tokenizer, answers, dcfg: DataConfig, cfg: InferConfig) -> dict:
     """Load the data the checkpoint was trained on (or the flags' data), build, print and save the report."""
-    splits, _, _ = load_data(dcfg, tokenizer, answers)
+    splits, _, _ = load_data(dcfg, tokenizer, answers, only=tuple({"val", cfg.split}))
     report = build_report(free, splits, cfg.split, cfg)
     print_report(report, free)
     if cfg.json:

@@ -58,6 +58,8 @@ def check_model_config(cfg: ModelConfig) -> None:
     for name in ("patch_size", "vit_dim", "vit_heads", "merge", "dim", "depth", "heads"):
         if getattr(cfg, name) < 1:
             raise ValueError(f"--{name.replace('_', '-')} must be at least 1 (got {getattr(cfg, name)})")
+    if cfg.vit_depth < 0:
+        raise ValueError(f"--vit-depth must be >= 0 (0 = the stem's tokens only; got {cfg.vit_depth})")
     if cfg.stem == "conv" and cfg.patch_size != 2 ** round(math.log2(cfg.patch_size)):
         raise ValueError(f"--patch-size {cfg.patch_size}: the conv stem halves the image log2(patch size) times, "
                          f"so it needs a power of two (2, 4, 8, 16)")
@@ -111,11 +113,8 @@ class VLM(nn.Module):
         self.vit = make_vit(cfg)
         self.visual_proj = nn.Linear(cfg.vit_dim * cfg.merge ** 2, cfg.dim)
         self.tok_emb = nn.Embedding(cfg.vocab_size, cfg.dim)
-        nn.init.normal_(self.tok_emb.weight, std=0.02)
         self.text_pos = nn.Parameter(torch.zeros(1, cfg.max_text_len, cfg.dim))
         self.visual_pos = nn.Parameter(torch.zeros(1, self.num_visual, cfg.dim))
-        nn.init.trunc_normal_(self.text_pos, std=0.02)
-        nn.init.trunc_normal_(self.visual_pos, std=0.02)
         self.blocks = nn.ModuleList([Block(cfg.dim, cfg.heads, cfg.mlp_ratio, qkv_bias=True, proj_drop=cfg.dropout,
                                            attn_drop=cfg.dropout) for _ in range(cfg.depth)])
         self.norm = nn.LayerNorm(cfg.dim)
@@ -125,21 +124,34 @@ class VLM(nn.Module):
         self.register_buffer("pixel_std", torch.tensor([0.25, 0.25, 0.25]).view(1, 3, 1, 1), persistent=False)
 
     def init_language_model(self) -> None:
-        """GPT-2 style init of everything but the (timm-initialised) ViT: N(0, 0.02) weights, zero biases,
-        and residual output projections scaled by 1/sqrt(2L). At init every block then adds a small update
-        to the residual stream; with PyTorch's default init the blocks' random outputs swamp the word and
-        visual embeddings, and training sits on a long plateau before it learns to ground words."""
+        """Init of everything but the (timm-initialised) ViT: unit-scale input tokens, GPT-2 style blocks.
+
+        Blocks: N(0, 0.02) weights, zero biases, residual output projections scaled by 1/sqrt(2L), so that at
+        init every block adds a small update to the residual stream. Input tokens: word embeddings N(0, 1)
+        and visual tokens projected to unit scale (the ViT's output is layer-normed, so a projection with
+        std 1/sqrt(fan_in) keeps it at ~1 per dimension); position embeddings stay small (0.02).
+
+        Why unit-scale tokens (the cause of a slow start we measured): a pre-norm block normalises its
+        input, so its update has a fixed size (~0.01-0.03 per dimension here) whatever the size of the
+        token. With tokens as small as that update (N(0, 0.02) embeddings, as in GPT-2), the first blocks'
+        attention, which at init averages over all tokens, washes out what each token is, and the layers
+        above see nearly identical tokens: grounding a word in the image then waits for the blocks to
+        learn to preserve the tokens first. With ground-truth colour/shape features in place of the ViT,
+        `query_color` questions alone reach 98-100 % val accuracy in 300 steps with unit-scale tokens,
+        and 38-43 % after 400 steps with 0.02-scale tokens."""
         for module in [self.visual_proj, self.classifier, *self.blocks]:
             for m in module.modules():
                 if isinstance(m, nn.Linear):
                     nn.init.trunc_normal_(m.weight, std=0.02)
                     if m.bias is not None:
                         nn.init.zeros_(m.bias)
-        # visual tokens start at the scale of the word embeddings (per-dimension std ~0.02), not 10x above it
-        nn.init.trunc_normal_(self.visual_proj.weight, std=0.02 / math.sqrt(self.visual_proj.in_features))
         for block in self.blocks:
             for proj in (block.attn.proj, block.mlp.fc2):
                 nn.init.trunc_normal_(proj.weight, std=0.02 / math.sqrt(2 * len(self.blocks)))
+        nn.init.normal_(self.tok_emb.weight, std=1.0)
+        nn.init.trunc_normal_(self.visual_proj.weight, std=1.0 / math.sqrt(self.visual_proj.in_features))
+        nn.init.trunc_normal_(self.text_pos, std=0.02)
+        nn.init.trunc_normal_(self.visual_pos, std=0.02)
 
     @property
     def depth(self) -> int:

@@ -37,7 +37,7 @@ from model import VLM, ModelConfig, check_model_config
 @dataclass
 class TrainConfig:
     out: str = field(default="out", metadata={"help": "output folder for ckpt.pt and log.jsonl"})
-    epochs: int = field(default=2, metadata={"help": "stage-1 (backbone) epochs over the train split"})
+    epochs: int = field(default=30, metadata={"help": "stage-1 (backbone) epochs over the train split"})
     batch_size: int = field(default=64, metadata={"help": "training batch size"})
     lr: float = field(default=1e-3, metadata={"help": "peak AdamW learning rate"})
     weight_decay: float = field(default=0.05, metadata={"help": "AdamW weight decay"})
@@ -58,20 +58,27 @@ class TrainConfig:
                                                         "so several exit methods can share one backbone"})
     final_eval: bool = field(default=True, metadata={"help": "end with infer.py's early-exit report on the test split "
                                                              "(OUT/report.json, OUT/speedup.png)"})
+    export: str = field(default="", metadata={"help": "after stage 1, also write the backbone alone to this file: fp16 "
+                                                      "weights, configs, tokenizer, answers and its test accuracy (how "
+                                                      "backbones/ is made)"})
     report_timing: bool = field(default=True, metadata={"help": "time the final report's early exit in wall-clock seconds "
                                                                "(--no-report-timing: accuracy and the layer view only)"})
     report_timing_samples: int = field(default=256, metadata={"help": "questions timed per wall-clock measurement "
                                                                       "in the final report"})
 
 
-# Named presets: overrides of the dataclass defaults. `default` = the dataclass defaults (a 2-core CPU
-# or a laptop GPU), `tiny` = a sub-minute CPU run for tests, `base` = a bigger model and data for a GPU.
+# Named presets: overrides of the dataclass defaults.
+#   default = the dataclass defaults: 720 k training questions (30 epochs of 24 k), which a from-scratch VLM
+#             needs on this task (it first learns the answer priors, then to ground words in the image);
+#             minutes on a GPU, about an hour on a 2-core CPU (which is why the repo ships its backbone).
+#   tiny    = a sub-minute CPU run for the tests.
+#   base    = a bigger model and data set, for a GPU.
 PRESETS = {
     "tiny": dict(train_images=300, val_images=40, test_images=40, questions_per_image=4, dim=64, depth=4, heads=2,
                  epochs=4, batch_size=32, warmup_steps=20, lr=2e-3, exit_epochs=2, final_eval=False),
     "default": dict(),
-    "base": dict(train_images=40000, val_images=2000, test_images=2000, dim=256, depth=12, heads=8, vit_dim=128,
-                 vit_depth=2, epochs=20, batch_size=128, lr=5e-4, warmup_steps=1000),
+    "base": dict(train_images=20000, val_images=1000, test_images=1000, dim=256, depth=12, heads=8, vit_dim=128,
+                 vit_depth=2, epochs=12, batch_size=128, lr=5e-4, warmup_steps=1000),
 }
 
 
@@ -317,6 +324,21 @@ def backbone_step(model, probe, opt, scaler, train, ids, tcfg, device, dtype) ->
     return loss.item(), logits.detach()
 
 
+SHIPPED_BACKBONE = "backbones/shapes-default.pt"   # the trained backbone the repo ships (see README)
+ESTIMATE_AFTER = 10                                 # stage-1 steps timed before the run's cost is announced
+
+
+def announce_cost(seconds_per_step: float, steps_left: int, device: torch.device) -> None:
+    """Say up front what stage 1 will cost on this machine, from this run's first measured steps; on a CPU,
+    when that is long, name the faster routes."""
+    minutes = seconds_per_step * steps_left / 60
+    tqdm.write(f"stage 1 will take about {minutes:.0f} min here: {steps_left} more steps at {seconds_per_step:.2f} s "
+               f"each on {device} with {torch.get_num_threads()} threads (evaluations not included)")
+    if device.type == "cpu" and minutes > 15:
+        tqdm.write(f"  faster: a GPU (picked up by itself, minutes), or skip stage 1 and train the exits on the shipped "
+                   f"backbone: python train.py --stage exits --backbone {SHIPPED_BACKBONE}")
+
+
 def train_backbone(model, splits, tokenizer, answers, dcfg, mcfg, tcfg, device, dtype, state=None):
     """Stage 1: train the whole VLM on the train split with soft cross-entropy (plus the auxiliary patch
     loss on shapes data); evaluate on val and checkpoint after every epoch."""
@@ -325,7 +347,7 @@ def train_backbone(model, splits, tokenizer, answers, dcfg, mcfg, tcfg, device, 
     probe = PatchProbe(mcfg.vit_dim).to(device) if tcfg.aux_weight > 0 and train.pixel_labels is not None else None
     params = list(model.parameters()) + (list(probe.parameters()) if probe is not None else [])
     opt = torch.optim.AdamW(params, lr=tcfg.lr, weight_decay=tcfg.weight_decay, betas=(0.9, 0.98))
-    scaler = torch.amp.GradScaler(enabled=dtype == torch.float16)
+    scaler = torch.amp.GradScaler(device.type, enabled=dtype == torch.float16)
     total_steps = tcfg.epochs * math.ceil(len(trainable) / tcfg.batch_size)
     step, start_epoch = 0, 0
     if state is not None:
@@ -336,6 +358,7 @@ def train_backbone(model, splits, tokenizer, answers, dcfg, mcfg, tcfg, device, 
         set_rng_state(state["rng"])
         print(f"resumed from epoch {state['epoch'] + 1} (step {step})")
     ckpt, log, t0 = os.path.join(tcfg.out, "ckpt.pt"), os.path.join(tcfg.out, "log.jsonl"), time.time()
+    first_step, timer = step, None
     for epoch in range(start_epoch, tcfg.epochs):
         model.train()
         bar = tqdm(list(batches(len(trainable), tcfg.batch_size, shuffle=True)), desc=f"backbone {epoch + 1}/{tcfg.epochs}",
@@ -351,6 +374,10 @@ def train_backbone(model, splits, tokenizer, answers, dcfg, mcfg, tcfg, device, 
                 raise SystemExit(f"error: {e} at step {step} of stage 1; the last good checkpoint is kept in {ckpt}. "
                                  f"Try a lower --lr or --grad-clip.")
             step += 1
+            if step - first_step == 2:                    # the first steps warm up; time the next ones
+                timer = time.perf_counter()
+            elif step - first_step == 2 + ESTIMATE_AFTER:
+                announce_cost((time.perf_counter() - timer) / ESTIMATE_AFTER, total_steps - step, device)
             loss_sum, seen = loss_sum + loss * len(ids), seen + len(ids)
             hit_sum += train.score(ids, logits.argmax(dim=1).cpu()).sum().item()
             bar.set_postfix(loss=f"{loss_sum / seen:.3f}", acc=f"{100 * hit_sum / seen:.1f}%")
@@ -547,7 +574,9 @@ def run(args, state, dcfg, mcfg, tcfg, ecfg, device, dtype) -> None:
         print(f"model: {sum(p.numel() for p in model.parameters()) / 1e6:.2f}M parameters, "
               f"{mcfg.depth} language-model layers of width {mcfg.dim}")
         train_backbone(model, splits, tokenizer, answers, dcfg, mcfg, tcfg, device, dtype, state)
-        report_test(model, splits, device, dtype, tcfg)
+        res = report_test(model, splits, device, dtype, tcfg)
+        if tcfg.export:
+            export_backbone(tcfg.export, model, res, dcfg, tcfg, tokenizer, answers)
         if tcfg.stage == "backbone":
             return
         state = load_checkpoint(ckpt_path)
@@ -559,6 +588,17 @@ def run(args, state, dcfg, mcfg, tcfg, ecfg, device, dtype) -> None:
         if os.path.abspath(source["path"]) != os.path.abspath(ckpt_path):
             start_fresh_log(tcfg.out)                         # a new run in OUT: the old log is not about it
     run_exits(model, state, source, splits, ecfg, tcfg, device, dtype)
+
+
+def export_backbone(path: str, model: VLM, res: dict, dcfg: DataConfig, tcfg: TrainConfig, tokenizer, answers) -> None:
+    """The backbone alone, small enough to ship: fp16 weights (loaded back into fp32), the configs, tokenizer,
+    answer vocabulary, and the test accuracy it reached (which the tests check it still reaches)."""
+    weights = {k: v.half() if v.is_floating_point() else v for k, v in model.state_dict().items()}
+    os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
+    save_checkpoint(path, {"model": weights, "model_config": asdict(model.cfg), "data_config": asdict(dcfg),
+                           "train_config": asdict(tcfg), "answers": answers, "tokenizer": tokenizer.to_str(),
+                           "test_accuracy": res["accuracy"], "test_per_family": res["per_family"]})
+    print(f"wrote {path} ({os.path.getsize(path) / 1e6:.1f} MB)")
 
 
 def start_fresh_log(out: str) -> None:
