@@ -30,6 +30,7 @@ import torch
 import torch.nn.functional as F
 from tokenizers import Tokenizer, models, normalizers, pre_tokenizers, processors
 from PIL import Image, UnidentifiedImageError
+from torchvision import transforms
 
 
 class DataError(Exception):
@@ -56,6 +57,11 @@ class DataConfig:
     num_answers: int = field(default=1000, metadata={"help": "answer vocabulary = the most frequent train answers, at most this many"})
     max_question_len: int = field(default=24, metadata={"help": "question tokens kept, [CLS] and [SEP] included"})
     tokenizer_vocab: int = field(default=2000, metadata={"help": "WordPiece vocabulary size of the question tokenizer"})
+    crop_pct: float = field(default=0.0, metadata={"help": "vqa2 images: 0 = stretched to a square; > 0 = timm's eval "
+                                                           "transform (resize, centre crop), set from a --vit encoder",
+                                                   "flag": False})
+    interpolation: str = field(default="bilinear", metadata={"help": "resize interpolation (from timm with --vit)",
+                                                             "flag": False})
 
 
 def check_data_config(cfg: DataConfig) -> None:
@@ -518,11 +524,17 @@ def _index_images(image_dir: str) -> dict[int, str]:
     return index
 
 
-def load_image(path: str, image_size: int) -> torch.Tensor:
-    """Decode an image file to uint8 (3, image_size, image_size) RGB; DataError if it cannot be decoded."""
+def load_image(path: str, image_size: int, crop_pct: float = 0.0, interpolation: str = "bilinear") -> torch.Tensor:
+    """Decode an image file to uint8 (3, image_size, image_size) RGB; DataError if it cannot be decoded.
+    crop_pct = 0: stretched to the square (the built-in encoder); crop_pct > 0: timm's eval transform for a
+    timm encoder (resize the shorter side to image_size / crop_pct, centre crop), without its final
+    ToTensor/Normalize: the model normalises with the encoder's mean and std."""
     try:
         with Image.open(path) as im:
-            img = torch.from_numpy(np.array(im.convert("RGB"))).permute(2, 0, 1)  # (3, H, W) uint8
+            rgb = im.convert("RGB")
+            if crop_pct > 0:
+                rgb = timm_resize_crop(image_size, crop_pct, interpolation)(rgb)
+            img = torch.from_numpy(np.array(rgb)).permute(2, 0, 1)  # (3, H, W) uint8
     except (UnidentifiedImageError, OSError, ValueError) as e:
         raise DataError(f"cannot decode image {path}: {str(e).splitlines()[0]}")
     if img.shape[1:] == (image_size, image_size):
@@ -530,6 +542,13 @@ def load_image(path: str, image_size: int) -> torch.Tensor:
     img = F.interpolate(img[None].float(), size=(image_size, image_size), mode="bilinear", antialias=True,
                         align_corners=False)  # (1, 3, S, S)
     return img[0].round().clamp(0, 255).to(torch.uint8)
+
+
+def timm_resize_crop(image_size: int, crop_pct: float, interpolation: str):
+    """The resize and crop steps of timm's eval transform (timm.data.create_transform) for this input size."""
+    from timm.data import create_transform
+    steps = create_transform(input_size=(3, image_size, image_size), crop_pct=crop_pct, interpolation=interpolation).transforms
+    return transforms.Compose([t for t in steps if type(t).__name__ not in ("MaybeToTensor", "ToTensor", "Normalize")])
 
 
 def _vqa_records(cfg: DataConfig) -> list[dict]:
@@ -581,7 +600,7 @@ def vqa2_splits(cfg: DataConfig):
         pos = {iid: i for i, iid in enumerate(split_ids)}
         images = np.empty((len(split_ids), cfg.image_size, cfg.image_size, 3), dtype=np.uint8)
         for iid, i in pos.items():
-            images[i] = load_image(index[iid], cfg.image_size).permute(1, 2, 0).numpy()  # (S, S, 3)
+            images[i] = load_image(index[iid], cfg.image_size, cfg.crop_pct, cfg.interpolation).permute(1, 2, 0).numpy()
         for r in recs:
             r["image_index"] = pos[r["image_id"]]
         splits[name] = (images, recs, None)
@@ -671,6 +690,8 @@ class Split:
     eval_score: torch.Tensor    # (n, M) float: that credit, 0..1
     records: list               # the question records (question, answers, family, ids)
     pixel_labels: torch.Tensor | None = None  # (n_img, 2, H, W) uint8 colour/shape + 1 (shapes only)
+    features: np.ndarray | None = None        # (n_cached, P, Dv) float16 memmap: a frozen encoder's tokens on disk
+    feature_rows: torch.Tensor | None = None  # (n_img,) long: each image's row in `features`
 
     def __len__(self) -> int:
         return len(self.records)
@@ -683,10 +704,14 @@ class Split:
         """(n,) bool: questions with some answer inside the vocabulary (others are only evaluated)."""
         return (self.target_idx >= 0).any(dim=1)
 
-    def batch(self, ids: torch.Tensor) -> dict:
-        """Model inputs for questions `ids`: images float (B, 3, H, W) in [0, 1], tokens (B, T), mask (B, T)."""
-        images = self.images[self.image_index[ids]].float() / 255.0  # (B, 3, H, W)
-        return {"images": images, "tokens": self.tokens[ids], "text_mask": self.text_mask[ids]}
+    def batch(self, ids: torch.Tensor, cached: bool = True) -> dict:
+        """Model inputs for questions `ids`: images float (B, 3, H, W) in [0, 1], tokens (B, T), mask (B, T).
+        With cached encoder tokens (and cached=True), 'patches' (B, P, Dv) float in place of the images."""
+        inputs = {"images": None, "tokens": self.tokens[ids], "text_mask": self.text_mask[ids]}
+        if self.features is not None and cached:
+            rows = self.feature_rows[self.image_index[ids]].numpy()
+            return inputs | {"patches": torch.from_numpy(np.asarray(self.features[rows])).float()}  # (B, P, Dv)
+        return inputs | {"images": self.images[self.image_index[ids]].float() / 255.0}               # (B, 3, H, W)
 
     def soft_targets(self, ids: torch.Tensor, num_answers: int) -> torch.Tensor:
         """Dense soft targets (B, A) from the stored (index, score) pairs."""
@@ -699,6 +724,11 @@ class Split:
         """Official VQA accuracy (0..1) of predicted answer indices pred (B,) for questions ids (B,)."""
         hit = self.eval_idx[ids] == pred[:, None]  # (B, M)
         return (self.eval_score[ids] * hit).sum(dim=1)
+
+
+def to_device(batch: dict, device: torch.device) -> dict:
+    """Move a batch of model inputs to `device` (absent inputs stay None)."""
+    return {k: None if v is None else v.to(device, non_blocking=True) for k, v in batch.items()}
 
 
 def make_split(images: np.ndarray, records: list[dict], labels: np.ndarray | None, tok: Tokenizer,

@@ -25,7 +25,7 @@ are trained, in train.py's stage 2.
 """
 import copy
 import os
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import torch
 import torch.nn as nn
@@ -197,10 +197,10 @@ class FREE(nn.Module):
         """Answer logits (B, A) of exit k from its feature: the frozen shared head, or the exit's own."""
         return self.backbone.head(feat) if self.heads is None else self.heads[k](feat)
 
-    def all_outputs(self, images: torch.Tensor, tokens: torch.Tensor, text_mask: torch.Tensor) -> dict:
+    def all_outputs(self, images: torch.Tensor | None, tokens: torch.Tensor, text_mask: torch.Tensor, patches=None) -> dict:
         """One backbone pass with every exit read (no early exit): 'states' (L+1 tensors (B, S, D)),
         'attn_mask', 'final' logits (B, A) and 'exits' = K exit logits (B, A). For evaluation and reports."""
-        states, attn_mask = self.backbone.hidden_states(images, tokens, text_mask)
+        states, attn_mask = self.backbone.hidden_states(images, tokens, text_mask, patches)
         exits = [self.exit_logits(k, self.exit_feature(k, states[l], attn_mask)) for k, l in enumerate(self.exit_layers)]
         return {"states": states, "attn_mask": attn_mask, "final": self.backbone.head(states[-1][:, 0]), "exits": exits}
 
@@ -337,46 +337,50 @@ def rule_fires(rule: str, probs: torch.Tensor, threshold: float, streak: torch.T
 
 
 @torch.no_grad()
-def early_exit_predict(free: FREE, images: torch.Tensor, tokens: torch.Tensor, text_mask: torch.Tensor,
-                       rule: str = "maxprob", threshold: float = 0.9) -> dict:
+def early_exit_predict(free: FREE, images: torch.Tensor | None, tokens: torch.Tensor, text_mask: torch.Tensor,
+                       rule: str = "maxprob", threshold: float = 0.9, patches: torch.Tensor | None = None) -> dict:
     """Run the language model layer by layer; after layer l_k evaluate exit k on the samples still running,
     answer those whose rule fires and *remove them from the batch*, so later layers run on fewer rows.
+    One host sync per exit (how many leave); when all leave, it stops without touching the batch.
 
+    `patches`: the image encoder's tokens, if already at hand (then images may be None).
     Returns {'pred': (B,) answer index, 'exit': (B,) exit index (K = the final layer), 'confidence': (B,)
     max softmax probability of the answer given, 'layers': (B,) language-model layers each sample ran}.
     """
     bb, K = free.backbone, free.num_exits
-    h, attn_mask = bb.embed(images, tokens, text_mask)                 # (B, S, D), (B, 1, 1, S)
-    B = h.shape[0]
-    pred = torch.zeros(B, dtype=torch.long, device=h.device)
-    exit_at = torch.full((B,), K, dtype=torch.long, device=h.device)
-    conf = torch.zeros(B, device=h.device)
-    alive = torch.arange(B, device=h.device)                           # original row of each running sample
-    last = torch.full((B,), -1, dtype=torch.long, device=h.device)     # patience: previous exit's answer
-    streak = torch.zeros(B, dtype=torch.long, device=h.device)
+    h, attn_mask = bb.embed(images, tokens, text_mask, patches)        # (B, S, D), (B, 1, 1, S)
+    B, device = h.shape[0], h.device
+    pred = torch.zeros(B, dtype=torch.long, device=device)
+    exit_at = torch.full((B,), K, dtype=torch.long, device=device)
+    conf = torch.zeros(B, device=device)
+    alive = torch.arange(B, device=device)                             # original row of each running sample
+    last = torch.full((B,), -1, dtype=torch.long, device=device)       # patience: previous exit's answer
+    streak = torch.zeros(B, dtype=torch.long, device=device)           # patience: same answer this many exits
     k = 0
     for i in range(bb.depth):
         h = bb.layer(i, h, attn_mask)                                  # (B_alive, S, D)
-        if k < K and i + 1 == free.exit_layers[k]:
-            probs = free.exit_logits(k, free.exit_feature(k, h, attn_mask)).float().softmax(dim=1)  # (B_alive, A)
-            c, a = probs.max(dim=1)
-            streak = torch.where(a == last, streak + 1, torch.ones_like(streak))
-            fire = rule_fires(rule, probs, threshold, streak)          # (B_alive,)
-            if bool(fire.any()):                                       # one sync; no bookkeeping if none leave
-                rows = alive[fire]
-                pred[rows], conf[rows], exit_at[rows] = a[fire], c[fire], k
-                keep = ~fire
-                h, attn_mask, alive, last, streak = h[keep], attn_mask[keep], alive[keep], a[keep], streak[keep]
-            else:
-                last = a
-            k += 1
-            if alive.numel() == 0:                                     # every sample has left
-                break
-    if alive.numel() > 0:
+        if k == K or i + 1 != free.exit_layers[k]:
+            continue
+        probs = free.exit_logits(k, free.exit_feature(k, h, attn_mask)).float().softmax(dim=1)  # (B_alive, A)
+        c, a = probs.max(dim=1)
+        if rule == "patience":
+            streak, last = torch.where(a == last, streak + 1, torch.ones_like(streak)), a
+        fire = rule_fires(rule, probs, threshold, streak)              # (B_alive,)
+        leaving = int(fire.sum())                                      # the one sync of this exit
+        if leaving == len(alive):                                      # everyone left: answer and stop
+            pred[alive], conf[alive], exit_at[alive] = a, c, k
+            alive = alive[:0]
+            break
+        if leaving:
+            rows, keep = alive[fire], ~fire
+            pred[rows], conf[rows], exit_at[rows] = a[fire], c[fire], k
+            h, attn_mask, alive, last, streak = h[keep], attn_mask[keep], alive[keep], last[keep], streak[keep]
+        k += 1
+    if len(alive):
         probs = bb.head(h[:, 0]).float().softmax(dim=1)                # (B_alive, A): the final layer
         c, a = probs.max(dim=1)
         pred[alive], conf[alive] = a, c
-    layers = torch.tensor(free.exit_layers + [bb.depth], device=h.device)[exit_at]
+    layers = torch.tensor(free.exit_layers + [bb.depth], device=device)[exit_at]
     return {"pred": pred, "exit": exit_at, "confidence": conf, "layers": layers}
 
 
@@ -417,7 +421,10 @@ def load_checkpoint(path: str, flag: str = "") -> dict:
 def build_from_checkpoint(state: dict):
     """Rebuild what a checkpoint holds: (backbone VLM, FREE or None if it has no exits, tokenizer,
     answers, DataConfig). Everything in eval mode."""
-    backbone = VLM(cfg=ModelConfig(**state["model_config"]))
+    cfg = ModelConfig(**state["model_config"])
+    # the weights come from the checkpoint: build without timm's download or the encoder's original weights file
+    backbone = VLM(cfg=replace(cfg, vit_pretrained=False, vit_weights=""))
+    backbone.cfg = cfg
     backbone.load_state_dict(state["model"])
     backbone.eval()
     free = None

@@ -40,7 +40,16 @@ class ModelConfig:
     vit_dim: int = field(default=64, metadata={"help": "ViT width"})
     vit_depth: int = field(default=1, metadata={"help": "ViT blocks (kept light: exits cannot skip them)"})
     vit_heads: int = field(default=2, metadata={"help": "ViT attention heads"})
-    vit_weights: str = field(default="", metadata={"help": "optional local timm ViT weights file (never downloaded)"})
+    vit: str = field(default="", metadata={"help": "a timm ViT by name (e.g. vit_tiny_patch16_224) in place of the built-in "
+                                               "small one; its input size and normalisation come from timm's data config"})
+    vit_weights: str = field(default="", metadata={"help": "local weights file for the ViT (never downloaded)"})
+    vit_pretrained: bool = field(default=False, metadata={"help": "with --vit: let timm download its pretrained weights "
+                                                                   "(the one flag that reaches the network)"})
+    vit_image_size: int = field(default=0, metadata={"help": "with --vit: input size in pixels (0 = the encoder's own; "
+                                                             "timm resamples its position embeddings)"})
+    freeze_vit: bool = field(default=False, metadata={"help": "freeze the image encoder: stage 1 trains the bridge and the "
+                                                               "language model only, and its tokens are computed once per "
+                                                               "image and cached on disk"})
     merge: int = field(default=2, metadata={"help": "merge k x k neighbouring patch tokens into one visual token"})
     dim: int = field(default=128, metadata={"help": "language-model width D"})
     depth: int = field(default=8, metadata={"help": "language-model layers L (the layers exits can skip)"})
@@ -50,6 +59,10 @@ class ModelConfig:
     max_text_len: int = field(default=24, metadata={"help": "question tokens (set from the data config)", "flag": False})
     vocab_size: int = field(default=0, metadata={"help": "tokenizer vocabulary (set from the tokenizer)", "flag": False})
     num_answers: int = field(default=0, metadata={"help": "answer vocabulary A (set from the data)", "flag": False})
+    pixel_mean: tuple = field(default=(0.5, 0.5, 0.5), metadata={"help": "image normalisation (from timm with --vit)",
+                                                                 "flag": False})
+    pixel_std: tuple = field(default=(0.25, 0.25, 0.25), metadata={"help": "image normalisation (from timm with --vit)",
+                                                                   "flag": False})
 
 
 def check_model_config(cfg: ModelConfig) -> None:
@@ -60,12 +73,13 @@ def check_model_config(cfg: ModelConfig) -> None:
             raise ValueError(f"--{name.replace('_', '-')} must be at least 1 (got {getattr(cfg, name)})")
     if cfg.vit_depth < 0:
         raise ValueError(f"--vit-depth must be >= 0 (0 = the stem's tokens only; got {cfg.vit_depth})")
-    if cfg.stem == "conv" and cfg.patch_size != 2 ** round(math.log2(cfg.patch_size)):
+    if not cfg.vit and cfg.stem == "conv" and cfg.patch_size != 2 ** round(math.log2(cfg.patch_size)):
         raise ValueError(f"--patch-size {cfg.patch_size}: the conv stem halves the image log2(patch size) times, "
                          f"so it needs a power of two (2, 4, 8, 16)")
     if cfg.image_size % (cfg.patch_size * cfg.merge):
-        raise ValueError(f"--image-size {cfg.image_size} is not a multiple of --patch-size x --merge = "
-                         f"{cfg.patch_size} x {cfg.merge}")
+        what = f"the {cfg.image_size} px input of --vit {cfg.vit}" if cfg.vit else f"--image-size {cfg.image_size}"
+        raise ValueError(f"{what} is not a multiple of patch size x --merge = {cfg.patch_size} x {cfg.merge}: "
+                         f"the token grid must split into {cfg.merge} x {cfg.merge} groups")
     if cfg.dim % cfg.heads or cfg.vit_dim % cfg.vit_heads:
         bad = ("--dim", cfg.dim, "--heads", cfg.heads) if cfg.dim % cfg.heads else ("--vit-dim", cfg.vit_dim, "--vit-heads", cfg.vit_heads)
         raise ValueError(f"{bad[0]} {bad[1]} is not divisible by {bad[2]} {bad[3]}")
@@ -73,6 +87,12 @@ def check_model_config(cfg: ModelConfig) -> None:
         raise ValueError(f"--mlp-ratio must be > 0 and --dropout in [0, 1) (got {cfg.mlp_ratio}, {cfg.dropout})")
     if cfg.vit_weights and not os.path.isfile(cfg.vit_weights):
         raise ValueError(f"--vit-weights {cfg.vit_weights}: file not found")
+    if (cfg.vit_pretrained or cfg.vit_image_size) and not cfg.vit:
+        raise ValueError("--vit-pretrained and --vit-image-size go with --vit NAME (a timm ViT)")
+    if cfg.vit_pretrained and cfg.vit_weights:
+        raise ValueError("give --vit-pretrained (download) or --vit-weights FILE (local), not both")
+    if cfg.vit_image_size < 0:
+        raise ValueError(f"--vit-image-size must be >= 0 (got {cfg.vit_image_size})")
 
 
 def conv_stem(patch_size: int, width: int) -> nn.Module:
@@ -88,17 +108,34 @@ def conv_stem(patch_size: int, width: int) -> nn.Module:
 
 
 def make_vit(cfg: ModelConfig) -> nn.Module:
-    """A small timm ViT without a head. pretrained=False unless a local weights file is given: no hub."""
-    # fc_norm=False: the final LayerNorm is applied to every token in forward_features (not after pooling)
-    kwargs = dict(img_size=cfg.image_size, patch_size=cfg.patch_size, embed_dim=cfg.vit_dim, depth=cfg.vit_depth,
-                  num_heads=cfg.vit_heads, num_classes=0, class_token=False, global_pool="avg", fc_norm=False)
-    if cfg.stem == "conv":
-        # timm's HybridEmbed runs the CNN, then a 1x1 projection to the ViT width: one token per stem output pixel
-        kwargs |= dict(patch_size=1, embed_layer=partial(HybridEmbed, backbone=conv_stem(cfg.patch_size, cfg.vit_dim)))
+    """The image encoder, a timm ViT without a head: the built-in small one (random init, or --vit-weights),
+    or the timm model --vit names (random init, --vit-weights, or timm's download with --vit-pretrained)."""
+    if cfg.vit:
+        kwargs = dict(num_classes=0, img_size=cfg.image_size)
+        name = cfg.vit
+    else:
+        # fc_norm=False: the final LayerNorm is applied to every token in forward_features (not after pooling)
+        kwargs = dict(img_size=cfg.image_size, patch_size=cfg.patch_size, embed_dim=cfg.vit_dim, depth=cfg.vit_depth,
+                      num_heads=cfg.vit_heads, num_classes=0, class_token=False, global_pool="avg", fc_norm=False)
+        if cfg.stem == "conv":
+            # timm's HybridEmbed runs the CNN, then a 1x1 projection to the ViT width: one token per stem output pixel
+            kwargs |= dict(patch_size=1, embed_layer=partial(HybridEmbed, backbone=conv_stem(cfg.patch_size, cfg.vit_dim)))
+        name = "vit_tiny_patch16_224"
     if cfg.vit_weights:
-        return timm.create_model("vit_tiny_patch16_224", pretrained=True,
-                                 pretrained_cfg_overlay=dict(file=cfg.vit_weights), **kwargs)
-    return timm.create_model("vit_tiny_patch16_224", pretrained=False, **kwargs)
+        return timm.create_model(name, pretrained=True, pretrained_cfg_overlay=dict(file=cfg.vit_weights), **kwargs)
+    return timm.create_model(name, pretrained=cfg.vit_pretrained, **kwargs)
+
+
+def describe_timm_vit(name: str, image_size: int = 0) -> dict:
+    """What the pipeline needs to know of timm ViT `name`, from timm itself (a randomly initialised instance:
+    nothing is downloaded): its input size (or `image_size`), patch size, width, and its data config's
+    normalisation, resize interpolation and crop."""
+    vit = timm.create_model(name, pretrained=False, num_classes=0, **({"img_size": image_size} if image_size else {}))
+    data = timm.data.resolve_data_config({}, model=vit)
+    size = image_size or data["input_size"][-1]
+    return {"image_size": size, "patch_size": vit.patch_embed.patch_size[0], "vit_dim": vit.embed_dim,
+            "pixel_mean": tuple(data["mean"]), "pixel_std": tuple(data["std"]), "crop_pct": data["crop_pct"],
+            "interpolation": data["interpolation"]}
 
 
 class VLM(nn.Module):
@@ -111,7 +148,9 @@ class VLM(nn.Module):
         self.grid = cfg.image_size // cfg.patch_size            # patches per side
         self.num_visual = (self.grid // cfg.merge) ** 2          # N visual tokens
         self.vit = make_vit(cfg)
-        self.visual_proj = nn.Linear(cfg.vit_dim * cfg.merge ** 2, cfg.dim)
+        if cfg.freeze_vit:
+            self.vit.requires_grad_(False)
+        self.visual_proj = nn.Linear(self.vit.embed_dim * cfg.merge ** 2, cfg.dim)
         self.tok_emb = nn.Embedding(cfg.vocab_size, cfg.dim)
         self.text_pos = nn.Parameter(torch.zeros(1, cfg.max_text_len, cfg.dim))
         self.visual_pos = nn.Parameter(torch.zeros(1, self.num_visual, cfg.dim))
@@ -120,8 +159,15 @@ class VLM(nn.Module):
         self.norm = nn.LayerNorm(cfg.dim)
         self.classifier = nn.Linear(cfg.dim, cfg.num_answers)
         self.init_language_model()
-        self.register_buffer("pixel_mean", torch.tensor([0.5, 0.5, 0.5]).view(1, 3, 1, 1), persistent=False)
-        self.register_buffer("pixel_std", torch.tensor([0.25, 0.25, 0.25]).view(1, 3, 1, 1), persistent=False)
+        self.register_buffer("pixel_mean", torch.tensor(cfg.pixel_mean).view(1, 3, 1, 1), persistent=False)
+        self.register_buffer("pixel_std", torch.tensor(cfg.pixel_std).view(1, 3, 1, 1), persistent=False)
+
+    def train(self, mode: bool = True):
+        """A frozen image encoder stays in eval mode (its BatchNorm/dropout must not change either)."""
+        super().train(mode)
+        if self.cfg.freeze_vit:
+            self.vit.eval()
+        return self
 
     def init_language_model(self) -> None:
         """Init of everything but the (timm-initialised) ViT: unit-scale input tokens, GPT-2 style blocks.
@@ -158,11 +204,14 @@ class VLM(nn.Module):
         return len(self.blocks)
 
     def patch_features(self, images: torch.Tensor) -> torch.Tensor:
-        """images: (B, 3, H, W) in [0, 1] -> ViT tokens (B, P, Dv), P = (H / patch_size)^2."""
-        return self.vit.forward_features((images - self.pixel_mean) / self.pixel_std)
+        """images: (B, 3, H, W) in [0, 1] -> ViT tokens (B, P, Dv), P = (H / patch_size)^2 (a timm ViT's class
+        or register tokens, if it has any, are dropped: the language model reads the patch grid)."""
+        tokens = self.vit.forward_features((images - self.pixel_mean) / self.pixel_std)   # (B, prefix + P, Dv)
+        return tokens[:, self.vit.num_prefix_tokens:]                                       # (B, P, Dv)
 
-    def encode_image(self, images: torch.Tensor, patches: torch.Tensor | None = None) -> torch.Tensor:
-        """images: (B, 3, H, W) in [0, 1] (or their ViT tokens) -> visual tokens (B, N, D)."""
+    def encode_image(self, images: torch.Tensor | None, patches: torch.Tensor | None = None) -> torch.Tensor:
+        """images: (B, 3, H, W) in [0, 1], or their ViT tokens `patches` (B, P, Dv) (e.g. cached ones of a
+        frozen encoder; then images may be None) -> visual tokens (B, N, D)."""
         x = self.patch_features(images) if patches is None else patches  # (B, P, Dv)
         B, _, Dv = x.shape
         g, k = self.grid, self.cfg.merge
@@ -170,10 +219,11 @@ class VLM(nn.Module):
         x = x.permute(0, 1, 3, 2, 4, 5).reshape(B, self.num_visual, k * k * Dv)  # (B, N, k*k*Dv)
         return self.visual_proj(x) + self.visual_pos                 # (B, N, D)
 
-    def embed(self, images: torch.Tensor, tokens: torch.Tensor, text_mask: torch.Tensor, patches=None):
+    def embed(self, images: torch.Tensor | None, tokens: torch.Tensor, text_mask: torch.Tensor, patches=None):
         """Initial hidden states of the language model.
 
-        images (B, 3, H, W), tokens (B, T) with [CLS] first, text_mask (B, T) bool (True = real token).
+        images (B, 3, H, W) (or None with patches (B, P, Dv), their ViT tokens), tokens (B, T) with [CLS]
+        first, text_mask (B, T) bool (True = real token).
         Returns h_0 (B, S, D) and attn_mask (B, 1, 1, S) bool, True = may be attended (timm's convention).
         Text is cut to the longest question in the batch, so padding costs nothing when it is not needed.
         """
@@ -194,16 +244,16 @@ class VLM(nn.Module):
         """Final norm + answer classifier on [CLS] features: (B, D) -> logits (B, A)."""
         return self.classifier(self.norm(h_cls))
 
-    def forward(self, images: torch.Tensor, tokens: torch.Tensor, text_mask: torch.Tensor, patches=None) -> torch.Tensor:
+    def forward(self, images: torch.Tensor | None, tokens: torch.Tensor, text_mask: torch.Tensor, patches=None) -> torch.Tensor:
         """The full model: logits (B, A). `patches` = precomputed patch_features(images), if at hand."""
         h, attn_mask = self.embed(images, tokens, text_mask, patches)
         for i in range(self.depth):
             h = self.layer(i, h, attn_mask)
         return self.head(h[:, 0])
 
-    def hidden_states(self, images: torch.Tensor, tokens: torch.Tensor, text_mask: torch.Tensor):
+    def hidden_states(self, images: torch.Tensor | None, tokens: torch.Tensor, text_mask: torch.Tensor, patches=None):
         """Every layer's hidden states: list of L+1 tensors (B, S, D) (h_0..h_L) and the attention mask."""
-        h, attn_mask = self.embed(images, tokens, text_mask)
+        h, attn_mask = self.embed(images, tokens, text_mask, patches)
         states = [h]
         for i in range(self.depth):
             h = self.layer(i, h, attn_mask)

@@ -10,6 +10,7 @@ Everything is printed, logged to out/log.jsonl (one JSON line per evaluation) an
 to out/ckpt.pt (weights, optimizer, step, RNG, configs, answer vocabulary and tokenizer).
 """
 import argparse
+import hashlib
 import json
 import math
 import os
@@ -20,6 +21,7 @@ from collections import defaultdict
 from dataclasses import asdict, dataclass, field
 
 import numpy as np
+import timm
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
@@ -27,11 +29,11 @@ from tokenizers import Tokenizer
 from tqdm import tqdm
 
 from data import (COLORS, SHAPES, DataConfig, DataError, Parser, add_config_args, batches, check_data_config,
-                  config_from_args, load_data, majority_baseline)
+                  config_from_args, load_data, majority_baseline, to_device)
 import infer
 from free_min import (FREE, ExitConfig, build_from_checkpoint, check_exit_config, discriminator_loss, generator_loss,
                       load_checkpoint)
-from model import VLM, ModelConfig, check_model_config
+from model import VLM, ModelConfig, check_model_config, describe_timm_vit, make_vit
 
 
 @dataclass
@@ -58,6 +60,13 @@ class TrainConfig:
                                                         "so several exit methods can share one backbone"})
     final_eval: bool = field(default=True, metadata={"help": "end with infer.py's early-exit report on the test split "
                                                              "(OUT/report.json, OUT/speedup.png)"})
+    feature_cache: str = field(default="", metadata={"help": "with --freeze-vit: the file of cached image tokens (default "
+                                                             "OUT/features.npy); a named file that holds another "
+                                                             "encoder's tokens is refused"})
+    state_cache: str = field(default="", metadata={"help": "stage 2: train the exits from the frozen backbone's states, "
+                                                           "computed once into this folder (fp16) and reused by later "
+                                                           "runs on the same backbone, data and exit layers; '' = run "
+                                                           "the backbone on every batch"})
     export: str = field(default="", metadata={"help": "after stage 1, also write the backbone alone to this file: fp16 "
                                                       "weights, configs, tokenizer, answers and its test accuracy (how "
                                                       "backbones/ is made)"})
@@ -155,10 +164,6 @@ def soft_cross_entropy(logits: torch.Tensor, targets: torch.Tensor) -> torch.Ten
     and lets the exits share the same loss shape with the KD term of stage 2."""
     targets = targets / targets.sum(dim=1, keepdim=True).clamp(min=1e-8)
     return -(targets * F.log_softmax(logits.float(), dim=1)).sum(dim=1).mean()
-
-
-def to_device(batch: dict, device: torch.device) -> dict:
-    return {k: v.to(device, non_blocking=True) for k, v in batch.items()}
 
 
 @torch.no_grad()
@@ -279,14 +284,35 @@ def check_train_config(tcfg: TrainConfig) -> None:
         raise DataError("--backbone is read by --stage exits only (the other stages train their own backbone)")
 
 
+def adopt_timm_encoder(dcfg: DataConfig, mcfg: ModelConfig) -> None:
+    """--vit NAME: the input size, patch size, width, normalisation, resize and crop come from timm's own
+    description of the model. With --vit-weights, the file must fit the model (checked here, before any
+    data is read). ValueError naming the flag otherwise."""
+    if not timm.is_model(mcfg.vit):
+        raise ValueError(f"--vit {mcfg.vit}: not a timm model name (python -c \"import timm; print(timm.list_models('vit*'))\")")
+    enc = describe_timm_vit(mcfg.vit, mcfg.vit_image_size)
+    dcfg.image_size, dcfg.crop_pct, dcfg.interpolation = enc["image_size"], enc["crop_pct"], enc["interpolation"]
+    mcfg.patch_size, mcfg.vit_dim, mcfg.pixel_mean, mcfg.pixel_std = (enc["patch_size"], enc["vit_dim"], enc["pixel_mean"],
+                                                                      enc["pixel_std"])
+    if mcfg.vit_weights:
+        mcfg.image_size = dcfg.image_size
+        try:
+            make_vit(mcfg)
+        except Exception as e:   # whatever stops the user's file from loading into this model: one line
+            raise ValueError(f"--vit-weights {mcfg.vit_weights} does not fit --vit {mcfg.vit} "
+                             f"({str(e).splitlines()[0][:150]})")
+
+
 def validate(dcfg: DataConfig, mcfg: ModelConfig, tcfg: TrainConfig, ecfg: ExitConfig) -> dict | None:
     """Check every flag, and read the checkpoint the run starts from, before any data is made or any step is
     taken: a bad flag costs seconds, and nothing already written is touched. Returns that checkpoint (the
     backbone of --stage exits, or the run to --resume) or None."""
     check_data_config(dcfg)
     check_train_config(tcfg)
-    mcfg.image_size, mcfg.max_text_len = dcfg.image_size, dcfg.max_question_len
     try:
+        if mcfg.vit and not (tcfg.stage == "exits" and not tcfg.resume):
+            adopt_timm_encoder(dcfg, mcfg)
+        mcfg.image_size, mcfg.max_text_len = dcfg.image_size, dcfg.max_question_len
         if tcfg.stage == "exits" and not tcfg.resume:
             state = load_checkpoint(tcfg.backbone or os.path.join(tcfg.out, "ckpt.pt"),
                                     "--backbone" if tcfg.backbone else "--stage exits (no --backbone, so OUT/ckpt.pt):")
@@ -305,7 +331,9 @@ def backbone_step(model, probe, opt, scaler, train, ids, tcfg, device, dtype) ->
     batch = to_device(train.batch(ids), device)
     targets = train.soft_targets(ids, model.cfg.num_answers).to(device)         # (B, A)
     with torch.autocast(device.type, dtype=dtype, enabled=dtype != torch.float32):
-        patches = model.patch_features(batch["images"])                       # (B, P, Dv)
+        patches = batch.pop("patches", None)                                  # cached tokens of a frozen encoder
+        if patches is None:
+            patches = model.patch_features(batch["images"])                   # (B, P, Dv)
         logits = model(**batch, patches=patches)                              # (B, A)
     loss = soft_cross_entropy(logits, targets)
     total = loss
@@ -339,13 +367,99 @@ def announce_cost(seconds_per_step: float, steps_left: int, device: torch.device
                    f"backbone: python train.py --stage exits --backbone {SHIPPED_BACKBONE}")
 
 
+def sha1_of(tensors: dict) -> str:
+    """A fingerprint of named tensors (weights, or a split's inputs): equal only if every value is equal."""
+    digest = hashlib.sha1()
+    for name, tensor in tensors.items():
+        digest.update(name.encode())
+        digest.update(tensor.detach().cpu().contiguous().numpy().tobytes())
+    return digest.hexdigest()
+
+
+def encoder_identity(model: VLM, dcfg: DataConfig) -> dict:
+    """What the cached tokens of a frozen encoder depend on: the encoder and its exact weights (a hash), its
+    input size and resize, and the images. A cache recorded with other values holds other tokens."""
+    source = os.path.abspath(dcfg.vqa_images) if dcfg.data == "vqa2" else f"shapes, data seed {dcfg.data_seed}"
+    return {"encoder": model.cfg.vit or "built-in", "weights_sha1": sha1_of(model.vit.state_dict()), "input_size": dcfg.image_size,
+            "crop_pct": dcfg.crop_pct, "interpolation": dcfg.interpolation, "images": source}
+
+
+@torch.no_grad()
+def cache_features(model: VLM, splits: dict, path: str, identity: dict, named: bool, device, dtype) -> None:
+    """A frozen encoder's tokens, computed once per image into a memory-mapped fp16 file (path; its record in
+    path + '.json': the encoder identity and the row of every image id), then served by every split in place
+    of its images (Split.features). An existing file is reused if its record matches; otherwise it is
+    rebuilt, unless the user named it (--feature-cache): then it is refused, so nothing of theirs is lost."""
+    ids = {name: image_ids(split) for name, split in splits.items()}
+    wanted = sorted({i for v in ids.values() for i in v})
+    record = read_feature_record(path)
+    if record is not None and (record["identity"] != identity or not set(wanted) <= set(map(int, record["rows"]))):
+        if named and record["identity"] != identity:
+            raise DataError(f"--feature-cache {path} holds the tokens of {record['identity']}, not of {identity}; "
+                            f"name another file or delete it")
+        print(f"note: {path} was made for other images or another encoder ({record['identity']['encoder']}); rebuilding it")
+        record = None
+    if record is None:
+        record = build_feature_cache(model, splits, ids, wanted, path, identity, device, dtype)
+    features = np.load(path, mmap_mode="r")                                              # (n_cached, P, Dv)
+    for name, split in splits.items():
+        split.features = features
+        split.feature_rows = torch.tensor([record["rows"][str(i)] for i in ids[name]], dtype=torch.long)
+
+
+def image_ids(split) -> list[int]:
+    """The image id of each of a split's images, in the split's image order."""
+    first = {}
+    for r in split.records:
+        first.setdefault(r["image_index"], r["image_id"])
+    return [first[j] for j in range(len(split.images))]
+
+
+def read_feature_record(path: str) -> dict | None:
+    """The record next to a feature cache, or None if there is no complete cache at path."""
+    if not (os.path.isfile(path) and os.path.isfile(path + ".json")):
+        return None
+    try:
+        with open(path + ".json") as f:
+            return json.load(f)
+    except (OSError, json.JSONDecodeError):
+        return None
+
+
+def build_feature_cache(model: VLM, splits: dict, ids: dict, wanted: list, path: str, identity: dict, device, dtype) -> dict:
+    """Run the frozen encoder once over every image (in batches) into path (fp16); then write the record."""
+    t0, rows, written = time.time(), {str(i): r for r, i in enumerate(wanted)}, set()
+    model.eval()
+    sample = model.patch_features(splits["train"].batch(torch.arange(1), cached=False)["images"].to(device))
+    os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
+    out = np.lib.format.open_memmap(path + ".tmp", mode="w+", dtype=np.float16, shape=(len(wanted),) + tuple(sample.shape[1:]))
+    for name, split in splits.items():
+        todo = [j for j, i in enumerate(ids[name]) if i not in written]
+        for chunk in tqdm(list(torch.split(torch.tensor(todo, dtype=torch.long), 64)), desc=f"caching {name} image tokens",
+                          leave=False, disable=None):
+            with torch.autocast(device.type, dtype=dtype, enabled=dtype != torch.float32):
+                tokens = model.patch_features((split.images[chunk].float() / 255.0).to(device))   # (b, P, Dv)
+            out[[rows[str(ids[name][j])] for j in chunk.tolist()]] = tokens.float().cpu().numpy().astype(np.float16)
+        written |= set(ids[name])
+    out.flush()
+    del out
+    os.replace(path + ".tmp", path)
+    record = {"identity": identity, "rows": rows}
+    with open(path + ".json.tmp", "w") as f:
+        json.dump(record, f)
+    os.replace(path + ".json.tmp", path + ".json")
+    print(f"cached the frozen encoder's tokens of {len(wanted)} images in {path} ({time.time() - t0:.0f}s)")
+    return record
+
+
 def train_backbone(model, splits, tokenizer, answers, dcfg, mcfg, tcfg, device, dtype, state=None):
     """Stage 1: train the whole VLM on the train split with soft cross-entropy (plus the auxiliary patch
     loss on shapes data); evaluate on val and checkpoint after every epoch."""
     train, val = splits["train"], splits["val"]
     trainable = torch.nonzero(train.trainable()).squeeze(1)          # (n_train,) questions with a target
-    probe = PatchProbe(mcfg.vit_dim).to(device) if tcfg.aux_weight > 0 and train.pixel_labels is not None else None
-    params = list(model.parameters()) + (list(probe.parameters()) if probe is not None else [])
+    use_probe = tcfg.aux_weight > 0 and train.pixel_labels is not None and not mcfg.freeze_vit
+    probe = PatchProbe(model.vit.embed_dim).to(device) if use_probe else None
+    params = [p for p in model.parameters() if p.requires_grad] + (list(probe.parameters()) if probe is not None else [])
     opt = torch.optim.AdamW(params, lr=tcfg.lr, weight_decay=tcfg.weight_decay, betas=(0.9, 0.98))
     scaler = torch.amp.GradScaler(device.type, enabled=dtype == torch.float16)
     total_steps = tcfg.epochs * math.ceil(len(trainable) / tcfg.batch_size)
@@ -435,18 +549,83 @@ def evaluate_exits(free: FREE, split, device, dtype, batch_size: int) -> dict:
                       for k, l in enumerate(free.exit_layers)]}
 
 
-def exit_step(free: FREE, batch: dict, targets, labelled, opt_g, opt_d, scaler, device, dtype, adv_weight: float) -> dict:
-    """One batch of stage 2: a D step (free only), then a G step on the exits. The losses are computed under
-    autocast; backward and the optimizer steps run outside it, through the grad scaler (a no-op unless fp16),
-    as in stage 1."""
+@torch.no_grad()
+def frozen_states(free: FREE, batch: dict, device, dtype) -> dict:
+    """What stage 2 reads of the frozen backbone for one batch: the hidden states entering each exit
+    ('inputs': K x (B, S, D)), the attention mask (B, 1, 1, S) and the final feature h_L[CLS] ('real': (B, D))."""
+    with torch.autocast(device.type, dtype=dtype, enabled=dtype != torch.float32):
+        states, attn_mask = free.backbone.hidden_states(**batch)
+    return {"inputs": [states[l] for l in free.exit_layers], "mask": attn_mask, "real": states[-1][:, 0]}
+
+
+class StateCache:
+    """The frozen backbone's hidden states at the exits for every train question, computed once and kept on
+    disk (fp16, memory-mapped: DIR/inputs.npy (n, K, S, D), mask.npy (n, S), real.npy (n, D), record.json),
+    so that stage 2's epochs, and further stage-2 runs on the same backbone, data and exit layers, skip
+    the backbone's forward pass. A directory recorded for anything else is rebuilt."""
+
+    def __init__(self, free: FREE, split, folder: str, identity: dict, device, dtype, batch_size: int):
+        self.folder = folder
+        if self.read_record() != identity:
+            self.build(free, split, identity, device, dtype, batch_size)
+        self.inputs, self.mask, self.real = (np.load(os.path.join(folder, f"{n}.npy"), mmap_mode="r")
+                                             for n in ("inputs", "mask", "real"))
+
+    def read_record(self) -> dict | None:
+        path = os.path.join(self.folder, "record.json")
+        if not os.path.isfile(path):
+            return None
+        with open(path) as f:
+            return json.load(f)
+
+    def build(self, free: FREE, split, identity: dict, device, dtype, batch_size: int) -> None:
+        t0, n = time.time(), len(split)
+        os.makedirs(self.folder, exist_ok=True)
+        if os.path.exists(os.path.join(self.folder, "record.json")):
+            os.remove(os.path.join(self.folder, "record.json"))              # incomplete until rewritten
+        S = int(split.text_mask.sum(dim=1).max()) + free.backbone.num_visual
+        K, D = free.num_exits, free.backbone.cfg.dim
+        files = {name: np.lib.format.open_memmap(os.path.join(self.folder, f"{name}.npy"), mode="w+", dtype=dt, shape=shape)
+                 for name, dt, shape in (("inputs", np.float16, (n, K, S, D)), ("mask", np.bool_, (n, S)),
+                                         ("real", np.float16, (n, D)))}
+        free.eval()
+        for ids in tqdm(list(batches(n, batch_size)), desc="caching the backbone's states", leave=False, disable=None):
+            st = frozen_states(free, to_device(split.batch(ids), device), device, dtype)
+            s = st["mask"].shape[-1]                                          # this batch's sequence length
+            files["inputs"][ids, :, :s] = torch.stack(st["inputs"], dim=1).float().cpu().numpy()   # (B, K, s, D)
+            files["mask"][ids, :s] = st["mask"][:, 0, 0].cpu().numpy()                            # (B, s)
+            files["real"][ids] = st["real"].float().cpu().numpy()
+        for f in files.values():
+            f.flush()
+        with open(os.path.join(self.folder, "record.json"), "w") as f:
+            json.dump(identity, f)
+        print(f"cached the frozen backbone's states at the exits for {n} questions in {self.folder} ({time.time() - t0:.0f}s)")
+
+    def get(self, ids: torch.Tensor, device) -> dict:
+        """The same dict as frozen_states() for questions ids (fp16 -> fp32). A row keeps the layout of the
+        batch it was computed in (text padded to that batch's longest question, then the visual tokens, then
+        zeros): masked positions, so the exits read it exactly as a live batch; trailing columns that no
+        row of this batch uses are cut."""
+        rows = ids.numpy()
+        mask = torch.from_numpy(np.asarray(self.mask[rows]))                  # (B, S)
+        s = int(mask.any(dim=0).nonzero().max()) + 1
+        inputs = torch.from_numpy(np.asarray(self.inputs[rows, :, :s])).float()  # (B, K, s, D)
+        return {"inputs": [inputs[:, k].to(device) for k in range(inputs.shape[1])],
+                "mask": mask[:, None, None, :s].to(device),                    # (B, 1, 1, s)
+                "real": torch.from_numpy(np.asarray(self.real[rows])).float().to(device)}
+
+
+def exit_step(free: FREE, states: dict, targets, labelled, opt_g, opt_d, scaler, device, dtype, adv_weight: float) -> dict:
+    """One batch of stage 2 on the frozen backbone's `states` (frozen_states()): a D step (free only), then a
+    G step on the exits. The losses are computed under autocast; backward and the optimizer steps run
+    outside it, through the grad scaler (a no-op unless fp16), as in stage 1."""
     autocast = lambda: torch.autocast(device.type, dtype=dtype, enabled=dtype != torch.float32)
+    real, attn_mask = states["real"], states["mask"]                                     # h_L: (B, D)
     with torch.no_grad(), autocast():
-        states, attn_mask = free.backbone.hidden_states(**batch)                         # frozen backbone
-        real = states[-1][:, 0]                                                          # h_L: (B, D)
         final_logits = free.backbone.head(real)                                          # (B, A): the teacher
-        conds = [states[l][:, 0] for l in free.exit_layers]                              # h_{l_k}[CLS]: K x (B, D)
+    conds = [h[:, 0] for h in states["inputs"]]                                          # h_{l_k}[CLS]: K x (B, D)
     with autocast():
-        fakes = [free.exit_feature(k, states[l], attn_mask) for k, l in enumerate(free.exit_layers)]  # G_k(h_{l_k})
+        fakes = [free.exit_feature(k, h, attn_mask) for k, h in enumerate(states["inputs"])]  # G_k(h_{l_k})
     stats = {}
     if free.cfg.exit_method == "free":
         # Discriminator step: tell final-layer features (real) from exit features (fake)
@@ -489,6 +668,12 @@ def train_exits(free: FREE, splits, tcfg: TrainConfig, device, dtype, save, prog
         set_rng_state(progress["rng"])
         start = progress["epoch"] + 1
         print(f"resumed stage 2 after epoch {start} of {ecfg.exit_epochs}")
+    cache = None
+    if tcfg.state_cache:
+        identity = {"backbone_sha1": sha1_of(free.backbone.state_dict()), "exit_layers": free.exit_layers,
+                    "train_split_sha1": sha1_of({"images": train.images, "image_index": train.image_index,
+                                                 "tokens": train.tokens, "text_mask": train.text_mask})}
+        cache = StateCache(free, train, tcfg.state_cache, identity, device, dtype, tcfg.eval_batch_size)
     log, t0 = os.path.join(tcfg.out, "log.jsonl"), time.time()
     for epoch in range(start, ecfg.exit_epochs):
         free.train()
@@ -499,9 +684,10 @@ def train_exits(free: FREE, splits, tcfg: TrainConfig, device, dtype, save, prog
         for ids in bar:
             ids = pool[ids]
             targets = train.soft_targets(ids, free.backbone.cfg.num_answers).to(device) if ecfg.label_fraction > 0 else None
+            states = cache.get(ids, device) if cache else frozen_states(free, to_device(train.batch(ids), device), device, dtype)
             try:
-                stats = exit_step(free, to_device(train.batch(ids), device), targets, labelled[ids].to(device),
-                                  opt_g, opt_d, scaler, device, dtype, adv_weight)
+                stats = exit_step(free, states, targets, labelled[ids].to(device), opt_g, opt_d, scaler, device, dtype,
+                                  adv_weight)
             except FloatingPointError as e:
                 raise SystemExit(f"error: {e} in stage 2, epoch {epoch + 1}; the last good checkpoint is kept "
                                  f"in {os.path.join(tcfg.out, 'ckpt.pt')}. Try a lower --exit-lr / --disc-lr.")
@@ -571,8 +757,11 @@ def run(args, state, dcfg, mcfg, tcfg, ecfg, device, dtype) -> None:
         else:
             start_fresh_log(tcfg.out)
         model.to(device)
-        print(f"model: {sum(p.numel() for p in model.parameters()) / 1e6:.2f}M parameters, "
+        print(f"model: {sum(p.numel() for p in model.parameters()) / 1e6:.2f}M parameters "
+              f"({sum(p.numel() for p in model.parameters() if p.requires_grad) / 1e6:.2f}M trained), "
               f"{mcfg.depth} language-model layers of width {mcfg.dim}")
+        if mcfg.freeze_vit:
+            use_cached_features(model, splits, dcfg, tcfg, device, dtype, measure=True)
         train_backbone(model, splits, tokenizer, answers, dcfg, mcfg, tcfg, device, dtype, state)
         res = report_test(model, splits, device, dtype, tcfg)
         if tcfg.export:
@@ -587,7 +776,40 @@ def run(args, state, dcfg, mcfg, tcfg, ecfg, device, dtype) -> None:
         source = {"path": tcfg.backbone or ckpt_path, "train_config": state.get("train_config")}
         if os.path.abspath(source["path"]) != os.path.abspath(ckpt_path):
             start_fresh_log(tcfg.out)                         # a new run in OUT: the old log is not about it
+    if from_backbone and mcfg.freeze_vit:
+        use_cached_features(model.to(device), splits, dcfg, tcfg, device, dtype, measure=False)
     run_exits(model, state, source, splits, ecfg, tcfg, device, dtype)
+
+
+def use_cached_features(model: VLM, splits: dict, dcfg: DataConfig, tcfg: TrainConfig, device, dtype, measure: bool) -> None:
+    """A frozen encoder: serve its cached tokens (computed now if needed) in place of the images, and, before
+    stage 1, measure what a training step costs with them and without them."""
+    path = tcfg.feature_cache or os.path.join(tcfg.out, "features.npy")
+    if measure:
+        uncached = time_stage1_step(model, splits["train"], tcfg, device, dtype)
+    cache_features(model, splits, path, encoder_identity(model, dcfg), bool(tcfg.feature_cache), device, dtype)
+    if measure:
+        cached = time_stage1_step(model, splits["train"], tcfg, device, dtype)
+        print(f"a stage-1 step (batch {tcfg.batch_size}, forward and backward): {1000 * cached:.0f} ms with the cached "
+              f"image tokens, {1000 * uncached:.0f} ms running the frozen encoder ({uncached / cached:.1f}x)")
+
+
+def time_stage1_step(model: VLM, split, tcfg: TrainConfig, device, dtype, repeats: int = 3) -> float:
+    """Median seconds of a stage-1 forward and backward on one batch (no optimizer step: weights unchanged)."""
+    ids = torch.arange(min(tcfg.batch_size, len(split)))
+    targets = split.soft_targets(ids, model.cfg.num_answers).to(device)
+    times = []
+    for _ in range(repeats + 1):                               # the first is a warm-up
+        start = time.perf_counter()
+        batch = to_device(split.batch(ids), device)
+        with torch.autocast(device.type, dtype=dtype, enabled=dtype != torch.float32):
+            loss = soft_cross_entropy(model(**batch), targets)
+        loss.backward()
+        model.zero_grad(set_to_none=True)
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        times.append(time.perf_counter() - start)
+    return sorted(times[1:])[len(times[1:]) // 2]
 
 
 def export_backbone(path: str, model: VLM, res: dict, dcfg: DataConfig, tcfg: TrainConfig, tokenizer, answers) -> None:

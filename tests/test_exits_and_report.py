@@ -375,3 +375,27 @@ def test_adversarial_warmup_trains_d_but_not_the_adversarial_term(backbone, tmp_
     epochs = [r for r in map(json.loads, open(tmp_path / "log.jsonl")) if "val_exits" in r]
     assert epochs[0]["adv"] == 0.0 and epochs[0]["d_loss"] > 0 and epochs[0]["kd"] > 0
     assert epochs[1]["adv"] > 0
+
+
+def test_state_cache_holds_the_backbone_states_and_is_reused(backbone, tmp_path, capsys):
+    """--state-cache: the frozen backbone's states at the exits are computed once (fp16) and equal the live
+    ones; a second run reuses them (and trains the same exits); other exit layers rebuild the cache."""
+    capsys.readouterr()
+    first = exits_run(backbone, tmp_path / "a", "--state-cache", str(tmp_path / "states"))
+    assert "cached the frozen backbone's states" in capsys.readouterr().out
+    second = exits_run(backbone, tmp_path / "b", "--state-cache", str(tmp_path / "states"))
+    assert "cached the frozen backbone's states" not in capsys.readouterr().out
+    assert same_exits(first, second)
+    _, free, tok, answers, dcfg = build_from_checkpoint(first)
+    splits, _, _ = data.load_data(dcfg, tok, answers)
+    ids = torch.tensor([3, 0, 17, 42, 5])
+    cache = train.StateCache(free, splits["train"], str(tmp_path / "states"), json.loads(
+        (tmp_path / "states" / "record.json").read_text()), torch.device("cpu"), torch.float32, 64)
+    cached = cache.get(ids, torch.device("cpu"))
+    live = train.frozen_states(free, splits["train"].batch(ids), torch.device("cpu"), torch.float32)
+    assert torch.allclose(cached["real"], live["real"], rtol=2e-3, atol=2e-3)
+    # the exit's [CLS] output is the same whether it reads the cached or the live states
+    assert torch.allclose(free.exit_feature(0, cached["inputs"][0], cached["mask"]),
+                          free.exit_feature(0, live["inputs"][0], live["mask"]), rtol=5e-3, atol=5e-3)
+    exits_run(backbone, tmp_path / "c", "--state-cache", str(tmp_path / "states"), "--exit-layers", "1")
+    assert "cached the frozen backbone's states" in capsys.readouterr().out
