@@ -17,6 +17,12 @@ FREE (Bajpai & Hanawal, ACL Findings 2025), as this project implements it (see R
                   + lambda_ce * CE(p_k, y) on labelled questions only ]     (semi-supervised setting)
 
   With no labels (label_fraction = 0) the frozen final layer is the only teacher: FREE is label-free.
+* NOTE (deviation): the default adversarial term is feature matching (--adv-loss fm), not the paper's GAN
+  loss above (--adv-loss gan). On a trained backbone D wins the paper's game from the start (generator
+  loss ~4, D right on ~80 % of real and fake features) and its gradient pulls the exits away from the
+  final layer: at the first exit it cost 2.2 points against distillation alone. Feature matching asks, per
+  question, that the exit's feature and the final layer's look alike in D's hidden layer: it keeps the
+  adversarially trained D but no longer fights distillation (scripts/select_variant.sh; README, Results).
 * Inference is input-adaptive: a sample leaves at the first exit whose rule fires (max-prob >= threshold
   in the paper) and stops computing; the rest continue to the final layer.
 
@@ -50,9 +56,10 @@ class ExitConfig:
                                                                   "layer = real, exit = fake) or pair (a conditional D: the "
                                                                   "exit's input feature together with the final or exit feature)",
                                                           "choices": ["feature", "pair"]})
-    adv_loss: str = field(default="gan", metadata={"help": "generator's adversarial term: gan (non-saturating, the paper) or "
-                                                            "fm (feature matching: the exit and final features of the same "
-                                                            "question should look alike in D's hidden layer)",
+    adv_loss: str = field(default="fm", metadata={"help": "generator's adversarial term: gan (non-saturating, the paper's) or "
+                                                           "fm (feature matching: the exit and final features of the same "
+                                                           "question should look alike in D's hidden layer; the default, "
+                                                           "picked by scripts/select_variant.sh, see README)",
                                                     "choices": ["gan", "fm"]})
     disc_reg: str = field(default="none", metadata={"help": "keep D from winning: none, r1 (gradient penalty on real inputs) "
                                                              "or noise (Gaussian instance noise on D's inputs)",

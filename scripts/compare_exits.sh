@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # The stage-2 comparison in the README: exits trained on one frozen backbone with
 #   free (paper) - FREE's objective as the paper states it: GAN (unconditional D) + distillation (+ CE on labels)
-#   free (best)  - the variant the results picked (see README; these flags are also free_min's defaults)
+#   free (best)  - the variant the results picked: feature matching (--adv-loss fm, free_min's default; see README)
 #   kd           - self-distillation only (FastBERT-style; it never reads a label, so one row for every F)
 #   ce           - labels only (DeeBERT-style; needs F > 0)
 # at label fractions F = 0, 0.01, 0.1 and 1, three seeds each, all with the same exits and steps; then one
