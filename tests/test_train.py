@@ -228,3 +228,22 @@ def test_patch_probe_targets_follow_the_pixels():
     right = torch.tensor([[[1.0, 0, 0, 0], [0, 1, 0, 0], [0, 1, 0, 0], [0, 1, 0, 0]]])   # (1, P=4, Dv=4)
     wrong = right[:, [1, 0, 2, 3]]
     assert probe.loss(right, labels, 8).item() < 1e-6 < probe.loss(wrong, labels, 8).item()
+
+
+def test_export_writes_an_fp16_backbone_that_scores_what_it_states(tmp_path):
+    """--export: the backbone alone (fp16 weights, no optimizer, no exits) with the test accuracy it reached;
+    loaded back (in float32) it gives the trained model's logits up to fp16 rounding, and its stated accuracy."""
+    path = tmp_path / "exported.pt"
+    train.main(MICRO + ["--out", str(tmp_path / "run"), "--export", str(path)])
+    state = torch.load(path, map_location="cpu", weights_only=False)
+    assert "optimizer" not in state and "exits" not in state
+    assert all(v.dtype == torch.float16 for v in state["model"].values() if v.is_floating_point())
+    exported, free, tokenizer, answers, dcfg = build_from_checkpoint(state)
+    trained = build_from_checkpoint(train.load_checkpoint(str(tmp_path / "run" / "ckpt.pt")))[0]
+    assert free is None and next(exported.parameters()).dtype == torch.float32
+    splits, _, _ = data.load_data(dcfg, tokenizer, answers, only=("test",))
+    batch = splits["test"].batch(torch.arange(len(splits["test"])))
+    with torch.no_grad():
+        assert torch.allclose(exported(**batch), trained(**batch), atol=0.05)
+    res = train.evaluate(exported, splits["test"], torch.device("cpu"), torch.float32, 64)
+    assert res["accuracy"] == pytest.approx(state["test_accuracy"], abs=7.0)   # 32 questions: a flip is 3 points
