@@ -115,6 +115,12 @@ def check_exit_config(cfg: ExitConfig, depth: int) -> None:
             raise ValueError(f"--{name.replace('_', '-')} must be at least 1 (got {getattr(cfg, name)})")
 
 
+def skip_identity(module: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """module(x), without the call where the module is an Identity (timm's blocks hold several): at batch 1 an
+    exit costs what its calls cost more than its FLOPs, and an exit should be cheap."""
+    return x if isinstance(module, nn.Identity) else module(x)
+
+
 class ExitLayer(nn.Module):
     """G_k: one transformer block that only computes the [CLS] row.
 
@@ -144,12 +150,16 @@ class ExitLayer(nn.Module):
         q = F.linear(x[:, :1], w_q, b_q).view(B, 1, H, hd).transpose(1, 2)         # (B, H, 1, hd)
         kv = F.linear(x, w_kv, b_kv).view(B, S, 2, H, hd).permute(2, 0, 3, 1, 4)    # (2, B, H, S, hd)
         k, v = kv.unbind(0)                                                        # (B, H, S, hd) each
-        q, k = attn.q_norm(q), attn.k_norm(k)
+        q, k = skip_identity(attn.q_norm, q), skip_identity(attn.k_norm, k)
         o = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask)          # (B, H, 1, hd)
-        o = attn.proj(attn.norm(o.transpose(1, 2).reshape(B, 1, D)))              # (B, 1, D)
-        x_cls = h[:, :1] + blk.ls1(o)                                              # (B, 1, D)
-        x_cls = x_cls + blk.ls2(blk.mlp(blk.norm2(x_cls)))                         # (B, 1, D)
+        o = attn.proj(skip_identity(attn.norm, o.transpose(1, 2).reshape(B, 1, D)))  # (B, 1, D)
+        x_cls = h[:, :1] + skip_identity(blk.ls1, o)                               # (B, 1, D)
+        mlp = blk.mlp                                                              # timm Mlp: fc1, act, (drop, norm,) fc2
+        y = mlp.act(mlp.fc1(blk.norm2(x_cls)))                                     # (B, 1, hidden)
+        y = mlp.fc2(skip_identity(mlp.norm, skip_identity(mlp.drop1, y)))
+        x_cls = x_cls + skip_identity(blk.ls2, skip_identity(mlp.drop2, y))        # (B, 1, D)
         return x_cls[:, 0]                                                         # (B, D)
+
 
 
 class Discriminator(nn.Module):
@@ -372,7 +382,7 @@ def early_exit_predict(free: FREE, images: torch.Tensor | None, tokens: torch.Te
         c, a = probs.max(dim=1)
         if rule == "patience":
             streak, last = torch.where(a == last, streak + 1, torch.ones_like(streak)), a
-        fire = rule_fires(rule, probs, threshold, streak)              # (B_alive,)
+        fire = c >= threshold if rule == "maxprob" else rule_fires(rule, probs, threshold, streak)  # (B_alive,)
         leaving = int(fire.sum())                                      # the one sync of this exit
         if leaving == len(alive):                                      # everyone left: answer and stop
             pred[alive], conf[alive], exit_at[alive] = a, c, k

@@ -11,6 +11,7 @@
 #
 #   bash scripts/compare_exits.sh BACKBONE OUTDIR [SEEDS] [extra train.py flags...]
 #   e.g. bash scripts/compare_exits.sh backbones/shapes-default.pt runs/compare "0 1 2"
+#   FRACTIONS="0 0.1" bash scripts/compare_exits.sh ...     # only these label fractions
 set -euo pipefail
 backbone=${1:?usage: compare_exits.sh BACKBONE OUTDIR [SEEDS] [train.py flags]}
 out=${2:?usage: compare_exits.sh BACKBONE OUTDIR [SEEDS] [train.py flags]}
@@ -29,7 +30,7 @@ run() {                                                    # run NAME FLAGS...: 
 }
 mkdir -p "$out"
 for seed in $seeds; do
-    for f in 0 0.01 0.1 1; do
+    for f in ${FRACTIONS:-0 0.01 0.1 1}; do
         run "free_paper_F${f}_s${seed}" "${paper[@]}" --label-fraction "$f" --seed "$seed" "$@"
         run "free_best_F${f}_s${seed}" "${best[@]}" --label-fraction "$f" --seed "$seed" "$@"
         if [ "$f" != 0 ]; then run "ce_F${f}_s${seed}" --exit-method ce --label-fraction "$f" --seed "$seed" "$@"; fi
