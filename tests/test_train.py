@@ -45,7 +45,7 @@ def test_the_vlm_learns_to_read_the_image():
     is the circle?"), held-out accuracy beats the family's majority answer. (A from-scratch run on all six
     families needs far more steps than a test can take before it leaves the answer priors; see README.)"""
     torch.manual_seed(0)
-    splits, tok, answers = data.load_data(data.DataConfig(train_images=2000, val_images=300, test_images=1))
+    splits, tok, answers = data.load_data(data.DataConfig(train_images=1200, val_images=300, test_images=1))
     cfg = train.ModelConfig(image_size=64, max_text_len=24, vocab_size=tok.get_vocab_size(), num_answers=len(answers),
                             dim=64, depth=2, heads=2)
     model, probe = VLM(cfg=cfg), train.PatchProbe(cfg.vit_dim)
@@ -56,9 +56,9 @@ def test_the_vlm_learns_to_read_the_image():
     pick = lambda split: torch.tensor([i for i, r in enumerate(split.records) if r["family"] == "query_color"])
     train_ids, val_ids = pick(tr), pick(va)
     g = torch.Generator().manual_seed(0)
-    for step in range(400):
+    for step in range(250):
         for group in opt.param_groups:
-            group["lr"] = train.get_lr(step, 400, tcfg)
+            group["lr"] = train.get_lr(step, 250, tcfg)
         ids = train_ids[torch.randint(len(train_ids), (32,), generator=g)]
         train.backbone_step(model, probe, opt, scaler, tr, ids, tcfg, torch.device("cpu"), torch.float32)
     model.eval()
