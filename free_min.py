@@ -382,7 +382,7 @@ def early_exit_predict(free: FREE, images: torch.Tensor | None, tokens: torch.Te
         c, a = probs.max(dim=1)
         if rule == "patience":
             streak, last = torch.where(a == last, streak + 1, torch.ones_like(streak)), a
-        fire = c >= threshold if rule == "maxprob" else rule_fires(rule, probs, threshold, streak)  # (B_alive,)
+        fire = rule_fires(rule, probs, threshold, streak)              # (B_alive,)
         leaving = int(fire.sum())                                      # the one sync of this exit
         if leaving == len(alive):                                      # everyone left: answer and stop
             pred[alive], conf[alive], exit_at[alive] = a, c, k
