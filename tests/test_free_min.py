@@ -217,3 +217,24 @@ def test_instance_noise_only_while_training():
     free.train()
     noisy = free_min.disc_input(free, feat, cond) - free.backbone.norm(feat)
     assert 0.4 < noisy.std().item() < 0.6
+
+
+def test_inference_copy_folds_the_stem_and_gives_the_same_answers():
+    """The copy that the report times: no BatchNorm left in the conv stem, channels-last conv weights, the same
+    logits at every exit and at the final layer as the trained model (BN with non-trivial running statistics),
+    and the original left untouched."""
+    free = make_free()
+    with torch.no_grad():
+        for bn in [m for m in free.backbone.modules() if isinstance(m, torch.nn.BatchNorm2d)]:
+            bn.running_mean.uniform_(-0.5, 0.5), bn.running_var.uniform_(0.5, 2.0)
+            bn.weight.uniform_(0.5, 1.5), bn.bias.uniform_(-0.2, 0.2)
+    copied = free_min.inference_copy(free)
+    convs = [m for m in copied.backbone.modules() if isinstance(m, torch.nn.Conv2d)]
+    assert convs and not any(isinstance(m, torch.nn.BatchNorm2d) for m in copied.modules())
+    assert all(c.weight.is_contiguous(memory_format=torch.channels_last) for c in convs if c.kernel_size != (1, 1))
+    assert any(isinstance(m, torch.nn.BatchNorm2d) for m in free.modules())
+    images, tokens, mask = inputs()
+    with torch.no_grad():
+        a, b = free.all_outputs(images, tokens, mask), copied.all_outputs(images, tokens, mask)
+    assert torch.allclose(a["final"], b["final"], atol=1e-4)
+    assert all(torch.allclose(x, y, atol=1e-4) for x, y in zip(a["exits"], b["exits"]))
