@@ -355,12 +355,15 @@ def rule_fires(rule: str, probs: torch.Tensor, threshold: float, streak: torch.T
 
 @torch.no_grad()
 def early_exit_predict(free: FREE, images: torch.Tensor | None, tokens: torch.Tensor, text_mask: torch.Tensor,
-                       rule: str = "maxprob", threshold: float = 0.9, patches: torch.Tensor | None = None) -> dict:
+                       rule: str = "maxprob", threshold: float = 0.9, patches: torch.Tensor | None = None,
+                       exits: list[int] | None = None) -> dict:
     """Run the language model layer by layer; after layer l_k evaluate exit k on the samples still running,
     answer those whose rule fires and *remove them from the batch*, so later layers run on fewer rows.
     One host sync per exit (how many leave); when all leave, it stops without touching the batch.
 
-    `patches`: the image encoder's tokens, if already at hand (then images may be None).
+    `patches`: the image encoder's tokens, if already at hand (then images may be None). `exits`: indices
+    of the exits to evaluate (default: all; an exit that is not evaluated costs nothing, see
+    infer.calibrate, which picks them for the machine).
     Returns {'pred': (B,) answer index, 'exit': (B,) exit index (K = the final layer), 'confidence': (B,)
     max softmax probability of the answer given, 'layers': (B,) language-model layers each sample ran}.
     """
@@ -373,10 +376,11 @@ def early_exit_predict(free: FREE, images: torch.Tensor | None, tokens: torch.Te
     alive = torch.arange(B, device=device)                             # original row of each running sample
     last = torch.full((B,), -1, dtype=torch.long, device=device)       # patience: previous exit's answer
     streak = torch.zeros(B, dtype=torch.long, device=device)           # patience: same answer this many exits
-    k = 0
+    at_layer = {free.exit_layers[k]: k for k in (range(K) if exits is None else exits)}   # layer -> exit evaluated after it
     for i in range(bb.depth):
         h = bb.layer(i, h, attn_mask)                                  # (B_alive, S, D)
-        if k == K or i + 1 != free.exit_layers[k]:
+        k = at_layer.get(i + 1)
+        if k is None:
             continue
         probs = free.exit_logits(k, free.exit_feature(k, h, attn_mask)).float().softmax(dim=1)  # (B_alive, A)
         c, a = probs.max(dim=1)
@@ -392,7 +396,6 @@ def early_exit_predict(free: FREE, images: torch.Tensor | None, tokens: torch.Te
             rows, keep = alive[fire], ~fire
             pred[rows], conf[rows], exit_at[rows] = a[fire], c[fire], k
             h, attn_mask, alive, last, streak = h[keep], attn_mask[keep], alive[keep], last[keep], streak[keep]
-        k += 1
     if len(alive):
         probs = bb.head(h[:, 0]).float().softmax(dim=1)                # (B_alive, A): the final layer
         c, a = probs.max(dim=1)

@@ -17,8 +17,9 @@ The report (--eval):
     earliest right answer comes before the final layer;
   * a threshold sweep per rule (maxprob = FREE's, entropy = DeeBERT, patience = PABEE): accuracy,
     layers run, layer speedup and measured wall-clock speedup;
-  * a calibrated operating point: the threshold picked on *val* (fastest by layer speedup whose
-    accuracy drop is <= --max-drop points), reported on the eval split, timed at batch 1 and batched;
+  * a calibrated operating point: the threshold and the exits to evaluate, picked on *val* (the fastest
+    whose accuracy drop is <= --max-drop points, by the costs measured at batch 1 on this machine, or by
+    FLOPs with --no-timing), reported on the eval split, timed at batch 1 and batched;
   * exit depth per question family.
 """
 import argparse
@@ -87,24 +88,26 @@ def collect(free, split, batch_size: int) -> dict:
             "seq_len": torch.cat(seq).mean().item()}
 
 
-def simulate(probs: dict, rule: str, threshold: float) -> dict:
-    """Where every sample would leave under a rule, from the collected probabilities. This equals
-    early_exit_predict sample by sample (tested); it lets a sweep cost one pass instead of one per point.
+def simulate(probs: dict, rule: str, threshold: float, exits: list[int] | None = None) -> dict:
+    """Where every sample would leave under a rule, evaluating the exits `exits` (indices; default all), from
+    the collected probabilities. This equals early_exit_predict sample by sample (tested); it lets a sweep
+    cost one pass instead of one per point.
     Returns exit (n,) in 0..K (K = final), pred (n,), evaluated (n,) = exits evaluated."""
-    exits, final = probs["exits"], probs["final"]                                      # (K, n, A), (n, A)
-    K, n = exits.shape[:2]
-    exit_at = torch.full((n,), K, dtype=torch.long)
+    final = probs["final"]                                                             # (n, A)
+    K, n = probs["exits"].shape[:2]
+    exits = list(range(K)) if exits is None else exits
+    exit_at, evaluated = torch.full((n,), K, dtype=torch.long), torch.full((n,), len(exits), dtype=torch.long)
     pred = final.argmax(1)
     streak, last = torch.zeros(n, dtype=torch.long), torch.full((n,), -1, dtype=torch.long)
     running = torch.ones(n, dtype=torch.bool)
-    for k in range(K):
-        a = exits[k].argmax(1)
+    for j, k in enumerate(exits):
+        a = probs["exits"][k].argmax(1)
         streak = torch.where(a == last, streak + 1, torch.ones_like(streak))
-        fire = running & rule_fires(rule, exits[k], threshold, streak)
-        exit_at[fire], pred[fire] = k, a[fire]
+        fire = running & rule_fires(rule, probs["exits"][k], threshold, streak)
+        exit_at[fire], pred[fire], evaluated[fire] = k, a[fire], j + 1
         running &= ~fire
         last = a
-    return {"exit": exit_at, "pred": pred, "evaluated": torch.clamp(exit_at + 1, max=K)}
+    return {"exit": exit_at, "pred": pred, "evaluated": evaluated}
 
 
 def layer_speedup(free, sim: dict, seq_len: float) -> tuple[float, float]:
@@ -121,7 +124,7 @@ def layer_speedup(free, sim: dict, seq_len: float) -> tuple[float, float]:
 # ----------------------------------------------------------------------------------------------------
 @torch.inference_mode()
 def time_speedup(free, split, ids: torch.Tensor, batch_size: int, rule: str, threshold: float, repeats: int,
-                 image_tokens_ready: bool = False) -> dict:
+                 image_tokens_ready: bool = False, exits: list[int] | None = None) -> dict:
     """Seconds for the full model and for early exit over the same questions (inputs prepared on the model's
     device beforehand), interleaved so that both see the same machine load, each run ending when its
     answers are ready (a device sync on a GPU). Returns medians. End to end by default (the image encoder
@@ -140,7 +143,7 @@ def time_speedup(free, split, ids: torch.Tensor, batch_size: int, rule: str, thr
 
     def early():
         for x in inputs:
-            early_exit_predict(free, **x, rule=rule, threshold=threshold)
+            early_exit_predict(free, **x, rule=rule, threshold=threshold, exits=exits)
         sync()
 
     runs = {"full": full, "early_exit": early}
@@ -207,15 +210,86 @@ def sweep_rule(free, split, probs: dict, rule: str) -> list[dict]:
     return rows
 
 
-def calibrate(free, val, val_probs: dict, rule: str, max_drop: float) -> dict:
-    """On val: the threshold with the highest layer speedup whose accuracy drop is <= max_drop points.
-    (Layer speedup, not seconds, picks the point: it is deterministic; seconds are then measured.)"""
+@torch.inference_mode()
+def unit_costs(free, split, ids: torch.Tensor, repeats: int) -> dict:
+    """Measured seconds, at batch 1 on the model's device, of what an early-exit forward is made of: the
+    embedding (image encoder, merge, text), one language-model layer, one exit evaluation (G_k, head and the
+    rule's softmax) and the final head. Medians over the questions `ids` x repeats, mean over layers/exits."""
+    device = next(free.parameters()).device
+    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
+    bb, times = free.backbone, defaultdict(list)
+
+    def timed(name, fn, *args):
+        sync()
+        start = time.perf_counter()
+        out = fn(*args)
+        sync()
+        times[name].append(time.perf_counter() - start)
+        return out
+
+    for r in range(repeats + 1):                                     # the first round warms up
+        for i in ids.tolist():
+            x = to_device(split.batch(torch.tensor([i]), cached=False), device)
+            h, mask = timed("embed", bb.embed, x["images"], x["tokens"], x["text_mask"])
+            for layer in range(bb.depth):
+                h = timed("layer", bb.layer, layer, h, mask)
+                if layer + 1 in free.exit_layers:
+                    k = free.exit_layers.index(layer + 1)
+                    timed("exit", lambda: free.exit_logits(k, free.exit_feature(k, h, mask)).float().softmax(1).max(1))
+            timed("head", lambda: bb.head(h[:, 0]).float().softmax(1).max(1))
+        if r == 0:
+            times.clear()
+    return {name: statistics.median(v) for name, v in times.items()} | {"unit": "seconds at batch 1"}
+
+
+def flop_costs(free, seq_len: float) -> dict:
+    """The paper's view as a cost model: a layer costs 1, an exit its FLOPs in layer units, the rest nothing."""
+    layer_flops, exit_flops = layer_costs(free, seq_len)
+    return {"embed": 0.0, "layer": 1.0, "exit": exit_flops / layer_flops, "head": 0.0, "unit": "layers (FLOPs)"}
+
+
+def predicted_speedup(free, sim: dict, costs: dict) -> float:
+    """Full-model cost / mean early-exit cost of the samples in `sim`, under a cost model (unit_costs/flop_costs)."""
+    layers = torch.tensor(free.exit_layers + [free.backbone.depth])[sim["exit"]].float()
+    at_final = (sim["exit"] == free.num_exits).float()
+    cost = costs["embed"] + layers * costs["layer"] + sim["evaluated"].float() * costs["exit"] + at_final * costs["head"]
+    return (costs["embed"] + free.backbone.depth * costs["layer"] + costs["head"]) / cost.mean().item()
+
+
+def exit_subsets(K: int) -> list[list[int]]:
+    """Every non-empty set of exits, all K first (the paper's setting wins ties), then larger sets first."""
+    subsets = [[k for k in range(K) if mask >> k & 1] for mask in range(1, 2 ** K)]
+    return sorted(subsets, key=len, reverse=True)
+
+
+def calibrate(free, val, val_probs: dict, rule: str, max_drop: float, costs: dict) -> dict:
+    """On val: the threshold *and the set of exits evaluated* with the highest predicted speedup under the cost
+    model `costs` whose accuracy drop is <= max_drop points.
+
+    Why choose exits too: an exit is worth evaluating only if enough questions leave there to pay for it.
+    Under the FLOP view (flop_costs) an exit costs a fifth of a layer and every exit pays; measured at
+    batch 1 on a CPU (unit_costs) an exit costs most of a layer (it reads a whole block's weights and runs
+    as many small operations), and an exit where few questions leave costs more than it saves. The depth
+    profile decides, on val, for the machine at hand."""
     full = accuracy(val, val_probs["final"].argmax(1))
-    ok = [r for r in sweep_rule(free, val, val_probs, rule) if full - r["accuracy"] <= max_drop]
-    if not ok:
+    grid = list(range(1, free.num_exits + 1)) if rule == "patience" else THRESHOLDS[rule]
+    best = None
+    for exits in exit_subsets(free.num_exits):
+        for t in grid:
+            if rule == "patience" and t > len(exits):
+                continue
+            sim = simulate(val_probs, rule, t, exits)
+            drop = full - accuracy(val, sim["pred"])
+            if drop <= max_drop:
+                speedup = predicted_speedup(free, sim, costs)
+                if best is None or speedup > best["predicted_speedup"] + 1e-9:
+                    best = {"threshold": t, "exit_layers": [free.exit_layers[k] for k in exits],
+                            "val_accuracy_drop": drop, "predicted_speedup": speedup}
+    if best is None:
         return {"rule": rule, "threshold": None}
-    best = max(ok, key=lambda r: r["layer_speedup"])
-    return {"rule": rule, "threshold": best["threshold"], "val_accuracy_drop": full - best["accuracy"]}
+    return {"rule": rule, "threshold": best["threshold"], "exit_layers": best["exit_layers"],
+            "val_accuracy_drop": best["val_accuracy_drop"], "predicted_speedup": best["predicted_speedup"],
+            "cost_model": costs}
 
 
 def oracle_exits(probs: dict) -> dict:
@@ -267,11 +341,19 @@ def build_report(free, splits: dict, split_name: str, cfg: InferConfig) -> dict:
               "mid_crisis": {"free_exits": mid_crisis(profile), "raw_readout": mid_crisis(profile, "raw_accuracy")},
               "overthinking": overthinking(split, probs), "sweep": sweep,
               "oracle": {"avg_layers": oracle_layers, "layer_speedup": oracle_speedup}}
-    report["calibrated"] = calibrated_point(free, split, probs, calibrate(free, splits["val"], val_probs, cfg.rule, cfg.max_drop),
-                                            profile["final"], oracle_speedup, timing_ids, cfg)
-    if report["calibrated"]["threshold"] is not None:
-        report["per_family"] = per_family_depth(free, split, simulate(probs, cfg.rule, report["calibrated"]["threshold"]))
+    val = splits["val"]
+    costs = unit_costs(free, val, torch.arange(min(32, len(val))), cfg.repeats) if cfg.timing else \
+        flop_costs(free, val_probs["seq_len"])
+    cal = calibrate(free, val, val_probs, cfg.rule, cfg.max_drop, costs)
+    report["calibrated"] = calibrated_point(free, split, probs, cal, profile["final"], oracle_speedup, timing_ids, cfg)
+    if cal["threshold"] is not None:
+        report["per_family"] = per_family_depth(free, split, simulate(probs, cfg.rule, cal["threshold"], exit_indices(free, cal)))
     return report
+
+
+def exit_indices(free, cal: dict) -> list[int]:
+    """The exits a calibrated point evaluates, as indices (all of them for a point saved without the choice)."""
+    return [free.exit_layers.index(l) for l in cal.get("exit_layers") or free.exit_layers]
 
 
 def calibrated_point(free, split, probs: dict, cal: dict, full_accuracy: float, oracle_speedup: float,
@@ -281,7 +363,8 @@ def calibrated_point(free, split, probs: dict, cal: dict, full_accuracy: float, 
     timing on, the measured wall-clock speedup at batch 1 and batched."""
     if cal["threshold"] is None:
         return cal
-    sim = simulate(probs, cal["rule"], cal["threshold"])
+    exits = exit_indices(free, cal)
+    sim = simulate(probs, cal["rule"], cal["threshold"], exits)
     avg_layers, speedup = layer_speedup(free, sim, probs["seq_len"])
     acc = accuracy(split, sim["pred"])
     saved = (1 - 1 / speedup) / (1 - 1 / oracle_speedup) if oracle_speedup > 1 else 0.0
@@ -290,8 +373,8 @@ def calibrated_point(free, split, probs: dict, cal: dict, full_accuracy: float, 
     if cfg.timing:
         one = timing_ids[:max(1, cfg.timing_samples // 2)]
         for ready, prefix in ((False, ""), (True, "lm_")):         # end to end; language model only
-            t1 = time_speedup(free, split, one, 1, cal["rule"], cal["threshold"], cfg.repeats, ready)
-            tb = time_speedup(free, split, timing_ids, cfg.batch_size, cal["rule"], cal["threshold"], cfg.repeats, ready)
+            t1 = time_speedup(free, split, one, 1, cal["rule"], cal["threshold"], cfg.repeats, ready, exits)
+            tb = time_speedup(free, split, timing_ids, cfg.batch_size, cal["rule"], cal["threshold"], cfg.repeats, ready, exits)
             cal |= {f"{prefix}wallclock_speedup_batch1": t1["speedup"], f"{prefix}wallclock_speedup_batched": tb["speedup"],
                     f"{prefix}timing_batch1": t1, f"{prefix}timing_batched": tb}
     return cal
@@ -328,8 +411,15 @@ def format_calibrated(c: dict) -> str:
         return f"calibrated ({c['rule']}): no threshold keeps the val accuracy drop within the limit"
     rule = {"maxprob": f"max prob >= {c['threshold']:g}", "entropy": f"normalized entropy <= {c['threshold']:g}",
             "patience": f"same answer at {c['threshold']:g} exits in a row"}[c["rule"]]
-    line = (f"calibrated on val ({c['rule']}: {rule}): accuracy {c['accuracy']:.2f}% (drop {c['accuracy_drop']:+.2f} pts), "
-            f"layer speedup {c['layer_speedup']:.2f}x ({100 * c['share_of_oracle_saving']:.0f}% of the oracle's saving)")
+    exits = f"; exits after layers {','.join(map(str, c['exit_layers']))}" if c.get("exit_layers") else ""
+    line = (f"calibrated on val ({c['rule']}: {rule}{exits}): "
+            f"accuracy {c['accuracy']:.2f}% (drop {c['accuracy_drop']:+.2f} pts), layer speedup {c['layer_speedup']:.2f}x "
+            f"({100 * c['share_of_oracle_saving']:.0f}% of the oracle's saving)")
+    costs = c.get("cost_model") or {"unit": ""}
+    if costs["unit"].startswith("seconds"):
+        line += (f"\n  chosen by the costs measured here at batch 1: embedding {1e3 * costs['embed']:.2f} ms, a layer "
+                 f"{1e3 * costs['layer']:.2f} ms, an exit {1e3 * costs['exit']:.2f} ms, the final head {1e3 * costs['head']:.2f} ms "
+                 f"(predicted speedup {c['predicted_speedup']:.2f}x)")
     if "wallclock_speedup_batch1" in c:
         line += (f"\n  wall-clock speedup end to end: {c['wallclock_speedup_batch1']:.2f}x at batch 1, "
                  f"{c['wallclock_speedup_batched']:.2f}x at batch {c['timing_batched']['batch_size']}; "
@@ -377,15 +467,16 @@ def write_json(path: str, report: dict) -> None:
 
 
 @torch.no_grad()
-def answer_one(free, tokenizer, answers: list[str], image_size: int, cfg: InferConfig, threshold: float) -> dict:
-    """Answer one question about one image file with early exit."""
+def answer_one(free, tokenizer, answers: list[str], image_size: int, cfg: InferConfig, threshold: float,
+               exits: list[int] | None = None) -> dict:
+    """Answer one question about one image file with early exit (evaluating the exits `exits`, default all)."""
     if not cfg.question.strip():
         raise DataError("--question is empty")
     image = load_image(cfg.image, image_size).float()[None] / 255.0          # (1, 3, H, W)
     tokens, text_mask = encode_questions(tokenizer, [cfg.question])           # (1, T)
     device = next(free.parameters()).device
     out = early_exit_predict(free, image.to(device), tokens.to(device), text_mask.to(device), rule=cfg.rule,
-                             threshold=threshold)
+                             threshold=threshold, exits=exits)
     k = out["exit"].item()
     where = f"exit {k + 1} of {free.num_exits} (after layer {free.exit_layers[k]} of {free.backbone.depth})" \
         if k < free.num_exits else f"the final layer ({free.backbone.depth} of {free.backbone.depth})"
@@ -562,12 +653,14 @@ def main(argv=None) -> None:
             check_data_config(dcfg)
             evaluate_checkpoint(free, tokenizer, answers, dcfg, cfg)
         elif cfg.image:
-            threshold = cfg.threshold
-            calibrated = state.get("calibrated", {})
-            if threshold < 0:
-                threshold = calibrated.get("threshold") if calibrated.get("rule") == cfg.rule else None
-                threshold = threshold if threshold is not None else (2 if cfg.rule == "patience" else 0.9)
-            out = answer_one(free, tokenizer, answers, state["model_config"]["image_size"], cfg, threshold)
+            threshold, exits = cfg.threshold, None
+            calibrated = state.get("calibrated") or {}
+            if threshold < 0:                   # the run's calibrated point (threshold and exits), if it has one
+                if calibrated.get("rule") == cfg.rule and calibrated.get("threshold") is not None:
+                    threshold, exits = calibrated["threshold"], exit_indices(free, calibrated)
+                else:
+                    threshold = 2 if cfg.rule == "patience" else 0.9
+            out = answer_one(free, tokenizer, answers, state["model_config"]["image_size"], cfg, threshold, exits)
             print(f"answer: {out['answer']}  (confidence {out['confidence']:.3f}; left at {out['where']}; "
                   f"rule {cfg.rule}, threshold {threshold:g})")
         else:

@@ -875,8 +875,8 @@ def run_exits(model: VLM, state: dict, source: dict, splits, ecfg: ExitConfig, t
 
 def final_report(free: FREE, splits, tcfg: TrainConfig, ckpt_path: str) -> None:
     """infer.py's early-exit report on the test split, run and timed where the model trained (the GPU on a
-    GPU machine, the CPU otherwise; the report names the device and threads). Its calibrated threshold is
-    stored in this run's checkpoint for infer.py --image."""
+    GPU machine, the CPU otherwise; the report names the device and threads). Its calibrated point (rule,
+    threshold, exits) is stored in this run's checkpoint for infer.py --image."""
     free.eval()
     icfg = infer.InferConfig(json=os.path.join(tcfg.out, "report.json"), plot=os.path.join(tcfg.out, "speedup.png"),
                              timing_samples=tcfg.report_timing_samples, timing=tcfg.report_timing)
@@ -884,7 +884,7 @@ def final_report(free: FREE, splits, tcfg: TrainConfig, ckpt_path: str) -> None:
     infer.print_report(report, free)
     infer.write_json(icfg.json, report)
     infer.plot_report(report, icfg.plot)
-    state = load_checkpoint(ckpt_path) | {"calibrated": {k: report["calibrated"].get(k) for k in ("rule", "threshold")}}
+    state = load_checkpoint(ckpt_path) | {"calibrated": {k: report["calibrated"].get(k) for k in ("rule", "threshold", "exit_layers")}}
     save_checkpoint(ckpt_path, state)
     print(f"wrote {icfg.json} and {icfg.plot}")
 

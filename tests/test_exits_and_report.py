@@ -191,6 +191,8 @@ def test_report_json_has_the_promised_keys_and_sane_values(report):
     cal = r["calibrated"]
     assert set(cal) >= {"rule", "threshold", "accuracy", "accuracy_drop", "layer_speedup", "wallclock_speedup_batch1",
                         "wallclock_speedup_batched"}
+    assert cal["exit_layers"] == [2] and {"embed", "layer", "exit", "head"} <= set(cal["cost_model"])
+    assert all(cal["cost_model"][k] > 0 for k in ("embed", "layer", "exit", "head"))   # measured seconds
     assert {"overthinking", "mid_crisis", "per_family"} <= set(r)
     assert set(r["per_family"]) == set(data.FAMILIES)
     assert (out / "plot.png").stat().st_size > 1000
@@ -318,10 +320,20 @@ def test_simulate_calibrate_and_layer_speedup_by_hand():
     # right, and 0.8 is the cheapest of those: 14 layers in all (0.85-0.95: 16; 0.98 and up: 18)
     assert infer.accuracy(val, infer.simulate(probs, "maxprob", 0.6)["pred"]) == 50.0
     assert infer.accuracy(val, infer.simulate(probs, "maxprob", 0.7)["pred"]) == 75.0
-    assert infer.calibrate(free, val, probs, "maxprob", max_drop=1.0) == {"rule": "maxprob", "threshold": 0.8,
-                                                                         "val_accuracy_drop": 0.0}
-    assert infer.calibrate(free, val, probs, "maxprob", max_drop=30.0)["threshold"] == 0.7
-    assert infer.calibrate(free, val, probs, "maxprob", max_drop=50.0)["threshold"] == 0.5
+    flops = infer.flop_costs(free, 10.0)
+    assert flops["exit"] == pytest.approx(e) and infer.predicted_speedup(free, sim, flops) == pytest.approx(speedup)
+    cal = infer.calibrate(free, val, probs, "maxprob", 1.0, flops)
+    assert (cal["threshold"], cal["exit_layers"], cal["val_accuracy_drop"]) == (0.8, [2, 4], 0.0)
+    assert infer.calibrate(free, val, probs, "maxprob", 30.0, flops)["threshold"] == 0.7
+    assert infer.calibrate(free, val, probs, "maxprob", 50.0, flops)["threshold"] == 0.5
+    # Exit choice. Only the exit after layer 2 at 0.8: q1 and q3 run to the final layer (right): 16 layers, 4
+    # exits evaluated, against 14 layers and 6 exits with both. At a FLOP exit cost (0.24 layer) both exits
+    # are cheaper; if an exit costs 1.5 layers (as measured costs can say), the exit after layer 4 does not pay.
+    assert infer.predicted_speedup(free, infer.simulate(probs, "maxprob", 0.8, [0]), flops) == pytest.approx(6 / ((16 + 4 * e) / 4))
+    dear = {"embed": 0.0, "layer": 1.0, "exit": 1.5, "head": 0.0, "unit": "seconds at batch 1"}
+    cal = infer.calibrate(free, val, probs, "maxprob", 1.0, dear)
+    assert (cal["threshold"], cal["exit_layers"]) == (0.8, [2]) and cal["predicted_speedup"] == pytest.approx(6 / ((16 + 6) / 4))
+    assert infer.simulate(probs, "maxprob", 0.8, [0])["evaluated"].tolist() == [1, 1, 1, 1]
 
 
 def test_overthinking_by_hand():

@@ -88,6 +88,25 @@ def test_batched_removal_equals_one_sample_at_a_time(rule):
         assert one["confidence"].item() == pytest.approx(out["confidence"][i].item(), abs=1e-5)
 
 
+@pytest.mark.parametrize("rule", ["maxprob", "entropy", "patience"])
+def test_early_exit_on_a_subset_of_exits_matches_the_simulation(rule):
+    """early_exit_predict(exits=...) evaluates only those exits: where each sample leaves and its answer are
+    what infer.simulate predicts from every exit's probabilities, and an exit left out is never used."""
+    import infer
+    free = make_free(exit_layers="1,2,3,4")
+    images, tokens, mask = inputs(12, seed=3)
+    with torch.no_grad():
+        out = free.all_outputs(images, tokens, mask)
+    probs = {"exits": torch.stack([e.softmax(1) for e in out["exits"]]), "final": out["final"].softmax(1)}
+    threshold = 2 if rule == "patience" else median_threshold(free, images, tokens, mask, rule)
+    for exits in ([0, 2], [1, 3], [3]):
+        real = early_exit_predict(free, images, tokens, mask, rule=rule, threshold=threshold, exits=exits)
+        sim = infer.simulate(probs, rule, threshold, exits)
+        assert torch.equal(real["exit"], sim["exit"]) and torch.equal(real["pred"], sim["pred"])
+        assert set(real["exit"].tolist()) <= set(exits) | {free.num_exits}
+        assert torch.equal(real["layers"], torch.tensor(free.exit_layers + [6])[sim["exit"]])
+
+
 def test_patience_semantics():
     free = make_free()
     images, tokens, mask = inputs(10)
