@@ -605,7 +605,8 @@ def calibrated_cell(runs: list[dict]) -> str:
     if any(c.get("threshold") is None for c in cals):
         return "-"
     thresholds = "/".join(f"{t:g}" for t in sorted({c["threshold"] for c in cals}))
-    cell = (f"{cals[0]['rule']} {thresholds}: "
+    exits = sorted({",".join(map(str, c["exit_layers"])) for c in cals if c.get("exit_layers")}, key=len, reverse=True)
+    cell = (f"{cals[0]['rule']} {thresholds}" + (f" (exits {'/'.join(exits)})" if exits else "") + ": "
             f"drop {mean_std([c['accuracy_drop'] for c in cals], '+.2f')}, "
             f"{mean_std([c['layer_speedup'] for c in cals], '.2f')}x layers "
             f"({mean_std([100 * c['share_of_oracle_saving'] for c in cals], '.0f')}% of oracle)")

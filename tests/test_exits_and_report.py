@@ -246,7 +246,7 @@ def fake_run(folder, config: dict, exit_acc: float, agree: float, final: float, 
 def test_compare_table_averages_seeds_by_hand(tmp_path):
     cal = lambda t, drop, layer, share, w1, wb: {"threshold": t, "accuracy_drop": drop, "layer_speedup": layer,
                                                  "share_of_oracle_saving": share, "wallclock_speedup_batch1": w1,
-                                                 "wallclock_speedup_batched": wb}
+                                                 "wallclock_speedup_batched": wb, "exit_layers": [2]}
     runs = [fake_run(tmp_path / "a0", {}, 50.0, 80.0, 60.0, cal(0.9, 0.5, 1.5, 0.5, 1.2, 1.4)),
             fake_run(tmp_path / "kd", {"exit_method": "kd"}, 58.0, 95.0, 60.0, None),
             fake_run(tmp_path / "a1", {}, 54.0, 90.0, 62.0, cal(0.95, 1.0, 1.7, 0.6, 1.4, 1.6)),
@@ -254,7 +254,7 @@ def test_compare_table_averages_seeds_by_hand(tmp_path):
     lines = infer.compare_table(runs).splitlines()
     assert lines[0] == "| method | labels F | n | exit L2 (agree %) | final | calibrated early exit (test) |"
     # two seeds of one setting: mean ± sample std, e.g. std(50, 54) = 2.83, std(1.5, 1.7) = 0.14
-    assert lines[2] == ("| free | 1 | 2 | 52.0 ± 2.8 (85) | 61.0 ± 1.4 | maxprob 0.9/0.95: drop +0.75 ± 0.35, "
+    assert lines[2] == ("| free | 1 | 2 | 52.0 ± 2.8 (85) | 61.0 ± 1.4 | maxprob 0.9/0.95 (exits 2): drop +0.75 ± 0.35, "
                         "1.60 ± 0.14x layers (55 ± 7% of oracle), wall 1.30 ± 0.14x batch 1, 1.50 ± 0.14x batched |")
     assert lines[3] == "| kd | 1 | 1 | 58.0 (95) | 60.0 | - |"
     assert lines[4] == "| free (disc_input=pair) | 0.1 | 1 | 40.0 (70) | 60.0 | - |"
