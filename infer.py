@@ -52,7 +52,8 @@ class InferConfig:
     rule: str = field(default="maxprob", metadata={"help": "exit rule (maxprob = FREE's)", "choices": list(RULES)})
     threshold: float = field(default=-1.0, metadata={"help": "exit threshold for --image/--question (maxprob/entropy: a "
                                                              "probability; patience: a count); -1 = the calibrated one"})
-    max_drop: float = field(default=1.0, metadata={"help": "calibration: largest accuracy drop (points) allowed on val"})
+    max_drop: float = field(default=1.0, metadata={"help": "calibration (threshold and exits to evaluate): largest accuracy "
+                                                           "drop (points) allowed on val"})
     json: str = field(default="", metadata={"help": "write the report to this JSON file"})
     plot: str = field(default="", metadata={"help": "write accuracy-vs-speedup and depth-profile plots to this PNG"})
     batch_size: int = field(default=64, metadata={"help": "batch size of the throughput timing and of evaluation"})
@@ -61,8 +62,9 @@ class InferConfig:
     threads: int = field(default=0, metadata={"help": "CPU threads for torch (0 = torch's default; printed)"})
     device: str = field(default="cpu", metadata={"help": "where the report runs and is timed: cpu, cuda or auto (cuda if "
                                                          "there is one)", "choices": ["cpu", "cuda", "auto"]})
-    timing: bool = field(default=True, metadata={"help": "measure wall-clock speedups (--no-timing: accuracy and the layer "
-                                                         "view only, which is deterministic and fast; for sweeps)"})
+    timing: bool = field(default=True, metadata={"help": "measure wall-clock speedups and calibrate by the costs measured at "
+                                                         "batch 1 (--no-timing: accuracy and the layer view only, calibrated "
+                                                         "by FLOPs; deterministic and fast, for sweeps)"})
     compare: str = field(default="", metadata={"help": "comma-separated train.py --out folders: print their test depth "
                                                        "profiles (and calibrated points, where a report.json exists) "
                                                        "side by side as a markdown table"})

@@ -71,7 +71,8 @@ class TrainConfig:
                                                       "weights, configs, tokenizer, answers and its test accuracy (how "
                                                       "backbones/ is made)"})
     report_timing: bool = field(default=True, metadata={"help": "time the final report's early exit in wall-clock seconds "
-                                                               "(--no-report-timing: accuracy and the layer view only)"})
+                                                               "and calibrate it by measured costs (--no-report-timing: accuracy and "
+                                                               "the layer view only, calibrated by FLOPs)"})
     report_timing_samples: int = field(default=256, metadata={"help": "questions timed per wall-clock measurement "
                                                                       "in the final report"})
 
