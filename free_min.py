@@ -161,7 +161,6 @@ class ExitLayer(nn.Module):
         return x_cls[:, 0]                                                         # (B, D)
 
 
-
 class Discriminator(nn.Module):
     """D: its input (B, D_in) -> logit (B,) of "this is real". D_in = D for the paper's D (a [CLS] feature
     after the frozen final norm, i.e. exactly what the shared head reads) or 2D for a conditional D (the

@@ -112,13 +112,25 @@ def simulate(probs: dict, rule: str, threshold: float, exits: list[int] | None =
     return {"exit": exit_at, "pred": pred, "evaluated": evaluated}
 
 
+def flop_costs(free, seq_len: float) -> dict:
+    """The paper's view as a cost model: a layer costs 1, an exit its FLOPs in layer units, the rest nothing."""
+    layer_flops, exit_flops = layer_costs(free, seq_len)
+    return {"embed": 0.0, "layer": 1.0, "exit": exit_flops / layer_flops, "head": 0.0, "unit": "layers (FLOPs)"}
+
+
+def predicted_speedup(free, sim: dict, costs: dict) -> float:
+    """Full-model cost / mean early-exit cost of the samples in `sim`, under a cost model (unit_costs/flop_costs)."""
+    layers = torch.tensor(free.exit_layers + [free.backbone.depth])[sim["exit"]].float()
+    at_final = (sim["exit"] == free.num_exits).float()
+    cost = costs["embed"] + layers * costs["layer"] + sim["evaluated"].float() * costs["exit"] + at_final * costs["head"]
+    return (costs["embed"] + free.backbone.depth * costs["layer"] + costs["head"]) / cost.mean().item()
+
+
 def layer_speedup(free, sim: dict, seq_len: float) -> tuple[float, float]:
     """The paper's view: L / (layers run + exits evaluated x exit cost in layer units). Returns
     (mean layers run, speedup)."""
-    layer_flops, exit_flops = layer_costs(free, seq_len)
     layers = torch.tensor(free.exit_layers + [free.backbone.depth])[sim["exit"]].float()
-    cost = layers + sim["evaluated"].float() * exit_flops / layer_flops
-    return layers.mean().item(), free.backbone.depth / cost.mean().item()
+    return layers.mean().item(), predicted_speedup(free, sim, flop_costs(free, seq_len))
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -200,11 +212,15 @@ def overthinking(split, probs: dict) -> dict:
             "early_right_pct_of_final_right": 100.0 * early_right.sum().item() / max(1, final_right.sum().item())}
 
 
+def threshold_grid(free, rule: str) -> list:
+    """The thresholds a sweep and the calibration try: a probability / entropy grid, or patience 1..K."""
+    return list(range(1, free.num_exits + 1)) if rule == "patience" else THRESHOLDS[rule]
+
+
 def sweep_rule(free, split, probs: dict, rule: str) -> list[dict]:
     """Accuracy and layer speedup of every threshold of one rule (no timing)."""
-    grid = list(range(1, free.num_exits + 1)) if rule == "patience" else THRESHOLDS[rule]
     rows = []
-    for t in grid:
+    for t in threshold_grid(free, rule):
         sim = simulate(probs, rule, t)
         avg_layers, speedup = layer_speedup(free, sim, probs["seq_len"])
         rows.append({"rule": rule, "threshold": t, "accuracy": accuracy(split, sim["pred"]), "avg_layers": avg_layers,
@@ -229,9 +245,9 @@ def unit_costs(free, split, ids: torch.Tensor, repeats: int) -> dict:
         times[name].append(time.perf_counter() - start)
         return out
 
+    inputs = [to_device(split.batch(torch.tensor([i]), cached=False), device) for i in ids.tolist()]
     for r in range(repeats + 1):                                     # the first round warms up
-        for i in ids.tolist():
-            x = to_device(split.batch(torch.tensor([i]), cached=False), device)
+        for x in inputs:
             h, mask = timed("embed", bb.embed, x["images"], x["tokens"], x["text_mask"])
             for layer in range(bb.depth):
                 h = timed("layer", bb.layer, layer, h, mask)
@@ -242,20 +258,6 @@ def unit_costs(free, split, ids: torch.Tensor, repeats: int) -> dict:
         if r == 0:
             times.clear()
     return {name: statistics.median(v) for name, v in times.items()} | {"unit": "seconds at batch 1"}
-
-
-def flop_costs(free, seq_len: float) -> dict:
-    """The paper's view as a cost model: a layer costs 1, an exit its FLOPs in layer units, the rest nothing."""
-    layer_flops, exit_flops = layer_costs(free, seq_len)
-    return {"embed": 0.0, "layer": 1.0, "exit": exit_flops / layer_flops, "head": 0.0, "unit": "layers (FLOPs)"}
-
-
-def predicted_speedup(free, sim: dict, costs: dict) -> float:
-    """Full-model cost / mean early-exit cost of the samples in `sim`, under a cost model (unit_costs/flop_costs)."""
-    layers = torch.tensor(free.exit_layers + [free.backbone.depth])[sim["exit"]].float()
-    at_final = (sim["exit"] == free.num_exits).float()
-    cost = costs["embed"] + layers * costs["layer"] + sim["evaluated"].float() * costs["exit"] + at_final * costs["head"]
-    return (costs["embed"] + free.backbone.depth * costs["layer"] + costs["head"]) / cost.mean().item()
 
 
 def exit_subsets(K: int) -> list[list[int]]:
@@ -274,10 +276,9 @@ def calibrate(free, val, val_probs: dict, rule: str, max_drop: float, costs: dic
     as many small operations), and an exit where few questions leave costs more than it saves. The depth
     profile decides, on val, for the machine at hand."""
     full = accuracy(val, val_probs["final"].argmax(1))
-    grid = list(range(1, free.num_exits + 1)) if rule == "patience" else THRESHOLDS[rule]
     best = None
     for exits in exit_subsets(free.num_exits):
-        for t in grid:
+        for t in threshold_grid(free, rule):
             if rule == "patience" and t > len(exits):
                 continue
             sim = simulate(val_probs, rule, t, exits)
