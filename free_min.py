@@ -30,6 +30,7 @@ The backbone (model.py) is frozen throughout: only G_k (and, for --exit-head own
 are trained, in train.py's stage 2.
 """
 import copy
+import math
 import os
 from dataclasses import dataclass, field, replace
 
@@ -44,8 +45,9 @@ from model import VLM, ModelConfig, fold_batchnorm
 
 @dataclass
 class ExitConfig:
-    exit_layers: str = field(default="", metadata={"help": "comma-separated language-model layers (1-based) "
-                                                           "that get an exit; '' = every second layer before the last"})
+    exit_layers: str = field(default="", metadata={"help": "comma-separated language-model layers (1-based) that get "
+                                                           "an exit; '' = every second layer before the last (2,4,6 "
+                                                           "for 8 layers)"})
     exit_head: str = field(default="shared", metadata={"help": "shared: the backbone's frozen norm + head (the paper); "
                                                                 "own: a trainable copy per exit (for comparison)",
                                                         "choices": ["shared", "own"]})
@@ -139,8 +141,8 @@ class ExitLayer(nn.Module):
         self.block = copy.deepcopy(block)
         self.block.requires_grad_(True)   # the copy of a frozen backbone layer is trainable
 
-    def forward(self, h: torch.Tensor, attn_mask: torch.Tensor) -> torch.Tensor:
-        """h (B, S, D), attn_mask (B, 1, 1, S) bool (True = attend) -> [CLS] feature (B, D)."""
+    def forward(self, h: torch.Tensor, attn_mask: torch.Tensor | None) -> torch.Tensor:
+        """h (B, S, D), attn_mask (B, 1, 1, S) bool (True = attend) or None (no padding) -> [CLS] feature (B, D)."""
         blk, attn = self.block, self.block.attn
         B, S, D = h.shape
         H, hd = attn.num_heads, attn.head_dim
@@ -205,7 +207,7 @@ class FREE(nn.Module):
         self.backbone.eval()
         return self
 
-    def exit_feature(self, k: int, h: torch.Tensor, attn_mask: torch.Tensor) -> torch.Tensor:
+    def exit_feature(self, k: int, h: torch.Tensor, attn_mask: torch.Tensor | None) -> torch.Tensor:
         """G_k on the hidden states after layer l_k: (B, S, D) -> [CLS] feature (B, D)."""
         return self.exits[k](h, attn_mask)
 
@@ -223,8 +225,10 @@ class FREE(nn.Module):
     def load_exits(self, exits: dict) -> None:
         """Load the exit layers, heads and discriminators train.py saved (everything but the backbone)."""
         missing, unexpected = self.load_state_dict(exits, strict=False)
-        if unexpected or any(not k.startswith("backbone.") for k in missing):
-            raise ValueError(f"checkpoint exits do not match their config (missing {missing}, unexpected {unexpected})")
+        missing = [k for k in missing if not k.startswith("backbone.")]
+        if unexpected or missing:
+            raise ValueError(f"checkpoint exits do not match their config (exits after layers {self.exit_layers}): "
+                             f"missing {missing[:4]}, unexpected {unexpected[:4]}")
 
     def disc(self, k: int) -> Discriminator:
         return self.discs[0 if len(self.discs) == 1 else k]
@@ -336,17 +340,19 @@ def generator_loss(model: FREE, fakes: list[torch.Tensor], final_logits: torch.T
 RULES = ("maxprob", "entropy", "patience")
 
 
-def rule_fires(rule: str, probs: torch.Tensor, threshold: float, streak: torch.Tensor) -> torch.Tensor:
+def rule_fires(rule: str, probs: torch.Tensor, threshold: float, streak: torch.Tensor | None,
+               conf: torch.Tensor | None = None) -> torch.Tensor:
     """Which rows leave at this exit. probs (B, A); streak (B,) = consecutive exits (this one included)
-    that gave the same answer. Returns (B,) bool.
+    that gave the same answer (patience only); conf (B,) = probs' row maxima, if already at hand.
+    Returns (B,) bool.
       maxprob  (FREE, DeeBERT-style): max softmax probability >= threshold
       entropy  (DeeBERT):             entropy / log(A) <= threshold
       patience (PABEE):               the same answer at `threshold` consecutive exits"""
     if rule == "maxprob":
-        return probs.max(dim=1).values >= threshold
+        return (probs.amax(dim=1) if conf is None else conf) >= threshold
     if rule == "entropy":
         entropy = -(probs * probs.clamp(min=1e-12).log()).sum(dim=1)
-        return entropy / torch.log(torch.tensor(float(probs.shape[1]))) <= threshold
+        return entropy / math.log(probs.shape[1]) <= threshold
     if rule == "patience":
         return streak >= threshold
     raise ValueError(f"unknown exit rule '{rule}' (choose from {', '.join(RULES)})")
@@ -358,23 +364,25 @@ def early_exit_predict(free: FREE, images: torch.Tensor | None, tokens: torch.Te
                        exits: list[int] | None = None) -> dict:
     """Run the language model layer by layer; after layer l_k evaluate exit k on the samples still running,
     answer those whose rule fires and *remove them from the batch*, so later layers run on fewer rows.
-    One host sync per exit (how many leave); when all leave, it stops without touching the batch.
+    One host sync per exit to count who leaves (and the row selection when a batch splits); when all leave,
+    it stops without touching the batch.
 
     `patches`: the image encoder's tokens, if already at hand (then images may be None). `exits`: indices
     of the exits to evaluate (default: all; an exit that is not evaluated costs nothing, see
     infer.calibrate, which picks them for the machine).
     Returns {'pred': (B,) answer index, 'exit': (B,) exit index (K = the final layer), 'confidence': (B,)
     max softmax probability of the answer given, 'layers': (B,) language-model layers each sample ran}.
+
+    The bookkeeping is kept to a few operations per exit, because at batch 1 on a CPU each operation costs
+    about what a small matrix product does: answers are kept per group of leavers (`done`) and put in
+    order once at the end, and the running rows are tracked only once a batch has split (`alive`).
     """
     bb, K = free.backbone, free.num_exits
-    h, attn_mask = bb.embed(images, tokens, text_mask, patches)        # (B, S, D), (B, 1, 1, S)
+    h, attn_mask = bb.embed(images, tokens, text_mask, patches)        # (B, S, D), (B, 1, 1, S) or None
     B, device = h.shape[0], h.device
-    pred = torch.zeros(B, dtype=torch.long, device=device)
-    exit_at = torch.full((B,), K, dtype=torch.long, device=device)
-    conf = torch.zeros(B, device=device)
-    alive = torch.arange(B, device=device)                             # original row of each running sample
-    last = torch.full((B,), -1, dtype=torch.long, device=device)       # patience: previous exit's answer
-    streak = torch.zeros(B, dtype=torch.long, device=device)           # patience: same answer this many exits
+    alive = None                                      # original rows still running; None = all B, in order
+    done = []                                         # per group that left: (rows or None = all, answer, confidence, exit)
+    last = streak = None                              # patience: previous exit's answer, same answer this many exits
     at_layer = {free.exit_layers[k]: k for k in (range(K) if exits is None else exits)}   # layer -> exit evaluated after it
     for i in range(bb.depth):
         h = bb.layer(i, h, attn_mask)                                  # (B_alive, S, D)
@@ -384,23 +392,36 @@ def early_exit_predict(free: FREE, images: torch.Tensor | None, tokens: torch.Te
         probs = free.exit_logits(k, free.exit_feature(k, h, attn_mask)).float().softmax(dim=1)  # (B_alive, A)
         c, a = probs.max(dim=1)
         if rule == "patience":
-            streak, last = torch.where(a == last, streak + 1, torch.ones_like(streak)), a
-        fire = rule_fires(rule, probs, threshold, streak)              # (B_alive,)
+            streak = torch.ones_like(a) if last is None else torch.where(a == last, streak + 1, 1)
+            last = a
+        fire = rule_fires(rule, probs, threshold, streak, conf=c)      # (B_alive,)
         leaving = int(fire.sum())                                      # the one sync of this exit
-        if leaving == len(alive):                                      # everyone left: answer and stop
-            pred[alive], conf[alive], exit_at[alive] = a, c, k
-            alive = alive[:0]
+        if leaving == h.shape[0]:                                      # everyone left: answer and stop
+            done.append((alive, a, c, k))
             break
         if leaving:
-            rows, keep = alive[fire], ~fire
-            pred[rows], conf[rows], exit_at[rows] = a[fire], c[fire], k
-            h, attn_mask, alive, last, streak = h[keep], attn_mask[keep], alive[keep], last[keep], streak[keep]
-    if len(alive):
-        probs = bb.head(h[:, 0]).float().softmax(dim=1)                # (B_alive, A): the final layer
-        c, a = probs.max(dim=1)
-        pred[alive], conf[alive] = a, c
-    layers = torch.tensor(free.exit_layers + [bb.depth], device=device)[exit_at]
-    return {"pred": pred, "exit": exit_at, "confidence": conf, "layers": layers}
+            rows = fire.nonzero()[:, 0] if alive is None else alive[fire]
+            done.append((rows, a[fire], c[fire], k))
+            keep = ~fire
+            alive = keep.nonzero()[:, 0] if alive is None else alive[keep]
+            h = h[keep]
+            attn_mask = None if attn_mask is None else attn_mask[keep]
+            if rule == "patience":
+                last, streak = last[keep], streak[keep]
+    else:                                                              # some ran every layer: the final head answers them
+        c, a = bb.head(h[:, 0]).float().softmax(dim=1).max(dim=1)      # (B_alive,)
+        done.append((alive, a, c, K))
+    depth_of = free.exit_layers + [bb.depth]                           # layers run by who leaves at exit k (K = final)
+    if len(done) == 1 and done[0][0] is None:                          # one group, in order (always so at batch 1)
+        _, pred, conf, k = done[0]
+        return {"pred": pred, "exit": torch.full((B,), k, device=device), "confidence": conf,
+                "layers": torch.full((B,), depth_of[k], device=device)}
+    pred = torch.empty(B, dtype=torch.long, device=device)
+    conf, exit_at = torch.empty(B, device=device), torch.empty(B, dtype=torch.long, device=device)
+    for rows, a, c, k in done:
+        pred[rows], conf[rows], exit_at[rows] = a, c, k
+    return {"pred": pred, "exit": exit_at, "confidence": conf,
+            "layers": torch.tensor(depth_of, device=device)[exit_at]}
 
 
 def inference_copy(free: FREE) -> FREE:

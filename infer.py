@@ -85,7 +85,8 @@ def collect(free, split, batch_size: int) -> dict:
         final.append(out["final"].float().softmax(1).cpu())
         exits.append(torch.stack([e.float().softmax(1) for e in out["exits"]]).cpu())   # (K, B, A)
         raw.append(torch.stack([bb.head(out["states"][l][:, 0]).float().softmax(1) for l in free.exit_layers]).cpu())
-        seq.append(out["attn_mask"].sum(dim=-1).flatten().float().cpu())                # (B,) real tokens
+        mask, S = out["attn_mask"], out["states"][0].shape[1]
+        seq.append(torch.full((len(ids),), float(S)) if mask is None else mask.sum(dim=-1).flatten().float().cpu())  # (B,) real tokens
     return {"final": torch.cat(final), "exits": torch.cat(exits, 1), "raw": torch.cat(raw, 1),
             "seq_len": torch.cat(seq).mean().item()}
 

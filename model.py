@@ -224,19 +224,25 @@ class VLM(nn.Module):
 
         images (B, 3, H, W) (or None with patches (B, P, Dv), their ViT tokens), tokens (B, T) with [CLS]
         first, text_mask (B, T) bool (True = real token).
-        Returns h_0 (B, S, D) and attn_mask (B, 1, 1, S) bool, True = may be attended (timm's convention).
-        Text is cut to the longest question in the batch, so padding costs nothing when it is not needed.
+        Returns h_0 (B, S, D) and attn_mask (B, 1, 1, S) bool, True = may be attended (timm's convention), or
+        None when no token of the batch is padding (always at batch 1).
+        Text is cut to the longest question in the batch, so padding costs nothing when it is not needed;
+        and with no padding left there is nothing to mask: every layer then runs unmasked attention, the
+        same result for less work (a masked call first turns the boolean mask into an additive one).
         """
-        t = int(text_mask.sum(dim=1).max())
+        shortest, longest = text_mask.sum(dim=1).aminmax()         # real tokens of the shortest / longest question
+        t = int(longest)
         tokens, text_mask = tokens[:, :t], text_mask[:, :t]          # (B, T')
         text = self.tok_emb(tokens) + self.text_pos[:, :t]           # (B, T', D)
         visual = self.encode_image(images, patches)                  # (B, N, D)
         h = torch.cat([text, visual], dim=1)                         # (B, S, D), S = T' + N
+        if int(shortest) == t:
+            return h, None
         visual_mask = torch.ones(visual.shape[:2], dtype=torch.bool, device=h.device)
         mask = torch.cat([text_mask, visual_mask], dim=1)            # (B, S)
         return h, mask[:, None, None, :]                             # (B, 1, 1, S)
 
-    def layer(self, i: int, h: torch.Tensor, attn_mask: torch.Tensor) -> torch.Tensor:
+    def layer(self, i: int, h: torch.Tensor, attn_mask: torch.Tensor | None) -> torch.Tensor:
         """Language-model layer i (0-based): (B, S, D) -> (B, S, D)."""
         return self.blocks[i](h, attn_mask=attn_mask)
 
@@ -252,7 +258,7 @@ class VLM(nn.Module):
         return self.head(h[:, 0])
 
     def hidden_states(self, images: torch.Tensor | None, tokens: torch.Tensor, text_mask: torch.Tensor, patches=None):
-        """Every layer's hidden states: list of L+1 tensors (B, S, D) (h_0..h_L) and the attention mask."""
+        """Every layer's hidden states: list of L+1 tensors (B, S, D) (h_0..h_L) and the attention mask (or None)."""
         h, attn_mask = self.embed(images, tokens, text_mask, patches)
         states = [h]
         for i in range(self.depth):

@@ -32,7 +32,7 @@ from data import (COLORS, SHAPES, DataConfig, DataError, Parser, add_config_args
                   config_from_args, load_data, majority_baseline, to_device)
 import infer
 from free_min import (FREE, ExitConfig, build_from_checkpoint, check_exit_config, discriminator_loss, generator_loss,
-                      load_checkpoint)
+                      load_checkpoint, resolve_exit_layers)
 from model import VLM, ModelConfig, check_model_config, describe_timm_vit, make_vit
 
 
@@ -258,7 +258,11 @@ def resume_state(tcfg: TrainConfig, dcfg: DataConfig, mcfg: ModelConfig, ecfg: E
         if "exit_progress" not in state:
             raise DataError(f"--resume: {path} holds a finished run (backbone and trained exits); there is nothing to "
                             f"resume (train other exits with --stage exits --backbone {path} --out ANOTHER_FOLDER)")
-        refuse_changes(path, state["exit_config"], asdict(ecfg), state["exit_config"], "exit settings")
+        # compare the exits' layers written out ('' = the default placement, which an older run may have saved)
+        written = lambda spec: ",".join(map(str, resolve_exit_layers(spec, state["model_config"]["depth"])))
+        ecfg.exit_layers = written(ecfg.exit_layers)
+        saved = state["exit_config"] | {"exit_layers": written(state["exit_config"]["exit_layers"])}
+        refuse_changes(path, saved, asdict(ecfg), saved, "exit settings")
         refuse_changes(path, state["train_config"], asdict(tcfg), SCHEDULE_FLAGS["exits"], "training settings")
         return state
     if tcfg.stage == "exits":
@@ -322,6 +326,8 @@ def validate(dcfg: DataConfig, mcfg: ModelConfig, tcfg: TrainConfig, ecfg: ExitC
             state = resume_state(tcfg, dcfg, mcfg, ecfg)
         depth = state["model_config"]["depth"] if state is not None else mcfg.depth
         check_exit_config(ecfg, depth)
+        # the exits' layers, written out: the checkpoint then names them even if the default changes
+        ecfg.exit_layers = ",".join(map(str, resolve_exit_layers(ecfg.exit_layers, depth)))
     except ValueError as e:   # the config checks of model.py and free_min.py
         raise DataError(str(e))
     return state
@@ -556,6 +562,8 @@ def frozen_states(free: FREE, batch: dict, device, dtype) -> dict:
     ('inputs': K x (B, S, D)), the attention mask (B, 1, 1, S) and the final feature h_L[CLS] ('real': (B, D))."""
     with torch.autocast(device.type, dtype=dtype, enabled=dtype != torch.float32):
         states, attn_mask = free.backbone.hidden_states(**batch)
+    if attn_mask is None:                                     # no padding in this batch: every token is real
+        attn_mask = torch.ones(states[0].shape[0], 1, 1, states[0].shape[1], dtype=torch.bool, device=states[0].device)
     return {"inputs": [states[l] for l in free.exit_layers], "mask": attn_mask, "real": states[-1][:, 0]}
 
 

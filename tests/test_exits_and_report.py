@@ -40,6 +40,7 @@ def test_stage2_keeps_backbone_bit_identical_and_stores_exits(backbone, tmp_path
     assert all(torch.equal(before[k], state["model"][k]) for k in before)
     _, free, _, _, _ = build_from_checkpoint(state)
     assert free is not None and free.exit_layers == [2]
+    assert state["exit_config"]["exit_layers"] == "2"        # written out, so a later default cannot misread it
     assert state["exit_config"]["exit_method"] == "free"
     assert not any(k.startswith("backbone.") for k in state["exits"])
 

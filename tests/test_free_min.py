@@ -165,6 +165,13 @@ def test_methods_use_only_their_terms():
         assert {k for k in ("adv", "kd", "ce") if stats[k] > 0} == on, method
 
 
+def test_exits_saved_for_other_layers_are_refused_with_the_reason():
+    saved = {k: v for k, v in make_free(exit_layers="1,3,5").state_dict().items() if not k.startswith("backbone.")}
+    with pytest.raises(ValueError, match=r"do not match their config \(exits after layers \[2, 4\]\)"):   # the default
+        make_free().load_exits(saved)
+    make_free(exit_layers="1,3,5").load_exits(saved)
+
+
 def test_own_heads_and_per_exit_discriminators():
     free = make_free(exit_head="own", disc="per-exit")
     assert len(free.heads) == free.num_exits == len(free.discs) == 2   # exits after layers 2 and 4 of 6

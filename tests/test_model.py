@@ -47,6 +47,21 @@ def test_padded_batch_equals_unpadded_single_samples():
             assert torch.allclose(batched[i], single[0], atol=1e-5), i
 
 
+def test_a_batch_without_padding_runs_unmasked():
+    """With no padding left after the cut to the longest question (always so at batch 1) embed gives no mask,
+    and the result is that of an all-True mask; a padded batch keeps its mask."""
+    model = VLM(cfg=tiny_cfg()).eval()
+    images, tokens, mask = inputs((6, 6, 6))
+    with torch.no_grad():
+        h, attn_mask = model.embed(images, tokens, mask)
+        assert attn_mask is None and h.shape[1] == 6 + model.num_visual
+        masked, every = h, torch.ones(3, 1, 1, h.shape[1], dtype=torch.bool)
+        for i in range(model.depth):
+            masked = model.layer(i, masked, every)
+        assert torch.allclose(model.head(masked[:, 0]), model(images, tokens, mask), atol=1e-6)
+        assert model.embed(*inputs())[1] is not None
+
+
 def test_padding_tokens_are_really_ignored():
     """Changing the ids under padding must not change the output (an inverted mask would fail this)."""
     model = VLM(cfg=tiny_cfg()).eval()
