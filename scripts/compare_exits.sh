@@ -4,7 +4,8 @@
 #   free (best)  - the variant the results picked: feature matching (--adv-loss fm, free_min's default; see README)
 #   kd           - self-distillation only (FastBERT-style; it never reads a label, so one row for every F)
 #   ce           - labels only (DeeBERT-style; needs F > 0)
-# at label fractions F = 0, 0.01, 0.1 and 1, three seeds each, all with the same exits and steps; then one
+# at label fractions F = 0, 0.01, 0.1 and 1, three seeds each, all with the same exits (after layers 2, 4, 6,
+# the exits of the README's table) and steps; then one
 # table, mean +- std over the seeds (python infer.py --compare). Each run ends with the early-exit report
 # without wall-clock timing (accuracy and the layer view; timing is measured separately, in one process).
 # Finished runs are skipped, so the script can be stopped and started again.
@@ -25,7 +26,7 @@ run() {                                                    # run NAME FLAGS...: 
     runs+=("$out/$name")
     if [ -f "$out/$name/report.json" ]; then return; fi
     python train.py --stage exits --backbone "$backbone" --out "$out/$name" --state-cache "$out/states" \
-        --no-report-timing "$@" > "$out/$name.log" 2>&1 || { echo "failed: $out/$name (see $out/$name.log)"; exit 1; }
+        --exit-layers 2,4,6 --no-report-timing "$@" > "$out/$name.log" 2>&1 || { echo "failed: $out/$name (see $out/$name.log)"; exit 1; }
     echo "done: $out/$name"
 }
 mkdir -p "$out"
