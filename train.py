@@ -47,6 +47,9 @@ class TrainConfig:
     grad_clip: float = field(default=1.0, metadata={"help": "clip the gradient norm to this (0 = off)"})
     aux_weight: float = field(default=1.0, metadata={"help": "weight of the auxiliary patch loss (ViT tokens predict the "
                                                              "colour and shape under them; shapes data only, 0 = off)"})
+    vit_blocks_lr: float = field(default=1.0, metadata={"help": "stage 1: the image encoder's transformer blocks (and its "
+                                                                "final norm) train at this multiple of --lr; its stem and "
+                                                                "everything else at --lr (see README, Known limitations)"})
     eval_batch_size: int = field(default=256, metadata={"help": "batch size for evaluation"})
     seed: int = field(default=0, metadata={"help": "seed of initialization and batch order"})
     device: str = field(default="auto", metadata={"help": "auto (cuda, then mps, then cpu), cuda, mps or cpu",
@@ -120,6 +123,23 @@ def pick_device(choice: str):
     if device.type == "cuda":
         return device, torch.float16, "fp16 autocast with a grad scaler: this GPU has no bfloat16"
     return device, torch.float32, f"float32: mixed precision is used on CUDA only, and this is {device.type}"
+
+
+def param_groups(model: VLM, probe, tcfg: TrainConfig) -> list[dict]:
+    """Stage 1's AdamW parameter groups: everything at --lr, but for --vit-blocks-lr other than 1, the image
+    encoder's transformer blocks and final norm in a group of their own with that multiple ('lr_scale')."""
+    params = [p for p in model.parameters() if p.requires_grad] + (list(probe.parameters()) if probe is not None else [])
+    blocks = {id(p) for m in (model.vit.blocks, model.vit.norm) for p in m.parameters()}
+    if tcfg.vit_blocks_lr == 1.0 or not any(id(p) in blocks for p in params):
+        return [{"params": params}]
+    return [{"params": [p for p in params if id(p) not in blocks]},
+            {"params": [p for p in params if id(p) in blocks], "lr_scale": tcfg.vit_blocks_lr}]
+
+
+def set_lr(opt: torch.optim.Optimizer, step: int, total_steps: int, cfg: TrainConfig) -> None:
+    """The schedule's learning rate at `step` for every group, times the group's lr_scale (if any)."""
+    for group in opt.param_groups:
+        group["lr"] = get_lr(step, total_steps, cfg) * group.get("lr_scale", 1.0)
 
 
 def get_lr(step: int, total_steps: int, cfg: TrainConfig) -> float:
@@ -227,7 +247,8 @@ def make_state(model, opt, step, epoch, dcfg, mcfg, tcfg, tokenizer, answers) ->
 
 
 # Flags that shape the optimisation: a run resumed with other values would follow another schedule.
-SCHEDULE_FLAGS = {"backbone": ("epochs", "batch_size", "lr", "weight_decay", "warmup_steps", "grad_clip", "aux_weight", "seed"),
+SCHEDULE_FLAGS = {"backbone": ("epochs", "batch_size", "lr", "weight_decay", "warmup_steps", "grad_clip", "aux_weight",
+                               "vit_blocks_lr", "seed"),
                   "exits": ("batch_size", "seed")}
 DERIVED = ("vocab_size", "num_answers", "max_text_len", "image_size")   # set from the data, not by flags
 
@@ -282,7 +303,7 @@ def check_train_config(tcfg: TrainConfig) -> None:
             raise DataError(f"--{name.replace('_', '-')} must be at least 1 (got {getattr(tcfg, name)})")
     if tcfg.lr <= 0:
         raise DataError(f"--lr must be > 0 (got {tcfg.lr})")
-    for name in ("weight_decay", "warmup_steps", "grad_clip", "aux_weight", "threads"):
+    for name in ("weight_decay", "warmup_steps", "grad_clip", "aux_weight", "vit_blocks_lr", "threads"):
         if getattr(tcfg, name) < 0:
             raise DataError(f"--{name.replace('_', '-')} must be >= 0 (got {getattr(tcfg, name)})")
     if tcfg.backbone and tcfg.stage != "exits":
@@ -466,8 +487,7 @@ def train_backbone(model, splits, tokenizer, answers, dcfg, mcfg, tcfg, device, 
     trainable = torch.nonzero(train.trainable()).squeeze(1)          # (n_train,) questions with a target
     use_probe = tcfg.aux_weight > 0 and train.pixel_labels is not None and not mcfg.freeze_vit
     probe = PatchProbe(model.vit.embed_dim).to(device) if use_probe else None
-    params = [p for p in model.parameters() if p.requires_grad] + (list(probe.parameters()) if probe is not None else [])
-    opt = torch.optim.AdamW(params, lr=tcfg.lr, weight_decay=tcfg.weight_decay, betas=(0.9, 0.98))
+    opt = torch.optim.AdamW(param_groups(model, probe, tcfg), lr=tcfg.lr, weight_decay=tcfg.weight_decay, betas=(0.9, 0.98))
     scaler = torch.amp.GradScaler(device.type, enabled=dtype == torch.float16)
     total_steps = tcfg.epochs * math.ceil(len(trainable) / tcfg.batch_size)
     step, start_epoch = 0, 0
@@ -487,8 +507,7 @@ def train_backbone(model, splits, tokenizer, answers, dcfg, mcfg, tcfg, device, 
         loss_sum, hit_sum, seen = 0.0, 0.0, 0
         for ids in bar:
             ids = trainable[ids]
-            for group in opt.param_groups:
-                group["lr"] = get_lr(step, total_steps, tcfg)
+            set_lr(opt, step, total_steps, tcfg)
             try:
                 loss, logits = backbone_step(model, probe, opt, scaler, train, ids, tcfg, device, dtype)
             except FloatingPointError as e:

@@ -68,6 +68,27 @@ def test_the_vlm_learns_to_read_the_image():
     assert accuracy > prior + 8, (accuracy, prior)
 
 
+def test_vit_blocks_lr_scales_only_the_encoders_blocks():
+    """--vit-blocks-lr: at 0 the image encoder's transformer blocks and final norm stay put while its stem and
+    the language model move; at 1 (the default) one group, and they all move."""
+    torch.manual_seed(0)
+    splits, tok, answers = data.load_data(data.DataConfig(train_images=40, val_images=4, test_images=1))
+    cfg = train.ModelConfig(image_size=64, max_text_len=24, vocab_size=tok.get_vocab_size(), num_answers=len(answers),
+                            dim=32, depth=1, heads=2)
+    for scale in (0.0, 1.0):
+        model, probe = VLM(cfg=cfg), train.PatchProbe(cfg.vit_dim)
+        tcfg = train.TrainConfig(lr=1e-2, warmup_steps=0, batch_size=16, vit_blocks_lr=scale)
+        opt = torch.optim.AdamW(train.param_groups(model, probe, tcfg), lr=tcfg.lr)
+        assert len(opt.param_groups) == (1 if scale == 1 else 2)
+        before = {n: p.detach().clone() for n, p in model.named_parameters()}
+        train.set_lr(opt, 0, 10, tcfg)
+        train.backbone_step(model, probe, opt, torch.amp.GradScaler("cpu", enabled=False), splits["train"],
+                            torch.arange(16), tcfg, torch.device("cpu"), torch.float32)
+        moved = lambda prefix: any(not torch.equal(before[n], p) for n, p in model.named_parameters() if n.startswith(prefix))
+        assert moved("vit.patch_embed.") and moved("blocks.0.") and moved("visual_proj.")
+        assert moved("vit.blocks.") == moved("vit.norm.") == (scale > 0), scale
+
+
 def test_overfits_a_small_batch():
     """A real optimisation check: 32 questions are memorised in 100 full-batch steps."""
     torch.manual_seed(0)
