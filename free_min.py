@@ -96,6 +96,12 @@ def resolve_exit_layers(spec: str, depth: int) -> list[int]:
     return sorted(set(layers))
 
 
+def written_exit_layers(spec: str, depth: int) -> str:
+    """--exit-layers written out ('' -> '2,4,6' for 8 layers): what a checkpoint records, so that a later
+    change of the default cannot misread it."""
+    return ",".join(map(str, resolve_exit_layers(spec, depth)))
+
+
 def check_exit_config(cfg: ExitConfig, depth: int) -> None:
     """Refuse stage-2 settings that cannot work, naming the flag at fault (ValueError). train.py calls it
     before any data is made or any step is taken."""

@@ -32,7 +32,7 @@ from data import (COLORS, SHAPES, DataConfig, DataError, Parser, add_config_args
                   config_from_args, load_data, majority_baseline, to_device)
 import infer
 from free_min import (FREE, ExitConfig, build_from_checkpoint, check_exit_config, discriminator_loss, generator_loss,
-                      load_checkpoint, resolve_exit_layers)
+                      load_checkpoint, written_exit_layers)
 from model import VLM, ModelConfig, check_model_config, describe_timm_vit, make_vit
 
 
@@ -280,9 +280,9 @@ def resume_state(tcfg: TrainConfig, dcfg: DataConfig, mcfg: ModelConfig, ecfg: E
             raise DataError(f"--resume: {path} holds a finished run (backbone and trained exits); there is nothing to "
                             f"resume (train other exits with --stage exits --backbone {path} --out ANOTHER_FOLDER)")
         # compare the exits' layers written out ('' = the default placement, which an older run may have saved)
-        written = lambda spec: ",".join(map(str, resolve_exit_layers(spec, state["model_config"]["depth"])))
-        ecfg.exit_layers = written(ecfg.exit_layers)
-        saved = state["exit_config"] | {"exit_layers": written(state["exit_config"]["exit_layers"])}
+        depth = state["model_config"]["depth"]
+        ecfg.exit_layers = written_exit_layers(ecfg.exit_layers, depth)
+        saved = state["exit_config"] | {"exit_layers": written_exit_layers(state["exit_config"]["exit_layers"], depth)}
         refuse_changes(path, saved, asdict(ecfg), saved, "exit settings")
         refuse_changes(path, state["train_config"], asdict(tcfg), SCHEDULE_FLAGS["exits"], "training settings")
         return state
@@ -347,8 +347,7 @@ def validate(dcfg: DataConfig, mcfg: ModelConfig, tcfg: TrainConfig, ecfg: ExitC
             state = resume_state(tcfg, dcfg, mcfg, ecfg)
         depth = state["model_config"]["depth"] if state is not None else mcfg.depth
         check_exit_config(ecfg, depth)
-        # the exits' layers, written out: the checkpoint then names them even if the default changes
-        ecfg.exit_layers = ",".join(map(str, resolve_exit_layers(ecfg.exit_layers, depth)))
+        ecfg.exit_layers = written_exit_layers(ecfg.exit_layers, depth)
     except ValueError as e:   # the config checks of model.py and free_min.py
         raise DataError(str(e))
     return state
@@ -582,7 +581,8 @@ def frozen_states(free: FREE, batch: dict, device, dtype) -> dict:
     with torch.autocast(device.type, dtype=dtype, enabled=dtype != torch.float32):
         states, attn_mask = free.backbone.hidden_states(**batch)
     if attn_mask is None:                                     # no padding in this batch: every token is real
-        attn_mask = torch.ones(states[0].shape[0], 1, 1, states[0].shape[1], dtype=torch.bool, device=states[0].device)
+        B, S = states[0].shape[:2]
+        attn_mask = torch.ones(B, 1, 1, S, dtype=torch.bool, device=states[0].device)
     return {"inputs": [states[l] for l in free.exit_layers], "mask": attn_mask, "real": states[-1][:, 0]}
 
 
