@@ -85,8 +85,9 @@ def collect(free, split, batch_size: int) -> dict:
         final.append(out["final"].float().softmax(1).cpu())
         exits.append(torch.stack([e.float().softmax(1) for e in out["exits"]]).cpu())   # (K, B, A)
         raw.append(torch.stack([bb.head(out["states"][l][:, 0]).float().softmax(1) for l in free.exit_layers]).cpu())
-        mask, S = out["attn_mask"], out["states"][0].shape[1]
-        seq.append(torch.full((len(ids),), float(S)) if mask is None else mask.sum(dim=-1).flatten().float().cpu())  # (B,) real tokens
+        mask, S = out["attn_mask"], out["states"][0].shape[1]                           # mask None: no padding
+        real = torch.full((len(ids),), float(S)) if mask is None else mask.sum(dim=-1).flatten().float().cpu()
+        seq.append(real)                                                                  # (B,) real tokens
     return {"final": torch.cat(final), "exits": torch.cat(exits, 1), "raw": torch.cat(raw, 1),
             "seq_len": torch.cat(seq).mean().item()}
 
@@ -119,9 +120,14 @@ def flop_costs(free, seq_len: float) -> dict:
     return {"embed": 0.0, "layer": 1.0, "exit": exit_flops / layer_flops, "head": 0.0, "unit": "layers (FLOPs)"}
 
 
+def layers_run(free, sim: dict) -> torch.Tensor:
+    """(n,) float: the language-model layers each sample of `sim` runs (its exit's layer, or L at the final)."""
+    return torch.tensor(free.exit_layers + [free.backbone.depth])[sim["exit"]].float()
+
+
 def predicted_speedup(free, sim: dict, costs: dict) -> float:
     """Full-model cost / mean early-exit cost of the samples in `sim`, under a cost model (unit_costs/flop_costs)."""
-    layers = torch.tensor(free.exit_layers + [free.backbone.depth])[sim["exit"]].float()
+    layers = layers_run(free, sim)
     at_final = (sim["exit"] == free.num_exits).float()
     cost = costs["embed"] + layers * costs["layer"] + sim["evaluated"].float() * costs["exit"] + at_final * costs["head"]
     return (costs["embed"] + free.backbone.depth * costs["layer"] + costs["head"]) / cost.mean().item()
@@ -130,7 +136,7 @@ def predicted_speedup(free, sim: dict, costs: dict) -> float:
 def layer_speedup(free, sim: dict, seq_len: float) -> tuple[float, float]:
     """The paper's view: L / (layers run + exits evaluated x exit cost in layer units). Returns
     (mean layers run, speedup)."""
-    layers = torch.tensor(free.exit_layers + [free.backbone.depth])[sim["exit"]].float()
+    layers = layers_run(free, sim)
     return layers.mean().item(), predicted_speedup(free, sim, flop_costs(free, seq_len))
 
 
@@ -311,7 +317,7 @@ def oracle_exits(probs: dict) -> dict:
 
 def per_family_depth(free, split, sim: dict) -> dict:
     """Mean language-model layers run and the share leaving at each exit, per question family."""
-    layers = torch.tensor(free.exit_layers + [free.backbone.depth])[sim["exit"]].float()
+    layers = layers_run(free, sim)
     out = {}
     for fam in sorted(set(split.families)):
         idx = torch.tensor([i for i, f in enumerate(split.families) if f == fam])
