@@ -47,15 +47,12 @@ class TrainConfig:
     grad_clip: float = field(default=1.0, metadata={"help": "clip the gradient norm to this (0 = off)"})
     aux_weight: float = field(default=1.0, metadata={"help": "weight of the auxiliary patch loss (ViT tokens predict the "
                                                              "colour and shape under them; shapes data only, 0 = off)"})
-    recon_weight: float = field(default=-1.0, metadata={"help": "weight of the label-free patch reconstruction loss (every "
-                                                               "ViT token predicts the pixels of its own patch; needs no "
-                                                               "labels). -1 = auto: 1 where the pixel-label patch loss is off "
-                                                               "(--aux-weight 0, or data without pixel labels), else 0; "
-                                                               "0 = off (the image encoder learns from answers alone)"})
-    vit_blocks_lr: float = field(default=-1.0, metadata={"help": "stage 1: the image encoder's transformer blocks (and its "
+    recon_weight: float = field(default=0.0, metadata={"help": "weight of a label-free auxiliary loss: every ViT token "
+                                                              "predicts the pixels of its own patch (any data; 0 = off). "
+                                                              "It teaches the tokens colour, not shape (see README)"})
+    vit_blocks_lr: float = field(default=1.0, metadata={"help": "stage 1: the image encoder's transformer blocks (and its "
                                                                 "final norm) train at this multiple of --lr; its stem and "
-                                                                "everything else at --lr. -1 = auto: 0.3 where the "
-                                                                "pixel-label patch loss is off, else 1"})
+                                                                "everything else at --lr (see README, Known limitations)"})
     eval_batch_size: int = field(default=256, metadata={"help": "batch size for evaluation"})
     seed: int = field(default=0, metadata={"help": "seed of initialization and batch order"})
     device: str = field(default="auto", metadata={"help": "auto (cuda, then mps, then cpu), cuda, mps or cpu",
@@ -164,8 +161,8 @@ class PatchProbe(nn.Module):
     is where. Trained from scratch on VQA answers alone, our ViT learns to see shapes only slowly (the
     language model cannot attend to "the circle" before the ViT can tell circles apart). The shapes
     generator knows every pixel's colour and shape, so stage 1 adds this per-token loss: a cheap stand-in
-    for a pretrained image encoder. It is dropped after training (the VLM never uses it). Data without pixel
-    labels (or --aux-weight 0) gets the label-free PatchDecoder instead (see resolve_image_losses)."""
+    for a pretrained image encoder. It is dropped after training (the VLM never uses it). PatchDecoder is a
+    label-free alternative that was tried in its place; see there for what it does and does not teach."""
 
     def __init__(self, vit_dim: int):
         super().__init__()
@@ -177,20 +174,34 @@ class PatchProbe(nn.Module):
         covers at least a quarter of its patch (the most common one), else background."""
         total = 0.0
         for channel, head in ((0, self.colour), (1, self.shape)):
-            onehot = F.one_hot(pixel_labels[:, channel].long(), head.out_features)      # (B, H, W, C)
-            cover = F.avg_pool2d(onehot.permute(0, 3, 1, 2).float(), patch_size)       # (B, C, g, g)
-            cover[:, 0] = 0.0                                                            # background never "covers"
-            frac, label = cover.max(dim=1)                                               # (B, g, g)
-            target = torch.where(frac >= 0.25, label, torch.zeros_like(label)).flatten(1)  # (B, P)
+            target = self.targets(pixel_labels, patch_size, channel)                    # (B, P)
             logits = head(patches.float())                                               # (B, P, C)
             total = total + F.cross_entropy(logits.reshape(-1, head.out_features), target.reshape(-1))
         return total
 
+    @staticmethod
+    def targets(pixel_labels: torch.Tensor, patch_size: int, channel: int) -> torch.Tensor:
+        """(B, 2, H, W) pixel labels -> (B, P) per-token class of `channel` (0 colour, 1 shape; 0 = background)."""
+        classes = 1 + (len(COLORS) if channel == 0 else len(SHAPES))
+        onehot = F.one_hot(pixel_labels[:, channel].long(), classes)                   # (B, H, W, C)
+        cover = F.avg_pool2d(onehot.permute(0, 3, 1, 2).float(), patch_size)           # (B, C, g, g)
+        cover[:, 0] = 0.0                                                                # background never "covers"
+        frac, label = cover.max(dim=1)                                                   # (B, g, g)
+        return torch.where(frac >= 0.25, label, torch.zeros_like(label)).flatten(1)     # (B, P)
+
 
 class PatchDecoder(nn.Module):
-    """Stage 1's label-free auxiliary head: a linear map from every ViT token to the pixels of its own patch
-    (normalised, averaged down to r x r per patch). It needs nothing but the images, so it works on any VQA
-    data; why it helps is in `resolve_image_losses`. Dropped after training, as PatchProbe."""
+    """Stage 1's label-free auxiliary head (--recon-weight): a linear map from every ViT token to the pixels
+    of its own patch (normalised, averaged down to r x r per patch). It needs nothing but the images.
+
+    Why it was tried: without PatchProbe, answers reach the image encoder only through the language model's
+    attention, which starts out spread evenly over the visual tokens, so every token is told the same
+    thing whatever its patch holds, and tokens that do not say what is where give attention nothing to
+    select. Reconstruction makes each token describe its own patch from the first steps.
+    What it does (measured; README, Known limitations): it teaches the tokens *colour* (a linear probe reads
+    an object token's colour 97 % right) but not *shape* (39 %, 4 shapes; 99 % for both with PatchProbe),
+    and shape is what most questions need to find their object: a full default run with it (and
+    --aux-weight 0) stayed at the answer priors. Dropped after training, as PatchProbe."""
 
     def __init__(self, vit_dim: int, patch_size: int):
         super().__init__()
@@ -329,12 +340,9 @@ def check_train_config(tcfg: TrainConfig) -> None:
             raise DataError(f"--{name.replace('_', '-')} must be at least 1 (got {getattr(tcfg, name)})")
     if tcfg.lr <= 0:
         raise DataError(f"--lr must be > 0 (got {tcfg.lr})")
-    for name in ("weight_decay", "warmup_steps", "grad_clip", "aux_weight", "threads"):
+    for name in ("weight_decay", "warmup_steps", "grad_clip", "aux_weight", "recon_weight", "vit_blocks_lr", "threads"):
         if getattr(tcfg, name) < 0:
             raise DataError(f"--{name.replace('_', '-')} must be >= 0 (got {getattr(tcfg, name)})")
-    for name in ("recon_weight", "vit_blocks_lr"):
-        if getattr(tcfg, name) < 0 and getattr(tcfg, name) != -1:
-            raise DataError(f"--{name.replace('_', '-')} must be >= 0, or -1 for auto (got {getattr(tcfg, name)})")
     if tcfg.backbone and tcfg.stage != "exits":
         raise DataError("--backbone is read by --stage exits only (the other stages train their own backbone)")
 
@@ -373,7 +381,6 @@ def validate(dcfg: DataConfig, mcfg: ModelConfig, tcfg: TrainConfig, ecfg: ExitC
                                     "--backbone" if tcfg.backbone else "--stage exits (no --backbone, so OUT/ckpt.pt):")
         else:
             check_model_config(mcfg)
-            resolve_image_losses(tcfg, dcfg, mcfg)
             state = resume_state(tcfg, dcfg, mcfg, ecfg)
         depth = state["model_config"]["depth"] if state is not None else mcfg.depth
         check_exit_config(ecfg, depth)
@@ -381,27 +388,6 @@ def validate(dcfg: DataConfig, mcfg: ModelConfig, tcfg: TrainConfig, ecfg: ExitC
     except ValueError as e:   # the config checks of model.py and free_min.py
         raise DataError(str(e))
     return state
-
-
-def resolve_image_losses(tcfg: TrainConfig, dcfg: DataConfig, mcfg: ModelConfig) -> None:
-    """Turn the automatic (-1) --recon-weight and --vit-blocks-lr into values, in place, before they are saved.
-
-    Why (the cause of an image encoder that learned little from answers alone, measured): answers reach the
-    image encoder only through the language model's attention, which starts out spread evenly over the
-    visual tokens, so every token is told the same thing ("look more like the answer") whatever its patch
-    holds; the encoder's transformer block, trained at full rate on that signal, mixes the tokens further.
-    Tokens then never come to say what is where, and attention has nothing to select: a chicken-and-egg
-    plateau. The pixel-label patch loss breaks it with labels the shapes generator knows. Without them, a
-    label-free signal breaks it as well: every token reconstructs its own patch (`PatchDecoder`), so tokens
-    are local and distinct from the first steps, and the block learns at 0.3x so it does not mix them away.
-    In a short proxy (query_color questions, the small model of the tests, 600 steps, 3 seeds, val %):
-    answers alone 14.3 +- 1.4, reconstruction and 0.3x blocks 31.8 +- 3.2, the pixel-label loss 31.2 +- 4.1.
-    """
-    pixel_loss = tcfg.aux_weight > 0 and dcfg.data == "shapes" and not mcfg.freeze_vit
-    if tcfg.recon_weight < 0:
-        tcfg.recon_weight = 0.0 if pixel_loss or mcfg.freeze_vit else 1.0
-    if tcfg.vit_blocks_lr < 0:
-        tcfg.vit_blocks_lr = 1.0 if pixel_loss or mcfg.freeze_vit else 0.3
 
 
 def backbone_step(model, probe, opt, scaler, train, ids, tcfg, device, dtype, decoder=None) -> tuple[float, torch.Tensor]:
