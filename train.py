@@ -50,6 +50,9 @@ class TrainConfig:
     recon_weight: float = field(default=0.0, metadata={"help": "weight of a label-free auxiliary loss: every ViT token "
                                                               "predicts the pixels of its own patch (any data; 0 = off). "
                                                               "It teaches the tokens colour, not shape (see README)"})
+    shortcut_weight: float = field(default=0.0, metadata={"help": "weight of a second answer loss read straight off the "
+                                                                 "image encoder's tokens by a one-layer head (answers only, "
+                                                                 "no labels; 0 = off; see train.AnswerShortcut)"})
     vit_blocks_lr: float = field(default=1.0, metadata={"help": "stage 1: the image encoder's transformer blocks (and its "
                                                                 "final norm) train at this multiple of --lr; its stem and "
                                                                 "everything else at --lr (see README, Known limitations)"})
@@ -216,6 +219,32 @@ class PatchDecoder(nn.Module):
         return F.mse_loss(self.pixels(patches.float()), target)
 
 
+class AnswerShortcut(nn.Module):
+    """Stage 1's answer shortcut (--shortcut-weight): the answer predicted a second time, straight from the
+    image encoder's tokens, by a one-layer head; trained on the same targets as the VLM (answers only).
+
+    Why: in the VLM, an answer's gradient reaches the encoder through every language-model layer and an
+    attention that starts out spread evenly over the visual tokens (README, Known limitations). Here it
+    is one layer away: the tokens' mean (what counting and existence questions can use, with no attention
+    to learn) and a pooling by the question's words, fed with a bag of the question's words to a small
+    MLP. Like the auxiliary classifiers of deep supervision, it is dropped after training."""
+
+    def __init__(self, vit_dim: int, vocab_size: int, num_answers: int, hidden: int = 256):
+        super().__init__()
+        self.words = nn.Embedding(vocab_size, vit_dim)
+        self.query = nn.Linear(vit_dim, vit_dim)
+        self.mlp = nn.Sequential(nn.Linear(3 * vit_dim, hidden), nn.GELU(), nn.Linear(hidden, num_answers))
+
+    def forward(self, patches: torch.Tensor, tokens: torch.Tensor, text_mask: torch.Tensor) -> torch.Tensor:
+        """patches (B, P, Dv), tokens (B, T), text_mask (B, T) -> logits (B, A)."""
+        x = F.layer_norm(patches.float(), patches.shape[-1:])                          # (B, P, Dv)
+        mask = text_mask[:, :tokens.shape[1], None].float()                                # (B, T, 1)
+        q = (self.words(tokens) * mask).sum(dim=1) / mask.sum(dim=1).clamp(min=1)            # (B, Dv) bag of words
+        scores = torch.einsum("bpd,bd->bp", x, self.query(q)) / x.shape[-1] ** 0.5        # (B, P)
+        pooled = torch.einsum("bp,bpd->bd", scores.softmax(dim=1), x)                      # (B, Dv)
+        return self.mlp(torch.cat([x.mean(dim=1), pooled, q], dim=1))
+
+
 def soft_cross_entropy(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
     """Cross-entropy against soft VQA targets (B, A), normalized to a distribution per question.
     NOTE (deviation): many VQA classifiers use per-answer BCE; a softmax suits single-answer shapes data
@@ -285,7 +314,7 @@ def make_state(model, opt, step, epoch, dcfg, mcfg, tcfg, tokenizer, answers) ->
 
 # Flags that shape the optimisation: a run resumed with other values would follow another schedule.
 SCHEDULE_FLAGS = {"backbone": ("epochs", "batch_size", "lr", "weight_decay", "warmup_steps", "grad_clip", "aux_weight",
-                               "recon_weight", "vit_blocks_lr", "seed"),
+                               "recon_weight", "shortcut_weight", "vit_blocks_lr", "seed"),
                   "exits": ("batch_size", "seed")}
 DERIVED = ("vocab_size", "num_answers", "max_text_len", "image_size")   # set from the data, not by flags
 
@@ -340,7 +369,8 @@ def check_train_config(tcfg: TrainConfig) -> None:
             raise DataError(f"--{name.replace('_', '-')} must be at least 1 (got {getattr(tcfg, name)})")
     if tcfg.lr <= 0:
         raise DataError(f"--lr must be > 0 (got {tcfg.lr})")
-    for name in ("weight_decay", "warmup_steps", "grad_clip", "aux_weight", "recon_weight", "vit_blocks_lr", "threads"):
+    for name in ("weight_decay", "warmup_steps", "grad_clip", "aux_weight", "recon_weight", "shortcut_weight", "vit_blocks_lr",
+                 "threads"):
         if getattr(tcfg, name) < 0:
             raise DataError(f"--{name.replace('_', '-')} must be >= 0 (got {getattr(tcfg, name)})")
     if tcfg.backbone and tcfg.stage != "exits":
@@ -390,7 +420,8 @@ def validate(dcfg: DataConfig, mcfg: ModelConfig, tcfg: TrainConfig, ecfg: ExitC
     return state
 
 
-def backbone_step(model, probe, opt, scaler, train, ids, tcfg, device, dtype, decoder=None) -> tuple[float, torch.Tensor]:
+def backbone_step(model, probe, opt, scaler, train, ids, tcfg, device, dtype, decoder=None,
+                  shortcut=None) -> tuple[float, torch.Tensor]:
     """One optimizer step of stage 1 (`probe`: the pixel-label PatchProbe or None; `decoder`: the label-free
     PatchDecoder or None). Returns the VQA loss and the logits (B, A)."""
     batch = to_device(train.batch(ids), device)
@@ -408,6 +439,9 @@ def backbone_step(model, probe, opt, scaler, train, ids, tcfg, device, dtype, de
     if decoder is not None:
         pixels = (batch["images"] - model.pixel_mean) / model.pixel_std      # (B, 3, H, W), as the encoder sees it
         total = total + tcfg.recon_weight * decoder.loss(patches, pixels, model.cfg.patch_size)
+    if shortcut is not None:
+        total = total + tcfg.shortcut_weight * soft_cross_entropy(shortcut(patches, batch["tokens"], batch["text_mask"]),
+                                                                  targets)
     if not torch.isfinite(total):
         raise FloatingPointError(f"non-finite loss ({total.item()})")
     opt.zero_grad(set_to_none=True)
@@ -529,7 +563,9 @@ def train_backbone(model, splits, tokenizer, answers, dcfg, mcfg, tcfg, device, 
     probe = PatchProbe(model.vit.embed_dim).to(device) if use_probe else None
     use_decoder = tcfg.recon_weight > 0 and not mcfg.freeze_vit
     decoder = PatchDecoder(model.vit.embed_dim, mcfg.patch_size).to(device) if use_decoder else None
-    heads = nn.ModuleList([m for m in (probe, decoder) if m is not None])      # the auxiliary heads, trained alongside
+    use_shortcut = tcfg.shortcut_weight > 0 and not mcfg.freeze_vit
+    shortcut = AnswerShortcut(model.vit.embed_dim, mcfg.vocab_size, mcfg.num_answers).to(device) if use_shortcut else None
+    heads = nn.ModuleList([m for m in (probe, decoder, shortcut) if m is not None])   # auxiliary heads, trained alongside
     opt = torch.optim.AdamW(param_groups(model, heads, tcfg), lr=tcfg.lr, weight_decay=tcfg.weight_decay, betas=(0.9, 0.98))
     scaler = torch.amp.GradScaler(device.type, enabled=dtype == torch.float16)
     total_steps = tcfg.epochs * math.ceil(len(trainable) / tcfg.batch_size)
@@ -540,6 +576,8 @@ def train_backbone(model, splits, tokenizer, answers, dcfg, mcfg, tcfg, device, 
             probe.load_state_dict(state["probe"])
         if decoder is not None:
             decoder.load_state_dict(state["decoder"])
+        if shortcut is not None:
+            shortcut.load_state_dict(state["shortcut"])
         step, start_epoch = state["step"], state["epoch"] + 1
         set_rng_state(state["rng"])
         print(f"resumed from epoch {state['epoch'] + 1} (step {step})")
@@ -554,7 +592,8 @@ def train_backbone(model, splits, tokenizer, answers, dcfg, mcfg, tcfg, device, 
             ids = trainable[ids]
             set_lr(opt, step, total_steps, tcfg)
             try:
-                loss, logits = backbone_step(model, probe, opt, scaler, train, ids, tcfg, device, dtype, decoder)
+                loss, logits = backbone_step(model, probe, opt, scaler, train, ids, tcfg, device, dtype, decoder,
+                                             shortcut)
             except FloatingPointError as e:
                 raise SystemExit(f"error: {e} at step {step} of stage 1; the last good checkpoint is kept in {ckpt}. "
                                  f"Try a lower --lr or --grad-clip.")
@@ -574,7 +613,8 @@ def train_backbone(model, splits, tokenizer, answers, dcfg, mcfg, tcfg, device, 
                        "train_accuracy": 100 * hit_sum / seen, "val_accuracy": res["accuracy"],
                        "val_per_family": res["per_family"], "time_s": round(elapsed, 1)})
         state = make_state(model, opt, step, epoch, dcfg, mcfg, tcfg, tokenizer, answers)
-        heads = {name: m.state_dict() for name, m in (("probe", probe), ("decoder", decoder)) if m is not None}
+        heads = {name: m.state_dict() for name, m in (("probe", probe), ("decoder", decoder), ("shortcut", shortcut))
+                 if m is not None}
         save_checkpoint(ckpt, state | heads)
     return model
 

@@ -124,6 +124,33 @@ def test_reconstruction_alone_teaches_the_encoder_its_patches():
     assert loss.item() < 0.25 * variance, (loss.item(), variance)           # at init: 3x the variance
 
 
+def test_answer_shortcut_ignores_padding_and_learns_from_the_tokens():
+    """train.AnswerShortcut: the question's padding changes nothing; and from answers alone it learns an
+    answer that only the tokens' content tells (here: whether feature 0 is, on average, positive)."""
+    torch.manual_seed(0)
+    head = train.AnswerShortcut(vit_dim=8, vocab_size=20, num_answers=2, hidden=32)
+    patches, tokens = torch.randn(4, 16, 8), torch.randint(1, 20, (4, 5))
+    mask = torch.ones(4, 5, dtype=torch.bool)
+    padded = torch.cat([tokens, torch.zeros(4, 3, dtype=torch.long)], dim=1)
+    padded_mask = torch.cat([mask, torch.zeros(4, 3, dtype=torch.bool)], dim=1)
+    assert torch.allclose(head(patches, tokens, mask), head(patches, padded, padded_mask), atol=1e-6)
+
+    opt = torch.optim.Adam(head.parameters(), lr=1e-2)
+    x = torch.randn(256, 16, 8)
+    x[:, :, 0] += torch.randn(256, 1)                               # the per-image offset decides the answer
+    y = (x[:, :, 0].mean(dim=1) > 0).long()
+    words, words_mask = torch.randint(1, 20, (256, 5)), torch.ones(256, 5, dtype=torch.bool)
+    for _ in range(100):
+        loss = torch.nn.functional.cross_entropy(head(x, words, words_mask), y)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    x_new = torch.randn(256, 16, 8)
+    x_new[:, :, 0] += torch.randn(256, 1)
+    right = (head(x_new, words, words_mask).argmax(1) == (x_new[:, :, 0].mean(dim=1) > 0).long()).float().mean()
+    assert right > 0.9, right
+
+
 def test_overfits_a_small_batch():
     """A real optimisation check: 32 questions are memorised in 100 full-batch steps."""
     torch.manual_seed(0)
@@ -164,8 +191,8 @@ def test_same_seed_same_weights_on_cpu(tmp_path):
     assert all(torch.equal(a[k], b[k]) for k in a)
 
 
-@pytest.mark.parametrize("aux", [["--aux-weight", "1"], ["--aux-weight", "0", "--recon-weight", "1"]],
-                         ids=["pixel-labels", "reconstruction"])
+@pytest.mark.parametrize("aux", [["--aux-weight", "1"], ["--aux-weight", "0", "--recon-weight", "1", "--shortcut-weight", "1"]],
+                         ids=["pixel-labels", "label-free"])
 def test_resume_after_interruption_matches_uninterrupted_run(tmp_path, monkeypatch, aux):
     """Interrupted after epoch 2 and resumed: the same weights as a run that never stopped, with either
     auxiliary head (its optimizer state and weights travel in the checkpoint)."""
@@ -190,7 +217,8 @@ def test_resume_after_interruption_matches_uninterrupted_run(tmp_path, monkeypat
     full = torch.load(tmp_path / "full" / "ckpt.pt", weights_only=False)
     resumed = torch.load(tmp_path / "resumed" / "ckpt.pt", weights_only=False)
     assert resumed["step"] == full["step"] and resumed["epoch"] == 2
-    assert ("decoder" in full, "probe" in full) == ((True, False) if aux[1] == "0" else (False, True))
+    assert ("decoder" in full, "shortcut" in full, "probe" in full) == ((True, True, False) if aux[1] == "0" else
+                                                                           (False, False, True))
     assert all(torch.equal(full["model"][k], resumed["model"][k]) for k in full["model"])
     epochs = [json.loads(l)["epoch"] for l in open(tmp_path / "resumed" / "log.jsonl") if "val_accuracy" in l]
     assert epochs == [1, 2, 3]
@@ -241,6 +269,7 @@ VQA = ["--data", "vqa2", "--vqa-questions", os.path.join(FIXTURE, "questions.jso
     (["--epochs", "0"], "--epochs must be at least 1"),
     (["--lr", "-1"], "--lr must be > 0"),
     (["--recon-weight", "-1"], "--recon-weight must be >= 0"),
+    (["--shortcut-weight", "-1"], "--shortcut-weight must be >= 0"),
     (["--temperature", "0"], "--temperature must be > 0"),
     (["--questions-per-image", "9"], "--questions-per-image must be between 1 and 6"),
     (["--vit-weights", "/nope/vit.pth"], "--vit-weights /nope/vit.pth: file not found"),
