@@ -131,11 +131,11 @@ def pick_device(choice: str):
     return device, torch.float32, f"float32: mixed precision is used on CUDA only, and this is {device.type}"
 
 
-def param_groups(model: VLM, probe, tcfg: TrainConfig) -> list[dict]:
-    """Stage 1's AdamW parameter groups (`probe`: the auxiliary heads, a module or None): everything at --lr,
+def param_groups(model: VLM, heads, tcfg: TrainConfig) -> list[dict]:
+    """Stage 1's AdamW parameter groups (`heads`: the auxiliary heads, a module or None): everything at --lr,
     but for --vit-blocks-lr other than 1, the image
     encoder's transformer blocks and final norm in a group of their own with that multiple ('lr_scale')."""
-    params = [p for p in model.parameters() if p.requires_grad] + (list(probe.parameters()) if probe is not None else [])
+    params = [p for p in model.parameters() if p.requires_grad] + (list(heads.parameters()) if heads is not None else [])
     blocks = {id(p) for m in (model.vit.blocks, model.vit.norm) for p in m.parameters()}
     if tcfg.vit_blocks_lr == 1.0 or not any(id(p) in blocks for p in params):
         return [{"params": params}]
@@ -202,7 +202,7 @@ class PatchDecoder(nn.Module):
     thing whatever its patch holds, and tokens that do not say what is where give attention nothing to
     select. Reconstruction makes each token describe its own patch from the first steps.
     What it does (measured; README, Known limitations): it teaches the tokens *colour* (a linear probe reads
-    an object token's colour 97 % right) but not *shape* (39 %, 4 shapes; 99 % for both with PatchProbe),
+    an object token's colour 97 % right) but not *shape* (35 %, 4 shapes; 99 % for both with PatchProbe),
     and shape is what most questions need to find their object: a full default run with it (and
     --aux-weight 0) stayed at the answer priors. Dropped after training, as PatchProbe."""
 
@@ -238,7 +238,7 @@ class AnswerShortcut(nn.Module):
     def forward(self, patches: torch.Tensor, tokens: torch.Tensor, text_mask: torch.Tensor) -> torch.Tensor:
         """patches (B, P, Dv), tokens (B, T), text_mask (B, T) -> logits (B, A)."""
         x = F.layer_norm(patches.float(), patches.shape[-1:])                          # (B, P, Dv)
-        mask = text_mask[:, :tokens.shape[1], None].float()                                # (B, T, 1)
+        mask = text_mask[..., None].float()                                                # (B, T, 1)
         q = (self.words(tokens) * mask).sum(dim=1) / mask.sum(dim=1).clamp(min=1)            # (B, Dv) bag of words
         scores = torch.einsum("bpd,bd->bp", x, self.query(q)) / x.shape[-1] ** 0.5        # (B, P)
         pooled = torch.einsum("bp,bpd->bd", scores.softmax(dim=1), x)                      # (B, Dv)
@@ -422,8 +422,9 @@ def validate(dcfg: DataConfig, mcfg: ModelConfig, tcfg: TrainConfig, ecfg: ExitC
 
 def backbone_step(model, probe, opt, scaler, train, ids, tcfg, device, dtype, decoder=None,
                   shortcut=None) -> tuple[float, torch.Tensor]:
-    """One optimizer step of stage 1 (`probe`: the pixel-label PatchProbe or None; `decoder`: the label-free
-    PatchDecoder or None). Returns the VQA loss and the logits (B, A)."""
+    """One optimizer step of stage 1 (auxiliary heads, each or None: `probe` the pixel-label PatchProbe,
+    `decoder` the label-free PatchDecoder, `shortcut` the AnswerShortcut). Returns the VQA loss and the
+    logits (B, A)."""
     batch = to_device(train.batch(ids), device)
     targets = train.soft_targets(ids, model.cfg.num_answers).to(device)         # (B, A)
     with torch.autocast(device.type, dtype=dtype, enabled=dtype != torch.float32):
@@ -559,25 +560,24 @@ def train_backbone(model, splits, tokenizer, answers, dcfg, mcfg, tcfg, device, 
     loss on shapes data); evaluate on val and checkpoint after every epoch."""
     train, val = splits["train"], splits["val"]
     trainable = torch.nonzero(train.trainable()).squeeze(1)          # (n_train,) questions with a target
-    use_probe = tcfg.aux_weight > 0 and train.pixel_labels is not None and not mcfg.freeze_vit
-    probe = PatchProbe(model.vit.embed_dim).to(device) if use_probe else None
-    use_decoder = tcfg.recon_weight > 0 and not mcfg.freeze_vit
-    decoder = PatchDecoder(model.vit.embed_dim, mcfg.patch_size).to(device) if use_decoder else None
-    use_shortcut = tcfg.shortcut_weight > 0 and not mcfg.freeze_vit
-    shortcut = AnswerShortcut(model.vit.embed_dim, mcfg.vocab_size, mcfg.num_answers).to(device) if use_shortcut else None
-    heads = nn.ModuleList([m for m in (probe, decoder, shortcut) if m is not None])   # auxiliary heads, trained alongside
-    opt = torch.optim.AdamW(param_groups(model, heads, tcfg), lr=tcfg.lr, weight_decay=tcfg.weight_decay, betas=(0.9, 0.98))
+    # the auxiliary heads that are on (trained alongside, saved in the checkpoint under their names); none
+    # with a frozen encoder, which they could not teach
+    dv, heads = model.vit.embed_dim, {}
+    for name, on, make in (("probe", tcfg.aux_weight > 0 and train.pixel_labels is not None, lambda: PatchProbe(dv)),
+                           ("decoder", tcfg.recon_weight > 0, lambda: PatchDecoder(dv, mcfg.patch_size)),
+                           ("shortcut", tcfg.shortcut_weight > 0,
+                            lambda: AnswerShortcut(dv, mcfg.vocab_size, mcfg.num_answers))):
+        if on and not mcfg.freeze_vit:
+            heads[name] = make().to(device)
+    opt = torch.optim.AdamW(param_groups(model, nn.ModuleList(heads.values()), tcfg), lr=tcfg.lr,
+                            weight_decay=tcfg.weight_decay, betas=(0.9, 0.98))
     scaler = torch.amp.GradScaler(device.type, enabled=dtype == torch.float16)
     total_steps = tcfg.epochs * math.ceil(len(trainable) / tcfg.batch_size)
     step, start_epoch = 0, 0
     if state is not None:
         opt.load_state_dict(state["optimizer"])
-        if probe is not None:
-            probe.load_state_dict(state["probe"])
-        if decoder is not None:
-            decoder.load_state_dict(state["decoder"])
-        if shortcut is not None:
-            shortcut.load_state_dict(state["shortcut"])
+        for name, head in heads.items():
+            head.load_state_dict(state[name])
         step, start_epoch = state["step"], state["epoch"] + 1
         set_rng_state(state["rng"])
         print(f"resumed from epoch {state['epoch'] + 1} (step {step})")
@@ -592,8 +592,8 @@ def train_backbone(model, splits, tokenizer, answers, dcfg, mcfg, tcfg, device, 
             ids = trainable[ids]
             set_lr(opt, step, total_steps, tcfg)
             try:
-                loss, logits = backbone_step(model, probe, opt, scaler, train, ids, tcfg, device, dtype, decoder,
-                                             shortcut)
+                loss, logits = backbone_step(model, heads.get("probe"), opt, scaler, train, ids, tcfg, device, dtype,
+                                             heads.get("decoder"), heads.get("shortcut"))
             except FloatingPointError as e:
                 raise SystemExit(f"error: {e} at step {step} of stage 1; the last good checkpoint is kept in {ckpt}. "
                                  f"Try a lower --lr or --grad-clip.")
@@ -613,9 +613,7 @@ def train_backbone(model, splits, tokenizer, answers, dcfg, mcfg, tcfg, device, 
                        "train_accuracy": 100 * hit_sum / seen, "val_accuracy": res["accuracy"],
                        "val_per_family": res["per_family"], "time_s": round(elapsed, 1)})
         state = make_state(model, opt, step, epoch, dcfg, mcfg, tcfg, tokenizer, answers)
-        heads = {name: m.state_dict() for name, m in (("probe", probe), ("decoder", decoder), ("shortcut", shortcut))
-                 if m is not None}
-        save_checkpoint(ckpt, state | heads)
+        save_checkpoint(ckpt, state | {name: head.state_dict() for name, head in heads.items()})
     return model
 
 
