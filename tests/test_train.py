@@ -89,6 +89,21 @@ def test_vit_blocks_lr_scales_only_the_encoders_blocks():
         assert moved("vit.blocks.") == moved("vit.norm.") == (scale > 0), scale
 
 
+def test_label_free_defaults_turn_on_only_without_pixel_labels():
+    """The auto (-1) values of --recon-weight, --shortcut-weight and --vit-blocks-lr: the label-free aids when the
+    encoder trains without a pixel-label loss (--aux-weight 0, or data without pixel labels), none with one or
+    with a frozen encoder; a value given by the user is kept either way."""
+    auto = train.TrainConfig()
+    settings = lambda tcfg, labels, frozen: tuple(getattr(train.stage1_settings(tcfg, labels, frozen), k)
+                                                 for k in ("recon_weight", "shortcut_weight", "vit_blocks_lr"))
+    assert settings(auto, True, False) == (0.0, 0.0, 1.0)
+    assert settings(auto, False, False) == settings(train.TrainConfig(aux_weight=0), True, False) == (1.0, 3.0, 0.3)
+    assert settings(auto, False, True) == (0.0, 0.0, 1.0)
+    assert settings(train.TrainConfig(aux_weight=0, shortcut_weight=0.5), True, False) == (1.0, 0.5, 0.3)
+    assert settings(train.TrainConfig(recon_weight=2.0), True, False) == (2.0, 0.0, 1.0)
+    assert auto.recon_weight == auto.shortcut_weight == auto.vit_blocks_lr == train.AUTO   # saved unresolved
+
+
 def test_patch_decoder_targets_are_each_tokens_own_patch():
     """The label-free reconstruction loss asks token p (row-major over the patch grid, as the ViT orders its
     tokens) for the pixels of patch p, averaged down to r x r: zero for exactly those, not for swapped ones."""
@@ -191,11 +206,11 @@ def test_same_seed_same_weights_on_cpu(tmp_path):
     assert all(torch.equal(a[k], b[k]) for k in a)
 
 
-@pytest.mark.parametrize("aux", [["--aux-weight", "1"], ["--aux-weight", "0", "--recon-weight", "1", "--shortcut-weight", "1"]],
-                         ids=["pixel-labels", "label-free"])
+@pytest.mark.parametrize("aux", [["--aux-weight", "1"], ["--aux-weight", "0"]], ids=["pixel-labels", "label-free"])
 def test_resume_after_interruption_matches_uninterrupted_run(tmp_path, monkeypatch, aux):
-    """Interrupted after epoch 2 and resumed: the same weights as a run that never stopped, with either
-    auxiliary head (its optimizer state and weights travel in the checkpoint)."""
+    """Interrupted after epoch 2 and resumed: the same weights as a run that never stopped, with the pixel-label
+    head or (--aux-weight 0) the label-free heads that the auto defaults turn on (their optimizer state and
+    weights travel in the checkpoint)."""
     args = MICRO + ["--epochs", "3"] + aux
     train.main(args + ["--out", str(tmp_path / "full")])
 
@@ -268,8 +283,9 @@ VQA = ["--data", "vqa2", "--vqa-questions", os.path.join(FIXTURE, "questions.jso
     (["--image-size", "60"], "--image-size 60 is not a multiple"),
     (["--epochs", "0"], "--epochs must be at least 1"),
     (["--lr", "-1"], "--lr must be > 0"),
-    (["--recon-weight", "-1"], "--recon-weight must be >= 0"),
-    (["--shortcut-weight", "-1"], "--shortcut-weight must be >= 0"),
+    (["--recon-weight", "-2"], "--recon-weight must be >= 0, or -1 for auto"),
+    (["--shortcut-weight", "-0.5"], "--shortcut-weight must be >= 0, or -1 for auto"),
+    (["--vit-blocks-lr", "-3"], "--vit-blocks-lr must be >= 0, or -1 for auto"),
     (["--temperature", "0"], "--temperature must be > 0"),
     (["--questions-per-image", "9"], "--questions-per-image must be between 1 and 6"),
     (["--vit-weights", "/nope/vit.pth"], "--vit-weights /nope/vit.pth: file not found"),
