@@ -138,9 +138,10 @@ def pick_device(choice: str):
 # Why it needs anything: an answer reaches a visual token only through every language-model layer and an
 # attention that starts spread evenly over the tokens, so for thousands of steps every token is told the
 # same thing, and the encoder does not learn the objects' shapes (scripts/probe_tokens.py: a linear probe
-# reads them at 35 % after 10 of 30 epochs with reconstruction alone, where the most common shape is 32 %). The answer shortcut (train.AnswerShortcut) puts the answer one layer from the tokens; pixel
-# reconstruction (train.PatchDecoder) teaches them colour; the encoder's block trains at 0.3x the rate
-# (better on a short proxy). Full default runs with --aux-weight 0 (one seed each, README): 74.4 % test
+# reads them at 35 % after 10 of 30 epochs with reconstruction alone, where the most common shape is 32 %).
+# The answer shortcut (train.AnswerShortcut) puts the answer one layer from the tokens; pixel reconstruction
+# (train.PatchDecoder) teaches them colour; the encoder's block trains at 0.3x the rate (better on a short
+# proxy). Full default runs with --aux-weight 0 (one seed each, README): 74.4 % test
 # with the shortcut at weight 1, 76.4 % with these values, against 80.5 % with the pixel labels.
 AUTO = -1.0
 LABEL_FREE = {"recon_weight": 1.0, "shortcut_weight": 3.0, "vit_blocks_lr": 0.3}
