@@ -147,38 +147,43 @@ def layer_speedup(free, sim: dict, seq_len: float) -> tuple[float, float]:
 def time_speedup(free, split, ids: torch.Tensor, batch_size: int, rule: str, threshold: float, repeats: int,
                  image_tokens_ready: bool = False, exits: list[int] | None = None) -> dict:
     """Seconds for the full model and for early exit over the same questions (inputs prepared on the model's
-    device beforehand), interleaved so that both see the same machine load, each run ending when its
-    answers are ready (a device sync on a GPU). Returns medians. End to end by default (the image encoder
-    runs in both, a fixed cost exits cannot skip); with image_tokens_ready, the encoder's tokens are
-    computed beforehand (as a cache of image features would have them) and only the language model is timed."""
+    device beforehand), each run ending when its answers are ready (a device sync on a GPU). End to end by
+    default (the image encoder runs in both, a fixed cost exits cannot skip); with image_tokens_ready, the
+    encoder's tokens are computed beforehand (as a cache of image features would have them) and only the
+    language model is timed.
+
+    Interleaved batch by batch: each batch runs through the full model and through early exit back to back
+    (which goes first alternates), so that both see the same machine load, down to a few milliseconds. On a
+    shared machine the load drifts within a second: one operating point measured six times on 2 CPU cores
+    (128 questions at batch 1, 5 rounds) gave 1.42-1.54x (std 0.05) timed as whole passes one after the
+    other, and 1.40-1.45x (std 0.016) batch by batch. A round sums each method's batches; the result holds
+    the medians over `repeats` rounds and the spread of the per-round ratios."""
     device = next(free.parameters()).device
     inputs = [to_device(split.batch(b, cached=False), device) for b in torch.split(ids, batch_size)]
     if image_tokens_ready:
         inputs = [x | {"images": None, "patches": free.backbone.patch_features(x["images"])} for x in inputs]
     sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
+    runs = {"full": lambda x: free.backbone(**x).argmax(1),
+            "early_exit": lambda x: early_exit_predict(free, **x, rule=rule, threshold=threshold, exits=exits)}
 
-    def full():
-        for x in inputs:
-            free.backbone(**x).argmax(1)
-        sync()
+    def one_round(j0: int) -> dict:
+        spent = dict.fromkeys(runs, 0.0)
+        for j, x in enumerate(inputs):
+            for name in (list(runs) if (j0 + j) % 2 == 0 else list(runs)[::-1]):
+                sync()
+                start = time.perf_counter()
+                runs[name](x)
+                sync()
+                spent[name] += time.perf_counter() - start
+        return spent
 
-    def early():
-        for x in inputs:
-            early_exit_predict(free, **x, rule=rule, threshold=threshold, exits=exits)
-        sync()
-
-    runs = {"full": full, "early_exit": early}
-    times = defaultdict(list)
-    for fn in runs.values():                                   # warm-up
-        fn()
-    for r in range(repeats):
-        for name in (list(runs) if r % 2 == 0 else list(runs)[::-1]):
-            start = time.perf_counter()
-            runs[name]()
-            times[name].append(time.perf_counter() - start)
-    full_s, ee_s = statistics.median(times["full"]), statistics.median(times["early_exit"])
+    one_round(0)                                               # warm-up
+    rounds = [one_round(r) for r in range(repeats)]
+    full_s = statistics.median(r["full"] for r in rounds)
+    ee_s = statistics.median(r["early_exit"] for r in rounds)
+    ratios = [r["full"] / r["early_exit"] for r in rounds]
     return {"full_s": full_s, "early_exit_s": ee_s, "speedup": full_s / ee_s, "batch_size": batch_size,
-            "samples": len(ids)}
+            "samples": len(ids), "rounds": repeats, "round_speedup_min": min(ratios), "round_speedup_max": max(ratios)}
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -431,11 +436,18 @@ def format_calibrated(c: dict) -> str:
                  f"{1e3 * costs['layer']:.2f} ms, an exit {1e3 * costs['exit']:.2f} ms, the final head {1e3 * costs['head']:.2f} ms "
                  f"(predicted speedup {c['predicted_speedup']:.2f}x)")
     if "wallclock_speedup_batch1" in c:
-        line += (f"\n  wall-clock speedup end to end: {c['wallclock_speedup_batch1']:.2f}x at batch 1, "
-                 f"{c['wallclock_speedup_batched']:.2f}x at batch {c['timing_batched']['batch_size']}; "
+        line += (f"\n  wall-clock speedup end to end: {c['wallclock_speedup_batch1']:.2f}x at batch 1{round_spread(c['timing_batch1'])}, "
+                 f"{c['wallclock_speedup_batched']:.2f}x at batch {c['timing_batched']['batch_size']}{round_spread(c['timing_batched'])}; "
                  f"language model only (image tokens computed beforehand): {c['lm_wallclock_speedup_batch1']:.2f}x "
                  f"at batch 1, {c['lm_wallclock_speedup_batched']:.2f}x batched")
     return line
+
+
+def round_spread(timing: dict) -> str:
+    """' (rounds a-b)': the range of the per-round speedups of a time_speedup result ('' for older reports)."""
+    if "round_speedup_min" not in timing:
+        return ""
+    return f" (rounds {timing['round_speedup_min']:.2f}-{timing['round_speedup_max']:.2f})"
 
 
 def plot_report(r: dict, path: str) -> None:

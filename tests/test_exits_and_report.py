@@ -29,18 +29,22 @@ def backbone(tmp_path_factory):
 
 
 def exits_run(backbone, out, *extra):
+    """Stage 2 on the micro backbone; one exit, after layer 2, unless `extra` names the exits."""
+    layers = [] if "--exit-layers" in extra else ["--exit-layers", "2"]
     train.main(SMALL + ["--out", str(out), "--stage", "exits", "--backbone", str(backbone), "--no-final-eval",
-                        "--exit-epochs", "2", *extra])
+                        "--exit-epochs", "2", *layers, *extra])
     return torch.load(out / "ckpt.pt", weights_only=False)
 
 
 def test_stage2_keeps_backbone_bit_identical_and_stores_exits(backbone, tmp_path):
     before = torch.load(backbone, weights_only=False)["model"]
-    state = exits_run(backbone, tmp_path, "--exit-method", "free")
+    train.main(SMALL + ["--out", str(tmp_path), "--stage", "exits", "--backbone", str(backbone), "--no-final-eval",
+                        "--exit-epochs", "1", "--exit-method", "free"])           # the default exits
+    state = torch.load(tmp_path / "ckpt.pt", weights_only=False)
     assert all(torch.equal(before[k], state["model"][k]) for k in before)
     _, free, _, _, _ = build_from_checkpoint(state)
-    assert free is not None and free.exit_layers == [2]
-    assert state["exit_config"]["exit_layers"] == "2"        # written out, so a later default cannot misread it
+    assert free is not None and free.exit_layers == [1, 2]  # 4 layers: layer 1 and every second one before the last
+    assert state["exit_config"]["exit_layers"] == "1,2"      # written out, so a later default cannot misread it
     assert state["exit_config"]["exit_method"] == "free"
     assert not any(k.startswith("backbone.") for k in state["exits"])
 
@@ -212,6 +216,25 @@ def test_sweep_simulation_matches_the_real_early_exit_forward(report):
         assert torch.equal(sim["exit"], real["exit"]) and torch.equal(sim["pred"], real["pred"])
 
 
+def test_timing_interleaves_full_and_early_exit_batch_by_batch(report, monkeypatch):
+    """Every batch runs through both models back to back, who goes first alternating, in the warm-up and
+    in each of the `repeats` rounds; the spread of the per-round ratios is reported."""
+    out, _ = report
+    _, free, tok, answers, dcfg = build_from_checkpoint(torch.load(out / "ckpt.pt", weights_only=False))
+    test = data.load_data(dcfg, tok, answers, only=("test",))[0]["test"]
+    calls, real_early, real_full = [], infer.early_exit_predict, type(free.backbone).forward
+    monkeypatch.setattr(infer, "early_exit_predict", lambda *a, **kw: calls.append(("early", len(kw["tokens"]))) or real_early(*a, **kw))
+    monkeypatch.setattr(type(free.backbone), "forward",
+                        lambda self, *a, **kw: calls.append(("full", len(kw["tokens"]))) or real_full(self, *a, **kw))
+    t = infer.time_speedup(free, test, torch.arange(10), 4, "maxprob", 0.5, repeats=3)
+    assert len(calls) == 2 * 3 * (1 + 3)                     # 2 models x 3 batches (4, 4, 2) x (warm-up + 3 rounds)
+    pairs = [calls[i:i + 2] for i in range(0, len(calls), 2)]
+    assert all({p[0][0], p[1][0]} == {"full", "early"} and p[0][1] == p[1][1] for p in pairs)   # same batch, both models
+    assert [p[0][0] for p in pairs[:4]] == ["full", "early", "full", "full"]     # alternating, per batch and per round
+    assert [p[0][1] for p in pairs[:3]] == [4, 4, 2]
+    assert t["rounds"] == 3 and 0 < t["round_speedup_min"] <= t["round_speedup_max"] and t["samples"] == 10
+
+
 def test_one_question_round_trip(report, tmp_path):
     out, _ = report
     rng = np.random.default_rng(5)
@@ -266,7 +289,9 @@ def test_compare_reads_real_runs(report, tmp_path):
     lines = infer.compare_table([str(out)]).splitlines()
     test_line = [json.loads(l) for l in open(out / "log.jsonl") if '"split": "test"' in l][-1]
     e = test_line["test_exits"][0]
-    assert lines[2].startswith(f"| free | 1 | 1 | {e['accuracy']:.1f} ({e['agreement']:.0f}) | {test_line['test_final']:.1f} |")
+    # the micro run's 2 stage-2 epochs differ from the default, so the label names them
+    assert lines[2].startswith(f"| free (exit_epochs=2) | 1 | 1 | {e['accuracy']:.1f} ({e['agreement']:.0f}) | "
+                               f"{test_line['test_final']:.1f} |")
     with pytest.raises(data.DataError, match="ckpt.pt: checkpoint not found"):
         infer.compare_table([str(tmp_path)])
 

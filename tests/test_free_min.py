@@ -10,6 +10,8 @@ T, A = 9, 6
 
 
 def make_free(**exit_kw) -> FREE:
+    """A random 6-layer VLM with exits (after layers 2 and 4 unless exit_layers says otherwise)."""
+    exit_kw.setdefault("exit_layers", "2,4")
     torch.manual_seed(0)
     backbone = VLM(cfg=ModelConfig(image_size=32, patch_size=8, vit_dim=32, vit_heads=2, dim=32, depth=6, heads=2,
                                    max_text_len=T, vocab_size=40, num_answers=A)).eval()
@@ -29,7 +31,8 @@ def inputs(n=5, seed=1):
 
 
 def test_exit_layers_default_and_validation():
-    assert free_min.resolve_exit_layers("", 8) == [2, 4, 6]
+    assert free_min.resolve_exit_layers("", 8) == [1, 2, 4, 6]
+    assert free_min.resolve_exit_layers("", 2) == [1] and free_min.resolve_exit_layers("", 3) == [1, 2]
     assert free_min.resolve_exit_layers("3, 1", 8) == [1, 3]
     with pytest.raises(ValueError, match="'8' is not a layer between 1 and 7"):
         free_min.resolve_exit_layers("2,8", 8)
@@ -167,7 +170,7 @@ def test_methods_use_only_their_terms():
 
 def test_exits_saved_for_other_layers_are_refused_with_the_reason():
     saved = {k: v for k, v in make_free(exit_layers="1,3,5").state_dict().items() if not k.startswith("backbone.")}
-    with pytest.raises(ValueError, match=r"do not match their config \(exits after layers \[2, 4\]\)"):   # the default
+    with pytest.raises(ValueError, match=r"do not match their config \(exits after layers \[2, 4\]\)"):
         make_free().load_exits(saved)
     make_free(exit_layers="1,3,5").load_exits(saved)
 
