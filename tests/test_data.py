@@ -292,13 +292,34 @@ def test_empty_question_string(tmp_path):
         data.load_data(vqa_cfg(vqa_questions=str(d / "questions.json")))
 
 
-def test_missing_images_fail_unless_skipped(tmp_path):
+def test_questions_without_their_image_are_skipped_and_counted(tmp_path, capsys):
     d = _copy_fixture(tmp_path)
     os.remove(d / "images" / "COCO_val2014_000000000003.jpg")
-    with pytest.raises(DataError, match="2 of 40 questions have no image.*--skip-missing-images"):
-        data.load_data(vqa_cfg(vqa_images=str(d / "images")))
-    splits, _, _ = data.load_data(vqa_cfg(vqa_images=str(d / "images"), skip_missing_images=True))
+    splits, _, _ = data.load_data(vqa_cfg(vqa_images=str(d / "images")))
     assert sum(len(s) for s in splits.values()) == 38
+    assert "2 of 40 questions have no image" in capsys.readouterr().out
+    for name in os.listdir(d / "images"):
+        os.remove(d / "images" / name)
+    with pytest.raises(DataError, match="no question has its image there"):
+        data.load_data(vqa_cfg(vqa_images=str(d / "images")))
+
+
+def test_unanimous_unnormalised_answers_are_trained_as_the_metric_scores_them(tmp_path):
+    """Where all ten humans answer 'Two', the official metric credits 'Two' only (it normalises nothing then):
+    the vocabulary holds 'Two' and the training target is 'Two', not the normalised '2' that would score 0."""
+    d = _copy_fixture(tmp_path)
+    ann = json.loads((d / "annotations.json").read_text())
+    for a in ann["annotations"]:
+        a["answers"] = [{"answer": "Two"}] * 10 if a["question_id"] % 2 else a["answers"]
+    (d / "annotations.json").write_text(json.dumps(ann))
+    splits, _, answers = data.load_data(vqa_cfg(vqa_annotations=str(d / "annotations.json")))
+    train = splits["train"]
+    odd = [i for i, r in enumerate(train.records) if r["question_id"] % 2]
+    targets = train.soft_targets(torch.tensor(odd), len(answers))
+    assert "Two" in answers and (targets.argmax(1) == answers.index("Two")).all()
+    assert (train.score(torch.tensor(odd), targets.argmax(1)) == 1.0).all()
+    if "2" in answers:
+        assert (train.score(torch.tensor(odd), torch.full((len(odd),), answers.index("2"))) == 0.0).all()
 
 
 def test_undecodable_image(tmp_path):

@@ -3,7 +3,6 @@ import json
 import os
 import subprocess
 import sys
-from dataclasses import asdict
 
 import numpy as np
 import pytest
@@ -58,11 +57,11 @@ def scrambled_loader(monkeypatch, rows):
         splits, tok, answers = real_load(*args, **kw)
         tr, idx = splits["train"], rows(len(splits["train"]))
         perm = idx[torch.randperm(len(idx), generator=torch.Generator().manual_seed(1))]
-        for name in ("target_idx", "target_score"):
+        for name in ("answer_idx", "answer_score"):
             t = getattr(tr, name).clone()
             t[idx] = getattr(tr, name)[perm]
             setattr(tr, name, t)
-        assert not torch.equal(tr.target_idx, real_load(*args, **kw)[0]["train"].target_idx)
+        assert not torch.equal(tr.answer_idx, real_load(*args, **kw)[0]["train"].answer_idx)
         return splits, tok, answers
     monkeypatch.setattr(train, "load_data", load)
 
@@ -119,16 +118,16 @@ def test_stage2_checkpoint_holds_only_its_own_run(backbone, tmp_path):
 def test_stage2_resumes_after_a_crash_and_matches_an_uninterrupted_run(backbone, tmp_path, monkeypatch):
     args = ["--exit-method", "free", "--exit-epochs", "3"]
     full = exits_run(backbone, tmp_path / "full", *args)
-    real_save = train.save_checkpoint
+    real_save = train.save_atomic
 
     def save_then_crash(path, state):
         real_save(path, state)
         if state["exit_progress"]["epoch"] == 1:
             raise KeyboardInterrupt                          # dies right after stage-2 epoch 2 was saved
-    monkeypatch.setattr(train, "save_checkpoint", save_then_crash)
+    monkeypatch.setattr(train, "save_atomic", save_then_crash)
     with pytest.raises(KeyboardInterrupt):
         exits_run(backbone, tmp_path / "cut", *args)
-    monkeypatch.setattr(train, "save_checkpoint", real_save)
+    monkeypatch.setattr(train, "save_atomic", real_save)
     assert "exit_progress" in torch.load(tmp_path / "cut" / "ckpt.pt", weights_only=False)
     resumed = exits_run(backbone, tmp_path / "cut", *args, "--resume")
     assert same_exits(full, resumed) and "exit_progress" not in resumed
@@ -142,7 +141,7 @@ def test_stage2_resumes_after_a_crash_and_matches_an_uninterrupted_run(backbone,
 def test_fp16_stage2_goes_through_the_grad_scaler_outside_autocast(backbone, tmp_path, monkeypatch):
     """The path of a GPU without bf16 (fp16 autocast + grad scaler), run on the CPU, which supports both:
     every optimizer step goes through the scaler, and backward/step run outside autocast."""
-    monkeypatch.setattr(train, "pick_device", lambda choice: (torch.device("cpu"), torch.float16, "fp16 (test)"))
+    monkeypatch.setattr(train, "pick_dtype", lambda device: (torch.float16, "fp16 (test)"))
     steps = []
     real_step = torch.amp.GradScaler.step
 
@@ -254,48 +253,6 @@ def test_a_missing_image_is_one_line_and_exit_2(report, tmp_path, capsys):
     assert e.value.code == 2 and err.startswith("error: ") and "nope.png" in err and err.count("\n") == 1, err
 
 
-def fake_run(folder, config: dict, exit_acc: float, agree: float, final: float, calibrated: dict | None):
-    """A finished stage-2 run folder as --compare reads it: ckpt.pt (configs), log.jsonl, report.json."""
-    folder.mkdir(parents=True)
-    torch.save({"model": {}, "model_config": {}, "data_config": {}, "exit_config": asdict(free_min.ExitConfig(**config))},
-               folder / "ckpt.pt")
-    line = {"stage": "exits", "split": "test", "test_final": final, "test_exits": [{"layer": 2, "accuracy": exit_acc,
-                                                                                      "agreement": agree}]}
-    (folder / "log.jsonl").write_text(json.dumps(line) + "\n")
-    if calibrated is not None:
-        (folder / "report.json").write_text(json.dumps({"calibrated": {"rule": "maxprob"} | calibrated}))
-    return str(folder)
-
-
-def test_compare_table_averages_seeds_by_hand(tmp_path):
-    cal = lambda t, drop, layer, share, w1, wb: {"threshold": t, "accuracy_drop": drop, "layer_speedup": layer,
-                                                 "share_of_oracle_saving": share, "wallclock_speedup_batch1": w1,
-                                                 "wallclock_speedup_batched": wb, "exit_layers": [2]}
-    runs = [fake_run(tmp_path / "a0", {}, 50.0, 80.0, 60.0, cal(0.9, 0.5, 1.5, 0.5, 1.2, 1.4)),
-            fake_run(tmp_path / "kd", {"exit_method": "kd"}, 58.0, 95.0, 60.0, None),
-            fake_run(tmp_path / "a1", {}, 54.0, 90.0, 62.0, cal(0.95, 1.0, 1.7, 0.6, 1.4, 1.6)),
-            fake_run(tmp_path / "pair", {"disc_input": "pair", "label_fraction": 0.1}, 40.0, 70.0, 60.0, None)]
-    lines = infer.compare_table(runs).splitlines()
-    assert lines[0] == "| method | labels F | n | exit L2 (agree %) | final | calibrated early exit (test) |"
-    # two seeds of one setting: mean ± sample std, e.g. std(50, 54) = 2.83, std(1.5, 1.7) = 0.14
-    assert lines[2] == ("| free | 1 | 2 | 52.0 ± 2.8 (85) | 61.0 ± 1.4 | maxprob 0.9/0.95 (exits 2): drop +0.75 ± 0.35, "
-                        "1.60 ± 0.14x layers (55 ± 7% of oracle), wall 1.30 ± 0.14x batch 1, 1.50 ± 0.14x batched |")
-    assert lines[3] == "| kd | 1 | 1 | 58.0 (95) | 60.0 | - |"
-    assert lines[4] == "| free (disc_input=pair) | 0.1 | 1 | 40.0 (70) | 60.0 | - |"
-
-
-def test_compare_reads_real_runs(report, tmp_path):
-    out, r = report
-    lines = infer.compare_table([str(out)]).splitlines()
-    test_line = [json.loads(l) for l in open(out / "log.jsonl") if '"split": "test"' in l][-1]
-    e = test_line["test_exits"][0]
-    # the micro run's 2 stage-2 epochs differ from the default, so the label names them
-    assert lines[2].startswith(f"| free (exit_epochs=2) | 1 | 1 | {e['accuracy']:.1f} ({e['agreement']:.0f}) | "
-                               f"{test_line['test_final']:.1f} |")
-    with pytest.raises(data.DataError, match="ckpt.pt: checkpoint not found"):
-        infer.compare_table([str(tmp_path)])
-
-
 # ---------------------------------------------------------------- the analyses, on hand-made inputs
 class GoldSplit:
     """A stand-in split whose questions have one right answer each: score 1 if pred == gold, else 0."""
@@ -326,11 +283,11 @@ def tiny_free():
 
 
 def test_layer_costs_by_hand():
-    layer, exit_ = free_min.layer_costs(tiny_free(), seq_len=10)
+    layer, exit_ = infer.layer_costs(tiny_free(), seq_len=10)
     # layer: 2 x (qkv 10*32*96 + scores and mix 2*10*10*32 + proj 10*32*32 + MLP 2*10*32*128)
     assert layer == 2 * (30720 + 6400 + 10240 + 81920)
-    # exit ([CLS] row only): 2 x (q 32*32 + kv 10*32*64 + scores and mix 2*10*32 + proj 32*32 + MLP 2*32*128 + head 32*6)
-    assert exit_ == 2 * (1024 + 20480 + 640 + 1024 + 8192 + 192)
+    # exit ([CLS] row only): 2 x (qkv 10*32*96 + scores and mix 2*10*32 + proj 32*32 + MLP 2*32*128 + head 32*6)
+    assert exit_ == 2 * (30720 + 640 + 1024 + 8192 + 192)
 
 
 def test_simulate_calibrate_and_layer_speedup_by_hand():
@@ -338,7 +295,7 @@ def test_simulate_calibrate_and_layer_speedup_by_hand():
     sim = infer.simulate(probs, "maxprob", 0.8)
     assert sim["exit"].tolist() == [0, 1, 0, 2] and sim["pred"].tolist() == [0, 1, 2, 0]
     assert sim["evaluated"].tolist() == [1, 2, 1, 2]
-    e = free_min.layer_costs(free, 10.0)[1] / free_min.layer_costs(free, 10.0)[0]
+    e = infer.layer_costs(free, 10.0)[1] / infer.layer_costs(free, 10.0)[0]
     avg_layers, speedup = infer.layer_speedup(free, sim, 10.0)
     assert avg_layers == pytest.approx((2 + 4 + 2 + 6) / 4)
     assert speedup == pytest.approx(6 / ((14 + 6 * e) / 4))
@@ -383,8 +340,11 @@ def test_mid_crisis_by_hand():
 def test_infer_errors_are_one_line(backbone, tmp_path, capsys):
     (tmp_path / "broken").mkdir()
     (tmp_path / "broken" / "ckpt.pt").write_bytes(b"not a checkpoint")
-    cases = [(["--compare", str(tmp_path / "broken")], "--compare " + str(tmp_path / "broken" / "ckpt.pt") + ": not a readable"),
-             (["--ckpt", str(backbone), "--eval"], "has a backbone but no exits"),
+    cases = [(["--ckpt", str(backbone), "--eval"], "has a backbone but no exits"),
+             (["--ckpt", str(tmp_path / "nope.pt"), "--eval"], "nope.pt: checkpoint not found"),
+             (["--ckpt", str(backbone), "--eval", "--threshold", "5"], "--threshold 5: maxprob takes a number from 0 to 1"),
+             (["--ckpt", str(backbone), "--eval", "--rule", "patience", "--threshold", "1.5"], "patience takes a whole number"),
+             (["--ckpt", str(backbone)], "nothing to do"),
              (["--ckpt", str(tmp_path / "broken" / "ckpt.pt"), "--eval"], "--ckpt"),
              (["--ckpt", str(backbone), "--eval", "--threshold", "-3"], "--threshold -3"),
              (["--ckpt", str(backbone), "--image", "x.png"], "--image and --question go together")]
@@ -395,50 +355,23 @@ def test_infer_errors_are_one_line(backbone, tmp_path, capsys):
         assert e.value.code == 2 and err.count("\n") == 1 and message in err, (args, err)
 
 
-def test_compare_names_a_broken_report(report, tmp_path, capsys):
-    out, _ = report
-    run = tmp_path / "run"
-    run.mkdir()
-    for name in ("ckpt.pt", "log.jsonl"):
-        (run / name).write_bytes((out / name).read_bytes())
-    (run / "report.json").write_text("{truncated")
-    with pytest.raises(SystemExit) as e:
-        infer.main(["--compare", str(run)])
-    assert e.value.code == 2 and f"--compare {run / 'report.json'}: not a readable report" in capsys.readouterr().err
-
-
 def test_data_command_line_exits_2_on_bad_input(tmp_path, capsys):
     with pytest.raises(SystemExit) as e:
         data.main(["--write", str(tmp_path), "--train-images", "0"])
     assert e.value.code == 2 and capsys.readouterr().err == "error: --train-images must be at least 1 (got 0)\n"
 
 
-def test_adversarial_warmup_trains_d_but_not_the_adversarial_term(backbone, tmp_path):
-    exits_run(backbone, tmp_path, "--exit-method", "free", "--adv-warmup", "1", "--exit-epochs", "2")
-    epochs = [r for r in map(json.loads, open(tmp_path / "log.jsonl")) if "val_exits" in r]
-    assert epochs[0]["adv"] == 0.0 and epochs[0]["d_loss"] > 0 and epochs[0]["kd"] > 0
-    assert epochs[1]["adv"] > 0
-
-
-def test_state_cache_holds_the_backbone_states_and_is_reused(backbone, tmp_path, capsys):
-    """--state-cache: the frozen backbone's states at the exits are computed once (fp16) and equal the live
-    ones; a second run reuses them (and trains the same exits); other exit layers rebuild the cache."""
-    capsys.readouterr()
-    first = exits_run(backbone, tmp_path / "a", "--state-cache", str(tmp_path / "states"))
-    assert "cached the frozen backbone's states" in capsys.readouterr().out
-    second = exits_run(backbone, tmp_path / "b", "--state-cache", str(tmp_path / "states"))
-    assert "cached the frozen backbone's states" not in capsys.readouterr().out
-    assert same_exits(first, second)
-    _, free, tok, answers, dcfg = build_from_checkpoint(first)
-    splits, _, _ = data.load_data(dcfg, tok, answers)
+def test_frozen_states_are_the_live_states_and_train_the_same_exits(backbone):
+    """Stage 2's states, computed once per question (fp16): the exit reads them as it reads a live batch (its
+    [CLS] output within fp16 rounding), batch by batch with the unused columns cut, and h_L is the live one."""
+    model, _, tok, answers, dcfg = build_from_checkpoint(torch.load(backbone, weights_only=False))
+    free = train.FREE(model, train.ExitConfig(exit_layers="1,2")).eval()
+    split = data.load_data(dcfg, tok, answers, only=("train", "val"))[0]["train"]
+    states = train.frozen_states(free, split, torch.device("cpu"), torch.float32)
     ids = torch.tensor([3, 0, 17, 42, 5])
-    cache = train.StateCache(free, splits["train"], str(tmp_path / "states"), json.loads(
-        (tmp_path / "states" / "record.json").read_text()), torch.device("cpu"), torch.float32, 64)
-    cached = cache.get(ids, torch.device("cpu"))
-    live = train.frozen_states(free, splits["train"].batch(ids), torch.device("cpu"), torch.float32)
-    assert torch.allclose(cached["real"], live["real"], rtol=2e-3, atol=2e-3)
-    # the exit's [CLS] output is the same whether it reads the cached or the live states
-    assert torch.allclose(free.exit_feature(0, cached["inputs"][0], cached["mask"]),
-                          free.exit_feature(0, live["inputs"][0], live["mask"]), rtol=5e-3, atol=5e-3)
-    exits_run(backbone, tmp_path / "c", "--state-cache", str(tmp_path / "states"), "--exit-layers", "1")
-    assert "cached the frozen backbone's states" in capsys.readouterr().out
+    cached = train.states_batch(states, ids, torch.device("cpu"))
+    live_states, mask = free.backbone.hidden_states(**split.batch(ids))
+    assert torch.allclose(cached["real"], live_states[-1][:, 0], atol=1e-5)
+    for k, l in enumerate(free.exit_layers):
+        assert torch.allclose(free.exit_feature(k, cached["inputs"][k], cached["mask"]),
+                              free.exit_feature(k, live_states[l], mask), rtol=5e-3, atol=5e-3)

@@ -38,13 +38,16 @@ def test_exit_layers_default_and_validation():
         free_min.resolve_exit_layers("2,8", 8)
 
 
-def test_cls_only_exit_layer_equals_full_layer_row():
+def test_exit_layer_starts_as_the_next_backbone_layer_on_the_cls_row():
+    """G_k is a trainable copy of the layer after the exit, computing the [CLS] row only: at step 0 its feature
+    is that layer's row 0 (on padded questions too), and training it leaves the backbone's layer alone."""
     free = make_free()
     images, tokens, mask = inputs()
     h, attn_mask = free.backbone.embed(images, tokens, mask)
     block = free.backbone.blocks[3]
-    full = block(h, attn_mask=attn_mask)[:, 0]                          # (B, D): the whole layer, row 0
-    assert torch.allclose(ExitLayer(block)(h, attn_mask), full, atol=1e-5)
+    exit_layer = ExitLayer(block)
+    assert torch.allclose(exit_layer(h, attn_mask), block(h, attn_mask)[:, 0], atol=1e-5)   # (B, D)
+    assert all(p.requires_grad for p in exit_layer.parameters()) and not any(p.requires_grad for p in block.parameters())
 
 
 def test_threshold_that_never_fires_gives_the_full_model():
@@ -61,7 +64,7 @@ def test_threshold_that_always_fires_exits_everything_at_the_first_exit():
     images, tokens, mask = inputs(8)
     out = early_exit_predict(free, images, tokens, mask, rule="maxprob", threshold=0.0)
     states, attn_mask = free.backbone.hidden_states(images, tokens, mask)
-    first = free.exit_logits(0, free.exit_feature(0, states[free.exit_layers[0]], attn_mask))
+    first = free.exit_logits(0, states[free.exit_layers[0]], attn_mask)
     assert (out["exit"] == 0).all() and (out["layers"] == free.exit_layers[0]).all()
     assert torch.equal(out["pred"], first.argmax(1))
 
@@ -69,7 +72,7 @@ def test_threshold_that_always_fires_exits_everything_at_the_first_exit():
 def median_threshold(free, images, tokens, mask, rule):
     """A threshold that lets about half of the samples leave at the first exit."""
     states, attn_mask = free.backbone.hidden_states(images, tokens, mask)
-    p = free.exit_logits(0, free.exit_feature(0, states[free.exit_layers[0]], attn_mask)).softmax(1)
+    p = free.exit_logits(0, states[free.exit_layers[0]], attn_mask).softmax(1)
     score = p.max(1).values if rule == "maxprob" else -(p * p.log()).sum(1) / torch.log(torch.tensor(float(A)))
     v = score.sort().values
     return ((v[len(v) // 2 - 1] + v[len(v) // 2]) / 2).item()   # half-way between two samples: no float ties
@@ -114,7 +117,7 @@ def test_patience_semantics():
     free = make_free()
     images, tokens, mask = inputs(10)
     states, attn_mask = free.backbone.hidden_states(images, tokens, mask)
-    answers = torch.stack([free.exit_logits(k, free.exit_feature(k, states[l], attn_mask)).argmax(1)
+    answers = torch.stack([free.exit_logits(k, states[l], attn_mask).argmax(1)
                            for k, l in enumerate(free.exit_layers)])            # (K, B)
     out = early_exit_predict(free, images, tokens, mask, rule="patience", threshold=2)
     for b in range(10):
@@ -124,48 +127,61 @@ def test_patience_semantics():
     assert (early_exit_predict(free, images, tokens, mask, rule="patience", threshold=1)["exit"] == 0).all()
 
 
+def exit_features(free, images, tokens, mask):
+    states, attn_mask = free.backbone.hidden_states(images, tokens, mask)
+    return states[-1][:, 0], [free.exit_feature(k, states[l], attn_mask) for k, l in enumerate(free.exit_layers)]
+
+
 def test_discriminator_step_changes_only_d_and_generator_step_only_exits():
     free = make_free(exit_method="free", label_fraction=1.0)
     images, tokens, mask = inputs(8)
     free.train()
     snapshot = lambda mod: [p.detach().clone() for p in mod.parameters()]
-    states, attn_mask = free.backbone.hidden_states(images, tokens, mask)
-    fakes = [free.exit_feature(k, states[l], attn_mask) for k, l in enumerate(free.exit_layers)]
-    before = {"backbone": snapshot(free.backbone), "exits": snapshot(free.exits), "discs": snapshot(free.discs)}
+    real, fakes = exit_features(free, images, tokens, mask)
+    before = {"backbone": snapshot(free.backbone), "exits": snapshot(free.exits), "disc": snapshot(free.disc)}
     changed = lambda name: any(not torch.equal(a, b) for a, b in zip(before[name], getattr(free, name).parameters()))
 
-    opt_d = torch.optim.SGD(free.discs.parameters(), lr=0.1)
-    opt_g = torch.optim.SGD(free.generator_parameters(), lr=0.1)
-    conds = [states[l][:, 0] for l in free.exit_layers]
-    d_loss, _ = free_min.discriminator_loss(free, states[-1][:, 0], fakes, conds)
+    opt_d = torch.optim.SGD(free.disc.parameters(), lr=0.1)
+    opt_g = torch.optim.SGD(free.exits.parameters(), lr=0.1)
+    d_loss, _ = free_min.discriminator_loss(free, real, fakes)
     opt_d.zero_grad()
     d_loss.backward()
     opt_d.step()
-    assert changed("discs") and not changed("exits") and not changed("backbone")
+    assert changed("disc") and not changed("exits") and not changed("backbone")
 
-    before["discs"] = snapshot(free.discs)
-    final_logits = free.backbone.head(states[-1][:, 0])
-    g_loss, stats = free_min.generator_loss(free, fakes, final_logits, None, torch.zeros(8, dtype=torch.bool),
-                                            states[-1][:, 0], conds, 1.0)
-    assert stats["adv"] > 0 and stats["kd"] > 0 and stats["ce"] == 0
+    before["disc"] = snapshot(free.disc)
+    g_loss, stats = free_min.generator_loss(free, real, fakes, None, torch.zeros(8, dtype=torch.bool))
+    assert stats["adv"] > 0 and stats["kd"] > 0 and "ce" not in stats
     opt_g.zero_grad()
     g_loss.backward()
     opt_g.step()
-    assert changed("exits") and not changed("discs") and not changed("backbone")
+    assert changed("exits") and not changed("disc") and not changed("backbone")
 
 
-def test_methods_use_only_their_terms():
+@pytest.mark.parametrize("adv_loss", ["gan", "fm"])
+def test_methods_use_only_their_terms(adv_loss):
     images, tokens, mask = inputs(6)
     targets = torch.softmax(torch.randn(6, A), 1)
     labelled = torch.tensor([True, False, True, False, False, True])
     for method, on in [("free", {"adv", "kd", "ce"}), ("kd", {"kd"}), ("ce", {"ce"})]:
-        free = make_free(exit_method=method)
-        states, attn_mask = free.backbone.hidden_states(images, tokens, mask)
-        fakes = [free.exit_feature(k, states[l], attn_mask) for k, l in enumerate(free.exit_layers)]
-        conds = [states[l][:, 0] for l in free.exit_layers]
-        _, stats = free_min.generator_loss(free, fakes, free.backbone.head(states[-1][:, 0]), targets, labelled,
-                                           states[-1][:, 0], conds, 1.0)
-        assert {k for k in ("adv", "kd", "ce") if stats[k] > 0} == on, method
+        free = make_free(exit_method=method, adv_loss=adv_loss)
+        real, fakes = exit_features(free, images, tokens, mask)
+        _, stats = free_min.generator_loss(free, real, fakes, targets, labelled)
+        assert {k for k in ("adv", "kd", "ce") if k in stats and stats[k] > 0} == on, method
+
+
+def test_generator_loss_is_the_weighted_sum_of_its_terms_by_hand():
+    """L_G = sum_k [lambda_adv ADV_k + lambda_kd KD_k + lambda_ce CE_k], CE on the labelled rows only."""
+    images, tokens, mask = inputs(6)
+    targets = torch.softmax(torch.randn(6, A), 1)
+    labelled = torch.tensor([True, False, True, False, False, True])
+    free = make_free(adv_loss="gan", lambda_adv=0.5, lambda_kd=2.0, lambda_ce=3.0, temperature=1.5)
+    real, fakes = exit_features(free, images, tokens, mask)
+    loss, _ = free_min.generator_loss(free, real, fakes, targets, labelled)
+    head, final = free.backbone.head, free.backbone.head(real)
+    by_hand = sum(0.5 * free_min.gan_term(free, f, real) + 2.0 * free_min.distillation_loss(head(f), final, 1.5)
+                  + 3.0 * free_min.soft_cross_entropy(head(f)[labelled], targets[labelled]) for f in fakes)
+    assert loss.item() == pytest.approx(by_hand.item(), rel=1e-5)
 
 
 def test_exits_saved_for_other_layers_are_refused_with_the_reason():
@@ -175,77 +191,44 @@ def test_exits_saved_for_other_layers_are_refused_with_the_reason():
     make_free(exit_layers="1,3,5").load_exits(saved)
 
 
-def test_own_heads_and_per_exit_discriminators():
-    free = make_free(exit_head="own", disc="per-exit")
-    assert len(free.heads) == free.num_exits == len(free.discs) == 2   # exits after layers 2 and 4 of 6
-    images, tokens, mask = inputs(4)
-    out = early_exit_predict(free, images, tokens, mask, threshold=0.0)
-    assert out["pred"].shape == (4,)
-
-
-def test_discriminator_loss_averages_the_fake_term_over_the_exits():
-    """With one shared D, K copies of the same fake feature weigh as much as one (the fake term is a mean over
-    the exits: summed, K fakes would outweigh the single real term K to 1)."""
+def test_discriminator_loss_is_the_papers_with_the_fake_term_averaged_over_the_exits():
+    """L_D = BCE(D(h_L), 1) + mean_k BCE(D(G_k), 0) on normed features: K copies of one fake feature weigh as
+    much as one (summed, K fakes would outweigh the single real term K to 1)."""
     free = make_free(exit_layers="1,2,3")
     real, fake = torch.randn(8, 32), torch.randn(8, 32)
-    cond = torch.randn(8, 32)
-    one, _ = free_min.discriminator_loss(free, real, [fake], [cond])
-    three, _ = free_min.discriminator_loss(free, real, [fake, fake, fake], [cond, cond, cond])
+    one, _ = free_min.discriminator_loss(free, real, [fake])
+    three, _ = free_min.discriminator_loss(free, real, [fake, fake, fake])
     assert three.item() == pytest.approx(one.item(), rel=1e-6)
-    d = free.discs[0]
-    bce = torch.nn.functional.binary_cross_entropy_with_logits
-    norm = free.backbone.norm
+    bce, d, norm = torch.nn.functional.binary_cross_entropy_with_logits, free.disc, free.backbone.norm
     by_hand = bce(d(norm(real)), torch.ones(8)) + bce(d(norm(fake)), torch.zeros(8))
     assert one.item() == pytest.approx(by_hand.item(), rel=1e-6)
 
 
-def test_per_exit_discriminators_each_see_the_real_term_and_their_own_fake():
-    free = make_free(exit_layers="1,2", disc="per-exit")
-    real, fakes = torch.randn(8, 32), [torch.randn(8, 32), torch.randn(8, 32)]
-    loss, _ = free_min.discriminator_loss(free, real, fakes, [torch.randn(8, 32)] * 2)
-    bce = torch.nn.functional.binary_cross_entropy_with_logits
-    norm = free.backbone.norm
-    by_hand = sum(bce(free.discs[k](norm(real)), torch.ones(8)) + bce(free.discs[k](norm(fakes[k])), torch.zeros(8))
-                  for k in range(2))
-    assert loss.item() == pytest.approx(by_hand.item(), rel=1e-6)
-
-
-def test_conditional_discriminator_judges_the_pair():
-    """--disc-input pair: D reads the exit's input feature too (its logit depends on it); the paper's D does not."""
-    real, cond, other = torch.randn(8, 32), torch.randn(8, 32), torch.randn(8, 32)
-    pair, plain = make_free(disc_input="pair"), make_free()
-    assert pair.discs[0].body[0].in_features == 64 and plain.discs[0].body[0].in_features == 32
-    d = lambda free, c: free.discs[0](free_min.disc_input(free, real, c))
-    assert not torch.allclose(d(pair, cond), d(pair, other)) and torch.equal(d(plain, cond), d(plain, other))
-
-
 def test_feature_matching_is_zero_when_the_exit_matches_the_final_layer():
     free = make_free(adv_loss="fm")
-    real, cond = torch.randn(8, 32), torch.randn(8, 32)
-    assert free_min.adversarial_term(free, 0, real.clone(), real, cond).item() == 0.0
+    real = torch.randn(8, 32)
+    assert free_min.feature_matching_term(free, real.clone(), real).item() == 0.0
     fake = (real + 0.5 * torch.randn(8, 32)).requires_grad_(True)
-    fm = free_min.adversarial_term(free, 0, fake, real, cond)
+    fm = free_min.feature_matching_term(free, fake, real)
     fm.backward()
     assert fm.item() > 0 and fake.grad.abs().sum() > 0
 
 
-def test_r1_penalty_adds_the_real_inputs_gradient_norm():
-    real, fakes, conds = torch.randn(8, 32), [torch.randn(8, 32)], [torch.randn(8, 32)]
-    plain, r1 = make_free(), make_free(disc_reg="r1", disc_reg_weight=4.0)
-    base, _ = free_min.discriminator_loss(plain, real, fakes, conds)
-    penalised, _ = free_min.discriminator_loss(r1, real, fakes, conds)       # same D weights (same seed)
-    x = free_min.disc_input(r1, real, conds[0]).detach().requires_grad_(True)
-    grad, = torch.autograd.grad(r1.discs[0](x).sum(), x)
-    assert penalised.item() == pytest.approx(base.item() + 4.0 / 2 * grad.pow(2).sum(1).mean().item(), rel=1e-5)
-
-
-def test_instance_noise_only_while_training():
-    free = make_free(disc_reg="noise", disc_reg_weight=0.5)
-    feat, cond = torch.randn(8, 32), torch.randn(8, 32)
-    assert torch.equal(free_min.disc_input(free.eval(), feat, cond), free_min.disc_input(free, feat, cond))
-    free.train()
-    noisy = free_min.disc_input(free, feat, cond) - free.backbone.norm(feat)
-    assert 0.4 < noisy.std().item() < 0.6
+def test_rules_and_adversarial_terms_are_one_table_entry_each(monkeypatch):
+    """A new exit rule is one entry of free_min.RULES: the early-exit forward and the simulation use it."""
+    import infer
+    rule = free_min.ExitRule(lambda conf, probs, streak, t: probs[:, 1] >= t, lambda K: [0.5], 0.5, (0, 1))
+    monkeypatch.setitem(free_min.RULES, "second", rule)              # leave when answer 1 is likely enough
+    free = make_free(exit_layers="1,2,3,4")
+    images, tokens, mask = inputs(12, seed=3)
+    with torch.no_grad():
+        out = free.all_outputs(images, tokens, mask)
+    probs = {"exits": torch.stack([e.softmax(1) for e in out["exits"]]), "final": out["final"].softmax(1)}
+    t = probs["exits"][0, :, 1].median().item()                     # about half leave at the first exit
+    real = early_exit_predict(free, images, tokens, mask, rule="second", threshold=t)
+    assert len(set(real["exit"].tolist())) > 1
+    assert torch.equal(real["exit"], infer.simulate(probs, "second", t)["exit"])
+    assert set(free_min.ADVERSARIAL) == {"gan", "fm"}
 
 
 def test_inference_copy_folds_the_stem_and_gives_the_same_answers():
@@ -257,7 +240,8 @@ def test_inference_copy_folds_the_stem_and_gives_the_same_answers():
         for bn in [m for m in free.backbone.modules() if isinstance(m, torch.nn.BatchNorm2d)]:
             bn.running_mean.uniform_(-0.5, 0.5), bn.running_var.uniform_(0.5, 2.0)
             bn.weight.uniform_(0.5, 1.5), bn.bias.uniform_(-0.2, 0.2)
-    copied = free_min.inference_copy(free)
+    import infer
+    copied = infer.inference_copy(free)
     convs = [m for m in copied.backbone.modules() if isinstance(m, torch.nn.Conv2d)]
     assert convs and not any(isinstance(m, torch.nn.BatchNorm2d) for m in copied.modules())
     assert all(c.weight.is_contiguous(memory_format=torch.channels_last) for c in convs if c.kernel_size != (1, 1))

@@ -1,8 +1,9 @@
-"""model.py: shapes of every stage, the padding mask, local ViT weights."""
+"""model.py: shapes of every stage, the padding mask, the transformer layer against timm's, local ViT weights."""
 import pytest
 import torch
+from timm.models.vision_transformer import Block as TimmBlock
 
-from model import VLM, ModelConfig, make_vit
+from model import VLM, Block, ModelConfig, make_vit, soft_cross_entropy
 
 B, T, A = 3, 10, 7
 
@@ -74,13 +75,51 @@ def test_padding_tokens_are_really_ignored():
         assert not torch.allclose(model(images, tokens, mask)[1], model(images, other, mask)[1], atol=1e-6)
 
 
+def test_block_equals_timms_vit_block_with_the_same_weights():
+    """model.Block is timm's ViT Block (pre-norm, GELU MLP, eps 1e-6) under the same parameter names: timm's
+    loads its state dict strictly and gives the same output, padded rows masked or not."""
+    torch.manual_seed(0)
+    ours, theirs = Block(32, 4).eval(), TimmBlock(32, 4, qkv_bias=True).eval()
+    for p in ours.parameters():
+        p.data.normal_(0, 0.3)
+    theirs.load_state_dict(ours.state_dict(), strict=True)
+    x = torch.randn(3, 9, 32)
+    mask = (torch.arange(9)[None] < torch.tensor([9, 5, 7])[:, None])[:, None, None, :]     # (B, 1, 1, S)
+    assert torch.allclose(ours(x), theirs(x), atol=1e-5)
+    assert torch.allclose(ours(x, mask), theirs(x, attn_mask=mask), atol=1e-5)
+
+
+def test_cls_only_block_equals_row_0_of_the_full_block_in_training_too():
+    """cls_only computes the [CLS] row alone (queries for it, keys/values for all rows), equal to row 0 of the
+    full layer, with and without a padding mask, in train mode as in eval (the block has no dropout)."""
+    torch.manual_seed(0)
+    block = Block(32, 4).train()
+    x = torch.randn(3, 9, 32)
+    mask = (torch.arange(9)[None] < torch.tensor([9, 5, 7])[:, None])[:, None, None, :]
+    for m in (None, mask):
+        assert block(x, m, cls_only=True).shape == (3, 1, 32)
+        assert torch.allclose(block(x, m, cls_only=True)[:, 0], block(x, m)[:, 0], atol=1e-6)
+
+
+def test_soft_cross_entropy_leaves_out_rows_without_a_target():
+    """Rows with all-zero targets (no answer in the vocabulary) neither count nor dilute the mean."""
+    logits = torch.randn(4, 5)
+    targets = torch.zeros(4, 5)
+    targets[0, 1], targets[2, 3], targets[2, 4] = 1.0, 0.3, 0.9
+    by_hand = -(torch.log_softmax(logits[0], 0)[1] + (0.25 * torch.log_softmax(logits[2], 0)[3]
+                                                      + 0.75 * torch.log_softmax(logits[2], 0)[4])) / 2
+    assert soft_cross_entropy(logits, targets).item() == pytest.approx(by_hand.item(), rel=1e-6)
+    assert soft_cross_entropy(logits, torch.zeros(4, 5)).item() == 0.0
+
+
 def test_vit_loads_a_local_weights_file(tmp_path):
-    cfg = tiny_cfg()
-    vit = make_vit(cfg)
+    """--vit-weights: a timm ViT built from a local file (no network) holds exactly that file's weights."""
+    torch.manual_seed(0)
+    reference = make_vit(tiny_cfg(vit="vit_tiny_patch16_224", image_size=32, patch_size=16, merge=1))
     path = tmp_path / "vit.pth"
-    torch.save(vit.state_dict(), path)
-    loaded = make_vit(tiny_cfg(vit_weights=str(path)))
-    for (name, a), (_, b) in zip(vit.state_dict().items(), loaded.state_dict().items()):
+    torch.save(reference.state_dict(), path)
+    loaded = make_vit(tiny_cfg(vit="vit_tiny_patch16_224", image_size=32, patch_size=16, merge=1, vit_weights=str(path)))
+    for (name, a), (_, b) in zip(reference.state_dict().items(), loaded.state_dict().items()):
         assert torch.equal(a, b), name
 
 

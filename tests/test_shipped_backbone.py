@@ -24,17 +24,17 @@ def test_shipped_backbone_reaches_its_stated_accuracy_on_a_regenerated_test_spli
     model, free, tokenizer, answers, dcfg = build_from_checkpoint(state)
     assert free is None and "optimizer" not in state                      # a backbone, nothing else
     splits, _, _ = data.load_data(dcfg, tokenizer, answers, only=("test",))  # generated again, from its seed
-    res = train.evaluate(model, splits["test"], torch.device("cpu"), torch.float32, 256)
+    res = train.evaluate(model, splits["test"], torch.device("cpu"), torch.float32)
     assert res["accuracy"] == pytest.approx(state["test_accuracy"], abs=1.0)
     for family, acc in state["test_per_family"].items():
         assert res["per_family"][family] == pytest.approx(acc, abs=3.0), family
 
 
 def test_token_probe_reads_colour_and_shape_from_the_shipped_encoder_but_not_from_a_random_one():
-    """scripts/probe_tokens.py (the README's "does the encoder see shapes?" check): the trained encoder's
+    """experiments/probe_tokens.py (the README's "does the encoder see shapes?" check): the trained encoder's
     object tokens say their colour and shape; the same encoder at random init does not say the shape."""
     def probe(*flags):
-        out = subprocess.run([sys.executable, "scripts/probe_tokens.py", SHIPPED, "--images", "120", "--threads", "1",
+        out = subprocess.run([sys.executable, "experiments/probe_tokens.py", SHIPPED, "--images", "120", "--threads", "1",
                               *flags], cwd=ROOT, capture_output=True, text=True, timeout=300, check=True).stdout
         return {line.split(":")[0]: float(line.split(":")[1].split("%")[0]) for line in out.splitlines()}
     trained, random = probe(), probe("--random")

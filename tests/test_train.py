@@ -60,7 +60,7 @@ def test_the_vlm_learns_to_read_the_image():
         for group in opt.param_groups:
             group["lr"] = train.get_lr(step, 150, tcfg)
         ids = train_ids[torch.randint(len(train_ids), (32,), generator=g)]
-        train.backbone_step(model, probe, opt, scaler, tr, ids, tcfg, torch.device("cpu"), torch.float32)
+        train.backbone_step(model, {"probe": (1.0, probe)}, opt, scaler, tr, ids, tcfg, torch.device("cpu"), torch.float32)
     model.eval()
     with torch.no_grad():
         accuracy = 100 * va.score(val_ids, model(**va.batch(val_ids)).argmax(1)).mean().item()
@@ -68,40 +68,27 @@ def test_the_vlm_learns_to_read_the_image():
     assert accuracy > prior + 8, (accuracy, prior)
 
 
-def test_vit_blocks_lr_scales_only_the_encoders_blocks():
-    """--vit-blocks-lr: at 0 the image encoder's transformer blocks and final norm stay put while its stem and
-    the language model move; at 1 (the default) one group, and they all move."""
-    torch.manual_seed(0)
-    splits, tok, answers = data.load_data(data.DataConfig(train_images=40, val_images=4, test_images=1))
-    cfg = train.ModelConfig(image_size=64, max_text_len=24, vocab_size=tok.get_vocab_size(), num_answers=len(answers),
-                            dim=32, depth=1, heads=2)
-    for scale in (0.0, 1.0):
-        model, probe = VLM(cfg=cfg), train.PatchProbe(cfg.vit_dim)
-        tcfg = train.TrainConfig(lr=1e-2, warmup_steps=0, batch_size=16, vit_blocks_lr=scale)
-        opt = torch.optim.AdamW(train.param_groups(model, probe, tcfg), lr=tcfg.lr)
-        assert len(opt.param_groups) == (1 if scale == 1 else 2)
-        before = {n: p.detach().clone() for n, p in model.named_parameters()}
-        train.set_lr(opt, 0, 10, tcfg)
-        train.backbone_step(model, probe, opt, torch.amp.GradScaler("cpu", enabled=False), splits["train"],
-                            torch.arange(16), tcfg, torch.device("cpu"), torch.float32)
-        moved = lambda prefix: any(not torch.equal(before[n], p) for n, p in model.named_parameters() if n.startswith(prefix))
-        assert moved("vit.patch_embed.") and moved("blocks.0.") and moved("visual_proj.")
-        assert moved("vit.blocks.") == moved("vit.norm.") == (scale > 0), scale
+def test_auxiliary_heads_follow_the_pixel_labels():
+    """Stage 1's auxiliary heads: the pixel-label probe where the data has pixel labels and --aux-weight > 0;
+    the label-free aids (answer shortcut, patch reconstruction) otherwise; none for a frozen encoder."""
+    model = VLM(cfg=train.ModelConfig(vocab_size=20, num_answers=5, dim=32, depth=1, heads=2))
+    heads = lambda labels, **kw: set(train.aux_heads(model, labels, train.TrainConfig(**kw)))
+    assert heads(True) == {"probe"} and heads(True, aux_weight=0) == heads(False) == {"shortcut", "decoder"}
+    frozen = VLM(cfg=train.ModelConfig(vocab_size=20, num_answers=5, dim=32, depth=1, heads=2, freeze_vit=True))
+    assert train.aux_heads(frozen, False, train.TrainConfig()) == {}
 
 
-def test_label_free_defaults_turn_on_only_without_pixel_labels():
-    """The auto (-1) values of --recon-weight, --shortcut-weight and --vit-blocks-lr: the label-free aids when the
-    encoder trains without a pixel-label loss (--aux-weight 0, or data without pixel labels), none with one or
-    with a frozen encoder; a value given by the user is kept either way."""
-    auto = train.TrainConfig()
-    settings = lambda tcfg, labels, frozen: tuple(getattr(train.stage1_settings(tcfg, labels, frozen), k)
-                                                 for k in ("recon_weight", "shortcut_weight", "vit_blocks_lr"))
-    assert settings(auto, True, False) == (0.0, 0.0, 1.0)
-    assert settings(auto, False, False) == settings(train.TrainConfig(aux_weight=0), True, False) == (1.0, 3.0, 0.3)
-    assert settings(auto, False, True) == (0.0, 0.0, 1.0)
-    assert settings(train.TrainConfig(aux_weight=0, shortcut_weight=0.5), True, False) == (1.0, 0.5, 0.3)
-    assert settings(train.TrainConfig(recon_weight=2.0), True, False) == (2.0, 0.0, 1.0)
-    assert auto.recon_weight == auto.shortcut_weight == auto.vit_blocks_lr == train.AUTO   # saved unresolved
+def test_label_free_stage1_trains_the_encoders_blocks_slower():
+    """With the label-free aids, the image encoder's transformer blocks and final norm form their own optimizer
+    group at LABEL_FREE['vit_blocks_lr'] x the rate; with pixel labels, everything is one group."""
+    model = VLM(cfg=train.ModelConfig(vocab_size=20, num_answers=5, dim=32, depth=1, heads=2))
+    tcfg = train.TrainConfig()
+    assert len(train.stage1_optimizer(model, train.aux_heads(model, True, tcfg), tcfg).param_groups) == 1
+    opt = train.stage1_optimizer(model, train.aux_heads(model, False, tcfg), tcfg)
+    slow = {id(p) for m in (model.vit.blocks, model.vit.norm) for p in m.parameters()}
+    assert [g.get("lr_scale", 1.0) for g in opt.param_groups] == [1.0, train.LABEL_FREE["vit_blocks_lr"]]
+    assert {id(p) for p in opt.param_groups[1]["params"]} == slow
+    assert not slow & {id(p) for p in opt.param_groups[0]["params"]}
 
 
 def test_patch_decoder_targets_are_each_tokens_own_patch():
@@ -116,7 +103,8 @@ def test_patch_decoder_targets_are_each_tokens_own_patch():
     patch = lambda b, i, j: images[b, :, 8 * i:8 * i + 8, 8 * j:8 * j + 8]                 # (3, 8, 8)
     right = torch.stack([torch.stack([torch.nn.functional.avg_pool2d(patch(b, i, j), 2).flatten()
                                       for i in range(2) for j in range(2)]) for b in range(2)])   # (2, P=4, 48)
-    assert decoder.loss(right, images, 8).item() < 1e-10 < decoder.loss(right[:, [1, 0, 2, 3]], images, 8).item()
+    batch = {"pixels": images, "patch_size": 8}
+    assert decoder.loss(right, batch).item() < 1e-10 < decoder.loss(right[:, [1, 0, 2, 3]], batch).item()
 
 
 def test_reconstruction_alone_teaches_the_encoder_its_patches():
@@ -131,7 +119,7 @@ def test_reconstruction_alone_teaches_the_encoder_its_patches():
     images = splits["train"].batch(torch.arange(0, 256, 4))["images"]     # the 64 images, one question each
     pixels = (images - model.pixel_mean) / model.pixel_std
     for _ in range(60):
-        loss = decoder.loss(model.patch_features(images), pixels, cfg.patch_size)
+        loss = decoder.loss(model.patch_features(images), {"pixels": pixels, "patch_size": cfg.patch_size})
         opt.zero_grad()
         loss.backward()
         opt.step()
@@ -191,7 +179,7 @@ def test_save_load_gives_identical_predictions(micro_run):
     splits, _, _ = data.load_data(dcfg, tokenizer, answers)
     model.eval()
     ids = torch.arange(len(splits["test"]))
-    res = train.evaluate(model, splits["test"], torch.device("cpu"), torch.float32, 64)
+    res = train.evaluate(model, splits["test"], torch.device("cpu"), torch.float32)
     test = [r for r in map(json.loads, open(micro_run / "log.jsonl")) if "test_accuracy" in r][-1]
     assert res["accuracy"] == pytest.approx(test["test_accuracy"])
     with torch.no_grad():
@@ -215,7 +203,7 @@ def test_resume_after_interruption_matches_uninterrupted_run(tmp_path, monkeypat
     train.main(args + ["--out", str(tmp_path / "full")])
 
     saves = []
-    real_save = train.save_checkpoint
+    real_save = train.save_atomic
 
     def save_then_crash(path, state):
         real_save(path, state)
@@ -223,17 +211,17 @@ def test_resume_after_interruption_matches_uninterrupted_run(tmp_path, monkeypat
         if len(saves) == 2:
             raise KeyboardInterrupt  # the run dies right after epoch 2 was checkpointed
 
-    monkeypatch.setattr(train, "save_checkpoint", save_then_crash)
+    monkeypatch.setattr(train, "save_atomic", save_then_crash)
     with pytest.raises(KeyboardInterrupt):
         train.main(args + ["--out", str(tmp_path / "resumed")])
-    monkeypatch.setattr(train, "save_checkpoint", real_save)
+    monkeypatch.setattr(train, "save_atomic", real_save)
     train.main(args + ["--out", str(tmp_path / "resumed"), "--resume"])
 
     full = torch.load(tmp_path / "full" / "ckpt.pt", weights_only=False)
     resumed = torch.load(tmp_path / "resumed" / "ckpt.pt", weights_only=False)
     assert resumed["step"] == full["step"] and resumed["epoch"] == 2
-    assert ("decoder" in full, "shortcut" in full, "probe" in full) == ((True, True, False) if aux[1] == "0" else
-                                                                           (False, False, True))
+    assert set(full["aux"]) == ({"shortcut", "decoder"} if aux[1] == "0" else {"probe"})
+    assert all(torch.equal(full["aux"][h][k], resumed["aux"][h][k]) for h in full["aux"] for k in full["aux"][h])
     assert all(torch.equal(full["model"][k], resumed["model"][k]) for k in full["model"])
     epochs = [json.loads(l)["epoch"] for l in open(tmp_path / "resumed" / "log.jsonl") if "val_accuracy" in l]
     assert epochs == [1, 2, 3]
@@ -281,11 +269,12 @@ VQA = ["--data", "vqa2", "--vqa-questions", os.path.join(FIXTURE, "questions.jso
     (["--exit-method", "ce", "--label-fraction", "0"], "--exit-method ce"),
     (["--dim", "100", "--heads", "3"], "--dim 100 is not divisible by --heads 3"),
     (["--image-size", "60"], "--image-size 60 is not a multiple"),
-    (["--epochs", "0"], "--epochs must be at least 1"),
+    (["--epochs", "0"], "--epochs must be > 0"),
     (["--lr", "-1"], "--lr must be > 0"),
-    (["--recon-weight", "-2"], "--recon-weight must be >= 0, or -1 for auto"),
-    (["--shortcut-weight", "-0.5"], "--shortcut-weight must be >= 0, or -1 for auto"),
-    (["--vit-blocks-lr", "-3"], "--vit-blocks-lr must be >= 0, or -1 for auto"),
+    (["--aux-weight", "-1"], "--aux-weight must be >= 0"),
+    (["--adv-loss", "wgan"], "--adv-loss wgan: choose from gan, fm"),
+    (["--exit-method", "pabee"], "--exit-method pabee: choose from free, kd, ce"),
+    (["--vit-pretrained"], "--vit-pretrained and --vit-weights go with --vit NAME"),
     (["--temperature", "0"], "--temperature must be > 0"),
     (["--questions-per-image", "9"], "--questions-per-image must be between 1 and 6"),
     (["--vit-weights", "/nope/vit.pth"], "--vit-weights /nope/vit.pth: file not found"),
@@ -341,7 +330,8 @@ def test_patch_probe_targets_follow_the_pixels():
         probe.colour.weight[0, 1] = probe.shape.weight[0, 1] = 50.0
     right = torch.tensor([[[1.0, 0, 0, 0], [0, 1, 0, 0], [0, 1, 0, 0], [0, 1, 0, 0]]])   # (1, P=4, Dv=4)
     wrong = right[:, [1, 0, 2, 3]]
-    assert probe.loss(right, labels, 8).item() < 1e-6 < probe.loss(wrong, labels, 8).item()
+    batch = {"pixel_labels": labels, "patch_size": 8}
+    assert probe.loss(right, batch).item() < 1e-6 < probe.loss(wrong, batch).item()
 
 
 def test_export_writes_an_fp16_backbone_that_scores_what_it_states(tmp_path):
@@ -359,5 +349,5 @@ def test_export_writes_an_fp16_backbone_that_scores_what_it_states(tmp_path):
     batch = splits["test"].batch(torch.arange(len(splits["test"])))
     with torch.no_grad():
         assert torch.allclose(exported(**batch), trained(**batch), atol=0.05)
-    res = train.evaluate(exported, splits["test"], torch.device("cpu"), torch.float32, 64)
+    res = train.evaluate(exported, splits["test"], torch.device("cpu"), torch.float32)
     assert res["accuracy"] == pytest.approx(state["test_accuracy"], abs=7.0)   # 32 questions: a flip is 3 points

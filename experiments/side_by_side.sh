@@ -1,10 +1,10 @@
 #!/usr/bin/env bash
 # Several stage-1 configurations at once on one machine (e.g. one GPU), each in the background with its own
-# output folder and 2 CPU threads, then one line per run with its final test accuracy by family. Meant for
-# comparisons such as --aux-weight 0 with and without --vit-blocks-lr (README, Known limitations).
+# output folder and 2 CPU threads, then one line per run with its final test accuracy by family (e.g. the
+# default against --aux-weight 0, on one GPU).
 #
-#   bash scripts/side_by_side.sh OUTDIR "NAME: train.py flags" ["NAME: flags" ...]
-#   e.g. bash scripts/side_by_side.sh runs/aux "aux1:" "aux0: --aux-weight 0" "aux0_blk03: --aux-weight 0 --vit-blocks-lr 0.3"
+#   bash experiments/side_by_side.sh OUTDIR "NAME: train.py flags" ["NAME: flags" ...]
+#   e.g. bash experiments/side_by_side.sh runs/aux "aux1:" "aux0: --aux-weight 0"
 # Bound the whole by `timeout`; a run that did not finish shows its last log line instead.
 set -uo pipefail
 out=${1:?usage: side_by_side.sh OUTDIR "NAME: flags" ...}

@@ -1,6 +1,6 @@
 """Does an image encoder see colour and shape? A linear probe on its ViT tokens, per object token.
 
-    python scripts/probe_tokens.py CKPT [--images 400] [--threads 2] [--random]
+    python experiments/probe_tokens.py CKPT [--images 400] [--threads 2] [--random]
 
 CKPT: a train.py checkpoint or an exported backbone (backbones/*.pt), of the built-in shapes data. Fits a
 linear read-out of every ViT token -> (colour, shape) under it (the targets of train.PatchProbe) on fresh

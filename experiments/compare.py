@@ -1,0 +1,136 @@
+"""FREE against the baselines on one frozen backbone, over label fractions and seeds, as one markdown table.
+
+    python experiments/compare.py BACKBONE OUTDIR [--seeds 0 1 2] [--fractions 0 0.01 0.1 1] [--threads 2]
+    python experiments/compare.py --table OUTDIR/run_a OUTDIR/run_b ...       # the table of finished runs only
+
+Methods (all on the same exits, steps and seeds): `free` with the paper's GAN term (--adv-loss gan), `free`
+with free-min's default (feature matching), `kd` (distillation only; it reads no label, so one run per seed)
+and `ce` (labels only; F > 0). Each run is `train.py --stage exits` into OUTDIR/NAME, then `infer.py --eval
+--no-timing` (accuracy and the layer view: deterministic); finished runs are skipped, so the script can be
+stopped and started again. Rows group the runs that differ only in their seed: mean +- std over them.
+"""
+import argparse
+import json
+import os
+import statistics
+import subprocess
+import sys
+from collections import defaultdict
+from dataclasses import asdict
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, ROOT)
+from data import DataError                                  # noqa: E402
+from free_min import ExitConfig, load_checkpoint            # noqa: E402
+
+METHODS = {"free_gan": ["--exit-method", "free", "--adv-loss", "gan"], "free": ["--exit-method", "free"],
+           "kd": ["--exit-method", "kd"], "ce": ["--exit-method", "ce"]}
+
+
+def run(name: str, out: str, backbone: str, flags: list[str], threads: int) -> str:
+    """One stage-2 run and its untimed report, unless OUTDIR/NAME/report.json exists. Returns the folder."""
+    folder = os.path.join(out, name)
+    if not os.path.isfile(os.path.join(folder, "report.json")):
+        common = ["--threads", str(threads)]
+        with open(folder + ".log", "w") as log:
+            for cmd in (["train.py", "--stage", "exits", "--backbone", backbone, "--out", folder, "--no-final-eval", *flags],
+                        ["infer.py", "--ckpt", os.path.join(folder, "ckpt.pt"), "--eval", "--no-timing", "--json",
+                         os.path.join(folder, "report.json")]):
+                if subprocess.run([sys.executable, *cmd, *common], cwd=ROOT, stdout=log, stderr=subprocess.STDOUT).returncode:
+                    raise SystemExit(f"failed: {folder} (see {folder}.log)")
+        print(f"done: {folder}")
+    return folder
+
+
+def read_run(folder: str) -> dict:
+    """A finished run: its exit config (ckpt.pt), test depth profile (log.jsonl) and report.json."""
+    state = load_checkpoint(os.path.join(folder, "ckpt.pt"), "run")
+    if "exit_config" not in state:
+        raise DataError(f"{folder}: holds a backbone but no exits")
+    try:
+        with open(os.path.join(folder, "log.jsonl")) as f:
+            test = [r for r in map(json.loads, f) if r.get("split") == "test" and r.get("stage") == "exits"][-1]
+        with open(os.path.join(folder, "report.json")) as f:
+            report = json.load(f)
+    except (OSError, ValueError, IndexError) as e:
+        raise DataError(f"{folder}: not a finished run ({e.__class__.__name__}: {e})")
+    return {"config": state["exit_config"], "test": test, "report": report}
+
+
+def label(config: dict) -> str:
+    """A run's method and every exit setting other than the defaults (seed and label fraction aside)."""
+    default = asdict(ExitConfig())
+    changed = [f"{k}={v}" for k, v in config.items() if k not in ("exit_method", "label_fraction", "exit_layers")
+               and v != default.get(k)]
+    return config["exit_method"] + (f" ({', '.join(changed)})" if changed else "")
+
+
+def mean_std(values: list[float], fmt: str = ".1f") -> str:
+    """'m' for one value, 'm ± s' (sample std) for several."""
+    if len(values) == 1:
+        return f"{values[0]:{fmt}}"
+    return f"{statistics.mean(values):{fmt}} ± {statistics.stdev(values):{fmt.lstrip('+')}}"
+
+
+def calibrated_cell(runs: list[dict]) -> str:
+    """The calibrated points of a group of runs (test accuracy drop, layer speedup), mean ± std."""
+    cals = [r["report"]["calibrated"] for r in runs]
+    if any(c["threshold"] is None for c in cals):
+        return "-"
+    thresholds = "/".join(f"{t:g}" for t in sorted({c["threshold"] for c in cals}))
+    exits = "/".join(sorted({",".join(map(str, c["exit_layers"])) for c in cals}, key=len, reverse=True))
+    return (f"{cals[0]['rule']} {thresholds} (exits {exits}): drop {mean_std([c['accuracy_drop'] for c in cals], '+.2f')}, "
+            f"{mean_std([c['layer_speedup'] for c in cals], '.2f')}x layers")
+
+
+def table(folders: list[str]) -> str:
+    """Every exit's test accuracy (mean agreement with the final layer in brackets), the final layer's, and
+    the calibrated point, one row per method and label fraction."""
+    groups = defaultdict(list)
+    for r in map(read_run, folders):
+        groups[(label(r["config"]), r["config"]["label_fraction"])].append(r)
+    layers = sorted({e["layer"] for runs in groups.values() for r in runs for e in r["test"]["test_exits"]})
+    head = ["method", "labels F", "n"] + [f"exit L{l} (agree %)" for l in layers] + ["final", "calibrated early exit (test)"]
+    rows = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for (name, fraction), runs in groups.items():
+        cells = [name, f"{fraction:g}", str(len(runs))]
+        for l in layers:
+            es = [e for r in runs for e in r["test"]["test_exits"] if e["layer"] == l]
+            cells.append(f"{mean_std([e['accuracy'] for e in es])} ({statistics.mean(e['agreement'] for e in es):.0f})"
+                         if es else "-")
+        cells += [mean_std([r["test"]["test_final"] for r in runs]), calibrated_cell(runs)]
+        rows.append("| " + " | ".join(cells) + " |")
+    return "\n".join(rows)
+
+
+def main(argv=None) -> None:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("backbone", nargs="?", help="a trained backbone (e.g. backbones/shapes-default.pt)")
+    p.add_argument("out", nargs="?", help="folder of the runs")
+    p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2], help="seeds of every setting")
+    p.add_argument("--fractions", type=float, nargs="+", default=[0, 0.01, 0.1, 1], help="label fractions F")
+    p.add_argument("--threads", type=int, default=2, help="CPU threads of each run")
+    p.add_argument("--table", nargs="+", metavar="RUN", help="only print the table of these finished runs")
+    args = p.parse_args(argv)
+    try:
+        if args.table:
+            print(table(args.table))
+            return
+        if not (args.backbone and args.out):
+            p.error("give BACKBONE and OUTDIR (or --table RUN ...)")
+        os.makedirs(args.out, exist_ok=True)
+        folders = []
+        for seed in args.seeds:
+            for f in args.fractions:
+                for method in ("free_gan", "free") + (("ce",) if f > 0 else ()):
+                    folders.append(run(f"{method}_F{f:g}_s{seed}", args.out, args.backbone,
+                                       METHODS[method] + ["--label-fraction", str(f), "--seed", str(seed)], args.threads))
+            folders.append(run(f"kd_s{seed}", args.out, args.backbone, METHODS["kd"] + ["--label-fraction", "0",
+                                                                                          "--seed", str(seed)], args.threads))
+        print(table(folders))
+    except DataError as e:
+        raise SystemExit(f"error: {e}")
+
+
+if __name__ == "__main__":
+    main()
