@@ -820,19 +820,30 @@ def save_atomic(path: str, obj) -> None:
 
 
 def main(argv=None) -> None:
-    p = Parser(description="Write the built-in shapes dataset in VQA v2 format.")
-    p.add_argument("--write", required=True, metavar="DIR", help="output folder (questions.json, annotations.json, images/)")
+    p = Parser(description="The built-in shapes data from the command line: one scene to ask about, or the whole "
+                           "set in the VQA v2 file format.")
+    p.add_argument("--scene", metavar="PNG", help="draw one scene into this PNG file and print a question of each "
+                                                  "family about it, with its answer")
+    p.add_argument("--write", metavar="DIR", help="write the set in VQA v2 format (questions.json, annotations.json, images/)")
     for name, default in [("train-images", 400), ("val-images", 50), ("test-images", 50)]:
-        p.add_argument(f"--{name}", type=int, default=default, help=f"number of {name.split('-')[0]} images")
-    p.add_argument("--questions-per-image", type=int, default=4, help="questions per image")
+        p.add_argument(f"--{name}", type=int, default=default, help=f"--write: number of {name.split('-')[0]} images")
+    p.add_argument("--questions-per-image", type=int, default=4, help="--write: questions per image")
     p.add_argument("--seed", type=int, default=0, help="generator seed")
     args = p.parse_args(argv)
+    if bool(args.scene) == bool(args.write):
+        p.error("give --scene PNG or --write DIR")
     cfg = DataConfig(train_images=args.train_images, val_images=args.val_images, test_images=args.test_images,
                      questions_per_image=args.questions_per_image, data_seed=args.seed)
     try:
         check_data_config(cfg)
+        if args.scene:
+            image, _, qas = make_image_with_questions(np.random.default_rng(args.seed), FAMILIES)
+            Image.fromarray(image).save(args.scene)
+            print(f"wrote {args.scene}; questions about it (family: question -> answer):")
+            print("\n".join(f"  {fam}: {q} -> {a}" for fam, q, a in qas))
+            return
         write_vqa_format(cfg, args.write)
-    except (DataError, OSError) as e:
+    except (DataError, OSError, ValueError) as e:
         print(f"error: {e}", file=sys.stderr)
         raise SystemExit(2)
     n = args.train_images + args.val_images + args.test_images

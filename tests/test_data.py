@@ -327,3 +327,16 @@ def test_undecodable_image(tmp_path):
     (d / "images" / "4.png").write_bytes(b"this is not a png")
     with pytest.raises(DataError, match="cannot decode image .*4.png"):
         data.load_data(vqa_cfg(vqa_images=str(d / "images")))
+
+
+def test_scene_command_draws_a_scene_and_prints_its_questions_and_answers(tmp_path, capsys):
+    """python data.py --scene PNG: the image and one question of each family about it, with the answers the
+    generator gives for that seed."""
+    data.main(["--scene", str(tmp_path / "scene.png"), "--seed", "3"])
+    image, _, qas = data.make_image_with_questions(np.random.default_rng(3), data.FAMILIES)
+    assert np.array_equal(np.array(data.Image.open(tmp_path / "scene.png")), image)
+    printed = capsys.readouterr().out
+    assert all(f"  {fam}: {q} -> {a}" in printed for fam, q, a in qas) and len(qas) == len(data.FAMILIES)
+    with pytest.raises(SystemExit) as e:
+        data.main([])
+    assert e.value.code == 2
