@@ -18,7 +18,6 @@ same process, beside the paper's layer-count view. The report (--eval) holds:
 """
 import argparse
 import copy
-import os
 import statistics
 import sys
 import time
