@@ -255,8 +255,9 @@ def generator_loss(free: "FREE", real: torch.Tensor, fakes: list[torch.Tensor], 
 class ExitRule:
     """When a sample leaves at an exit. fires(conf, probs, streak, threshold) -> (B,) bool, from the exit's
     answer distribution probs (B, A), its maximum conf (B,), and streak (B,): how many exits in a row (this
-    one included) gave the same answer. grid(K): the thresholds a sweep and the calibration try with K exits;
-    default: the threshold used when none is calibrated; bounds: the thresholds that make sense."""
+    one included) gave the same answer. grid(K): the thresholds a sweep and the calibration try with K exits,
+    from the most aggressive (most leave) to the most conservative; default: the threshold used when none is
+    calibrated; bounds: the thresholds that make sense."""
     fires: Callable
     grid: Callable
     default: float

@@ -18,6 +18,7 @@ same process, beside the paper's layer-count view. The report (--eval) holds:
 """
 import argparse
 import copy
+import math
 import statistics
 import sys
 import time
@@ -31,6 +32,8 @@ from data import (DataError, Parser, add_config_args, batches, config_from_args,
                   load_image, pick_device, save_atomic, synchronize, to_device)
 from free_min import RULES, build_from_checkpoint, early_exit_predict, load_checkpoint
 
+RISKS = ("harm", "disagree")          # the losses calibration can bound (see risk_losses)
+
 
 @dataclass
 class InferConfig:
@@ -42,7 +45,19 @@ class InferConfig:
     rule: str = field(default="maxprob", metadata={"help": "exit rule (maxprob = FREE's)", "choices": list(RULES)})
     threshold: float = field(default=-1.0, metadata={"help": "exit threshold for --image (-1 = the calibrated one, "
                                                              "else the rule's default)"})
-    max_drop: float = field(default=1.0, metadata={"help": "calibration: the largest accuracy drop (points) on val"})
+    max_drop: float = field(default=1.0, metadata={"help": "calibration: the accuracy drop (points) the calibrated point "
+                                                           "may cost on new questions"})
+    calibration: str = field(default="guaranteed", metadata={"help": "guaranteed: Learn-then-Test, the drop stays within "
+                                                                     "--max-drop with probability >= 1 - --delta (see "
+                                                                     "calibrate); empirical: the fastest point within "
+                                                                     "--max-drop on val, no guarantee",
+                                                             "choices": ["guaranteed", "empirical"]})
+    delta: float = field(default=0.1, metadata={"help": "guaranteed calibration: the probability that the promise fails "
+                                                        "(over the draw of the calibration questions)"})
+    risk: str = field(default="", metadata={"help": "the loss calibration bounds: harm (an early answer loses credit the "
+                                                    "full model had; reads labels) or disagree (it differs from the full "
+                                                    "model's; reads none); '' = harm if the exits were trained with labels, "
+                                                    "else disagree", "choices": ["", *RISKS]})
     json: str = field(default="", metadata={"help": "write the report to this JSON file"})
     plot: str = field(default="", metadata={"help": "write the accuracy-vs-speedup and depth-profile figure to this PNG"})
     batch_size: int = field(default=64, metadata={"help": "batch size of evaluation and of the batched timing"})
@@ -315,21 +330,86 @@ def exit_subsets(K: int) -> list[list[int]]:
     return sorted(([k for k in range(K) if mask >> k & 1] for mask in range(1, 2 ** K)), key=len, reverse=True)
 
 
-def calibrate(free, val, val_probs: dict, rule: str, max_drop: float, costs: dict) -> dict:
-    """On val: the threshold *and the set of exits evaluated* with the highest predicted speedup under the
-    cost model `costs` whose accuracy drop is <= max_drop points. Why the exits too: an exit pays only if
-    enough questions leave there. In FLOPs an exit is a fraction of a layer, but at batch 1 on a CPU it costs
-    most of one (as many small operations), and an exit where few questions leave costs more than it saves."""
-    full, best = accuracy(val, val_probs["final"].argmax(1)), None
-    for exits in exit_subsets(free.num_exits):
-        for t in RULES[rule].grid(len(exits)):
+# A calibrated point should keep its promise on new questions, not only on the questions it was picked on.
+# Its risk is the mean of a per-question loss in [0, 1] over new questions, and both losses bound the
+# accuracy drop from above (a score is in [0, 1], and an answer that does not change cannot lose credit):
+#   harm:     max(0, score of the full model's answer - score of the early answer)   (needs labels)
+#   disagree: 1 if the early answer differs from the full model's, else 0   (CALM's consistency; no labels)
+def risk_losses(val, full_pred: torch.Tensor, pred: torch.Tensor, risk: str) -> torch.Tensor:
+    """(n,) per-question losses in [0, 1] of early answers `pred` against the full model's `full_pred`."""
+    if risk == "disagree":
+        return (pred != full_pred).float()                                # reads no label
+    every = torch.arange(len(val))
+    return (val.score(every, full_pred) - val.score(every, pred)).clamp(min=0.0)
+
+
+def binomial_cdf(k: int, n: int, p: float) -> float:
+    """P(Binomial(n, p) <= k), summed in log space."""
+    log_terms = [math.lgamma(n + 1) - math.lgamma(i + 1) - math.lgamma(n - i + 1) + i * math.log(p)
+                 + (n - i) * math.log1p(-p) for i in range(0, min(k, n) + 1)]
+    top = max(log_terms)
+    return min(1.0, math.exp(top) * sum(math.exp(t - top) for t in log_terms))
+
+
+def hb_pvalue(risk_hat: float, n: int, eps: float) -> float:
+    """p-value of H0: risk > eps, from the mean risk_hat of n i.i.d. losses in [0, 1] (Hoeffding-Bentkus,
+    Bates et al. 2021): min(exp(-n h(risk_hat, eps)), e P(Binomial(n, eps) <= ceil(n risk_hat))), with
+    h(a, b) = a log(a / b) + (1 - a) log((1 - a) / (1 - b)); 1 where risk_hat >= eps."""
+    if risk_hat >= eps:
+        return 1.0
+    h = (risk_hat * math.log(risk_hat / eps) if risk_hat > 0 else 0.0) + (1 - risk_hat) * math.log((1 - risk_hat) / (1 - eps))
+    return min(1.0, math.exp(-n * h), math.e * binomial_cdf(math.ceil(n * risk_hat - 1e-9), n, eps))
+
+
+# Learn-then-Test (Angelopoulos et al. 2021), as CALM does for early exit in language models (Schuster et
+# al. 2022): for each threshold, from the most conservative to the most aggressive, test H0: risk > eps with
+# the p-value above, and stop at the first one not rejected at level delta. Every threshold rejected before
+# it has risk <= eps with probability >= 1 - delta over the draw of the calibration questions (testing in a
+# fixed order controls the family-wise error). Searching several sets of exits would void that, so each set
+# is tested at delta / (number of sets) (Bonferroni): all certified points hold at once with probability
+# >= 1 - delta, and so does the fastest of them, which is the one chosen.
+def calibrate(free, val, val_probs: dict, rule: str, costs: dict, max_drop: float, calibration: str = "guaranteed",
+              delta: float = 0.1, risk: str = "harm") -> dict:
+    """On val: the threshold *and the set of exits evaluated* with the highest predicted speedup under the cost
+    model `costs` that is certified to risk <= max_drop points (calibration 'guaranteed', see above), or whose
+    measured val drop is <= max_drop points ('empirical': the accuracy drop, or for risk 'disagree' the share
+    of changed answers; no guarantee). Why the exits too: an exit pays only if enough questions leave there,
+    and at batch 1 on a CPU an exit costs most of a layer (as many small operations) whatever its FLOPs."""
+    full_pred, sets, eps, best = val_probs["final"].argmax(1), exit_subsets(free.num_exits), max_drop / 100, None
+    for exits in sets:
+        for t in reversed(RULES[rule].grid(len(exits))):                  # from the most conservative threshold
             sim = simulate(val_probs, rule, t, exits)
-            drop = full - accuracy(val, sim["pred"])
+            loss = risk_losses(val, full_pred, sim["pred"], risk).mean().item()
+            if calibration == "guaranteed":
+                p = hb_pvalue(loss, len(val), eps)
+                if p > delta / len(sets):
+                    break                                                  # fixed sequence: stop at the first failure
+                measured = {"val_risk": loss, "p_value": p}
+            else:
+                drop = loss if risk == "disagree" else (accuracy(val, full_pred) - accuracy(val, sim["pred"])) / 100
+                if drop > eps:
+                    continue
+                measured = {"val_drop": 100 * drop}
             speedup = predicted_speedup(free, sim, costs)
-            if drop <= max_drop and (best is None or speedup > best["predicted_speedup"] + 1e-9):
-                best = {"threshold": t, "exit_layers": [free.exit_layers[k] for k in exits], "val_accuracy_drop": drop,
-                        "predicted_speedup": speedup}
-    return {"rule": rule, "threshold": None} if best is None else {"rule": rule, **best, "cost_model": costs}
+            if best is None or speedup > best["predicted_speedup"] + 1e-9:
+                best = {"threshold": t, "exit_layers": [free.exit_layers[k] for k in exits], "predicted_speedup": speedup,
+                        **measured}
+    setting = {"rule": rule, "calibration": calibration, "risk": risk, "max_drop": max_drop, "delta": delta,
+               "calibration_questions": len(val), "cost_model": costs}
+    if best is None or best["predicted_speedup"] <= 1.0:        # none, or none faster than the full model
+        return setting | {"threshold": None}
+    return setting | best
+
+
+def promise(c: dict) -> str:
+    """What a calibrated point promises, in words."""
+    if c["calibration"] == "empirical":
+        measured = "accuracy drop" if c["risk"] == "harm" else "share of answers that differ from the full model's"
+        return f"no guarantee: the {measured} on the calibration (val) questions was <= {c['max_drop']:g} points"
+    what = "the accuracy drop" if c["risk"] == "harm" else "the share of answers that differ from the full model's " \
+        "(and so the accuracy drop)"
+    return (f"with probability >= {100 * (1 - c['delta']):g} % over the draw of the {c['calibration_questions']} "
+            f"calibration (val) questions, {what} on new questions from this distribution is <= {c['max_drop']:g} points")
 
 
 def exit_indices(free, cal: dict) -> list[int]:
@@ -337,8 +417,9 @@ def exit_indices(free, cal: dict) -> list[int]:
     return [free.exit_layers.index(l) for l in cal["exit_layers"]]
 
 
-def calibrated_point(free, split, probs: dict, cal: dict, full_accuracy: float, timing_ids, cfg: InferConfig) -> dict:
-    """The val-calibrated point on the eval split: accuracy and its drop, the layer view and, with timing, the
+def calibrated_point(free, split, probs: dict, cal: dict, full_accuracy: float, timing_ids, cfg: InferConfig,
+                     timed: bool = True) -> dict:
+    """A val-calibrated point on the eval split: accuracy and its drop, the layer view and, if timed, the
     measured wall-clock speedup at batch 1 and batched, end to end and for the language model alone."""
     if cal["threshold"] is None:
         return cal
@@ -347,7 +428,7 @@ def calibrated_point(free, split, probs: dict, cal: dict, full_accuracy: float, 
     avg_layers, speedup = layer_speedup(free, sim, probs["seq_len"])
     acc = accuracy(split, sim["pred"])
     cal = cal | {"accuracy": acc, "accuracy_drop": full_accuracy - acc, "avg_layers": avg_layers, "layer_speedup": speedup}
-    if cfg.timing:
+    if timed and cfg.timing:
         for ready, prefix in ((False, ""), (True, "lm_")):
             for ids, batch, name in ((timing_ids[:max(1, len(timing_ids) // 2)], 1, "batch1"), (timing_ids, cfg.batch_size, "batched")):
                 t = time_speedup(free, split, ids, batch, cal["rule"], cal["threshold"], cfg.repeats, ready, exits)
@@ -372,8 +453,12 @@ def build_report(free, splits: dict, split_name: str, cfg: InferConfig) -> dict:
               "oracle": dict(zip(("avg_layers", "layer_speedup"), layer_speedup(free, oracle, probs["seq_len"])))}
     costs = unit_costs(free, val, torch.arange(min(32, len(val))), cfg.repeats) if cfg.timing else \
         flop_costs(free, val_probs["seq_len"])
-    cal = calibrate(free, val, val_probs, cfg.rule, cfg.max_drop, costs)
+    risk = cfg.risk or ("harm" if free.cfg.label_fraction > 0 else "disagree")
+    cal = calibrate(free, val, val_probs, cfg.rule, costs, cfg.max_drop, cfg.calibration, cfg.delta, risk)
     report["calibrated"] = calibrated_point(free, split, probs, cal, profile["final"], timing_ids, cfg)
+    if cfg.calibration == "guaranteed":                    # the rule without a guarantee, for what it costs
+        plain = calibrate(free, val, val_probs, cfg.rule, costs, cfg.max_drop, "empirical", cfg.delta, risk)
+        report["empirical"] = calibrated_point(free, split, probs, plain, profile["final"], timing_ids, cfg, timed=False)
     if cal["threshold"] is not None:
         report["per_family"] = per_family_depth(free, split, simulate(probs, cfg.rule, cal["threshold"], exit_indices(free, cal)))
     return report
@@ -401,18 +486,20 @@ def print_report(r: dict, free) -> None:
               (f"{s['wallclock_speedup']:>9.2f}" if timed else ""))
     print(f"oracle (every question leaves at the earliest exit that gives the final layer's answer): "
           f"{r['oracle']['avg_layers']:.2f} layers, layer speedup {r['oracle']['layer_speedup']:.2f}x")
-    print(format_calibrated(r["calibrated"]))
+    print(format_calibrated(r["calibrated"], r.get("empirical")))
     for fam, d in r.get("per_family", {}).items():
         shares = " ".join(f"{k}:{v:.0f}%" for k, v in d["exit_share"].items())
         print(f"  {fam:<14} avg layers {d['avg_layers']:5.2f}  acc {d['accuracy']:6.2f}%  exits {shares}")
 
 
-def format_calibrated(c: dict) -> str:
+def format_calibrated(c: dict, plain: dict | None = None) -> str:
+    """The calibrated point, its promise and (plain: the empirical rule's point) what the promise costs."""
     if c["threshold"] is None:
-        return f"calibrated ({c['rule']}): no threshold keeps the val accuracy drop within the limit"
-    line = (f"calibrated on val ({c['rule']} threshold {c['threshold']:g}; exits after layers "
-            f"{','.join(map(str, c['exit_layers']))}): accuracy {c['accuracy']:.2f}% (drop {c['accuracy_drop']:+.2f} "
-            f"pts), {c['avg_layers']:.2f} layers, layer speedup {c['layer_speedup']:.2f}x")
+        return f"calibrated ({c['calibration']}, {c['risk']}): no threshold {c['rule']} keeps the promise on val"
+    line = (f"calibrated on val ({c['calibration']}, risk {c['risk']}; {c['rule']} threshold {c['threshold']:g}, exits "
+            f"after layers {','.join(map(str, c['exit_layers']))}): accuracy {c['accuracy']:.2f}% (drop "
+            f"{c['accuracy_drop']:+.2f} pts), {c['avg_layers']:.2f} layers, layer speedup {c['layer_speedup']:.2f}x"
+            f"\n  promise: {promise(c)}")
     costs = c["cost_model"]
     if costs["unit"].startswith("seconds"):
         line += (f"\n  chosen by the costs measured here at batch 1: embedding {1e3 * costs['embed']:.2f} ms, a layer "
@@ -425,6 +512,11 @@ def format_calibrated(c: dict) -> str:
                  f"{c['timing_batched']['batch_size']}{spread(c['timing_batched'])}; language model only (image tokens "
                  f"computed beforehand): {c['lm_wallclock_speedup_batch1']:.2f}x at batch 1, "
                  f"{c['lm_wallclock_speedup_batched']:.2f}x batched")
+    if plain is not None and plain["threshold"] is not None:
+        line += (f"\n  without the guarantee (empirical rule): {plain['rule']} threshold {plain['threshold']:g}, exits "
+                 f"after layers {','.join(map(str, plain['exit_layers']))}: drop {plain['accuracy_drop']:+.2f} pts, "
+                 f"layer speedup {plain['layer_speedup']:.2f}x, predicted {plain['predicted_speedup']:.2f}x "
+                 f"(the guarantee's price: {plain['predicted_speedup'] / c['predicted_speedup']:.2f}x of predicted speed)")
     return line
 
 
@@ -483,8 +575,10 @@ def check_infer_config(cfg: InferConfig) -> None:
     for name in ("batch_size", "timing_samples", "repeats"):
         if getattr(cfg, name) < 1:
             raise DataError(f"--{name.replace('_', '-')} must be at least 1 (got {getattr(cfg, name)})")
-    if cfg.threads < 0 or cfg.max_drop < 0:
-        raise DataError(f"--threads and --max-drop must be >= 0 (got {cfg.threads}, {cfg.max_drop})")
+    if cfg.threads < 0 or not 0 < cfg.max_drop < 100:
+        raise DataError(f"--threads must be >= 0 and --max-drop in (0, 100) points (got {cfg.threads}, {cfg.max_drop})")
+    if not 0 < cfg.delta < 1:
+        raise DataError(f"--delta must be a probability in (0, 1) (got {cfg.delta})")
     spec, t = RULES[cfg.rule], cfg.threshold
     if t != -1 and not (spec.bounds[0] <= t <= spec.bounds[1] and (not spec.whole or t == int(t))):
         kind = "a whole number" if spec.whole else "a number"
@@ -504,6 +598,20 @@ def load_free(cfg: InferConfig):
     if free is None:
         raise DataError(f"--ckpt {cfg.ckpt}: has a backbone but no exits; train them with python train.py --stage exits")
     return free, tokenizer, answers, dcfg, state
+
+
+def pick_threshold(free, cfg: InferConfig, calibrated: dict) -> tuple[float, list[int] | None, str]:
+    """The threshold and exits --image uses, and how they were chosen: --threshold if given; else the run's
+    calibrated point for this rule (none evaluated, i.e. the full model, where calibration found no point
+    that keeps its promise); else the rule's default."""
+    if cfg.threshold != -1:
+        return cfg.threshold, None, f"threshold {cfg.threshold:g}"
+    if calibrated.get("rule") == cfg.rule and calibrated.get("threshold") is not None:
+        return calibrated["threshold"], exit_indices(free, calibrated), f"threshold {calibrated['threshold']:g} " \
+            f"(calibrated, {calibrated.get('calibration', 'empirical')})"
+    if calibrated.get("rule") == cfg.rule:
+        return RULES[cfg.rule].default, [], "no exit: calibration found no point that keeps its promise"
+    return RULES[cfg.rule].default, None, f"threshold {RULES[cfg.rule].default:g} (the rule's default; not calibrated)"
 
 
 def main(argv=None) -> None:
@@ -526,13 +634,10 @@ def main(argv=None) -> None:
                     write(path, report)
                     print(f"wrote {path}")
         else:
-            calibrated = state.get("calibrated") or {}
-            use_calibrated = cfg.threshold == -1 and calibrated.get("rule") == cfg.rule and calibrated["threshold"] is not None
-            threshold = calibrated["threshold"] if use_calibrated else (RULES[cfg.rule].default if cfg.threshold == -1 else cfg.threshold)
-            exits = exit_indices(free, calibrated) if use_calibrated else None
+            threshold, exits, how = pick_threshold(free, cfg, state.get("calibrated") or {})
             out = answer_one(free, tokenizer, answers, state["model_config"]["image_size"], cfg, threshold, exits)
-            print(f"answer: {out['answer']}  (confidence {out['confidence']:.3f}; left at {out['where']}; "
-                  f"rule {cfg.rule}, threshold {threshold:g}{' (calibrated)' if use_calibrated else ''})")
+            print(f"answer: {out['answer']}  (confidence {out['confidence']:.3f}; left at {out['where']}; rule "
+                  f"{cfg.rule}, {how})")
     except DataError as e:
         print(f"error: {e}", file=sys.stderr)
         raise SystemExit(2)

@@ -472,7 +472,8 @@ def final_report(free: FREE, splits: dict, tcfg: TrainConfig, ckpt_path: str) ->
     infer.print_report(report, free)
     save_atomic(icfg.json, report)
     infer.plot_report(report, icfg.plot)
-    calibrated = {k: report["calibrated"].get(k) for k in ("rule", "threshold", "exit_layers")}
+    calibrated = {k: report["calibrated"].get(k) for k in ("rule", "threshold", "exit_layers", "calibration", "risk",
+                                                            "max_drop", "delta")}
     save_atomic(ckpt_path, load_checkpoint(ckpt_path) | {"calibrated": calibrated})
     print(f"wrote {icfg.json} and {icfg.plot}")
 

@@ -181,7 +181,7 @@ def report(backbone, tmp_path_factory):
     exits_run(backbone, out)
     path = out / "report.json"
     infer.main(["--ckpt", str(out / "ckpt.pt"), "--eval", "--json", str(path), "--plot", str(out / "plot.png"),
-                "--timing-samples", "16", "--repeats", "1", "--threads", "1"])
+                "--timing-samples", "16", "--repeats", "1", "--threads", "1", "--max-drop", "50", "--rule", "patience"])
     return out, json.loads(path.read_text())
 
 
@@ -196,6 +196,8 @@ def test_report_json_has_the_promised_keys_and_sane_values(report):
     assert set(cal) >= {"rule", "threshold", "accuracy", "accuracy_drop", "layer_speedup", "wallclock_speedup_batch1",
                         "wallclock_speedup_batched"}
     assert cal["exit_layers"] == [2] and {"embed", "layer", "exit", "head"} <= set(cal["cost_model"])
+    assert (cal["calibration"], cal["risk"], cal["max_drop"], cal["delta"]) == ("guaranteed", "harm", 50.0, 0.1)
+    assert cal["p_value"] <= 0.1 and r["empirical"]["calibration"] == "empirical"
     assert all(cal["cost_model"][k] > 0 for k in ("embed", "layer", "exit", "head"))   # measured seconds
     assert {"overthinking", "mid_crisis", "per_family"} <= set(r)
     assert set(r["per_family"]) == set(data.FAMILIES)
@@ -305,17 +307,19 @@ def test_simulate_calibrate_and_layer_speedup_by_hand():
     assert infer.accuracy(val, infer.simulate(probs, "maxprob", 0.7)["pred"]) == 75.0
     flops = infer.flop_costs(free, 10.0)
     assert flops["exit"] == pytest.approx(e) and infer.predicted_speedup(free, sim, flops) == pytest.approx(speedup)
-    cal = infer.calibrate(free, val, probs, "maxprob", 1.0, flops)
-    assert (cal["threshold"], cal["exit_layers"], cal["val_accuracy_drop"]) == (0.8, [2, 4], 0.0)
-    assert infer.calibrate(free, val, probs, "maxprob", 30.0, flops)["threshold"] == 0.7
-    assert infer.calibrate(free, val, probs, "maxprob", 50.0, flops)["threshold"] == 0.5
+    cal = infer.calibrate(free, val, probs, "maxprob", flops, 1.0, "empirical")
+    assert (cal["threshold"], cal["exit_layers"], cal["val_drop"]) == (0.8, [2, 4], 0.0)
+    assert infer.calibrate(free, val, probs, "maxprob", flops, 30.0, "empirical")["threshold"] == 0.7
+    # 0.5 and 0.6 let the same questions leave: of equal points the more conservative threshold is kept
+    assert infer.calibrate(free, val, probs, "maxprob", flops, 50.0, "empirical")["threshold"] == 0.6
     # Exit choice. Only the exit after layer 2 at 0.8: q1 and q3 run to the final layer (right): 16 layers, 4
     # exits evaluated, against 14 layers and 6 exits with both. At a FLOP exit cost (0.24 layer) both exits
     # are cheaper; if an exit costs 1.5 layers (as measured costs can say), the exit after layer 4 does not pay.
     assert infer.predicted_speedup(free, infer.simulate(probs, "maxprob", 0.8, [0]), flops) == pytest.approx(6 / ((16 + 4 * e) / 4))
     dear = {"embed": 0.0, "layer": 1.0, "exit": 1.5, "head": 0.0, "unit": "seconds at batch 1"}
-    cal = infer.calibrate(free, val, probs, "maxprob", 1.0, dear)
-    assert (cal["threshold"], cal["exit_layers"]) == (0.8, [2]) and cal["predicted_speedup"] == pytest.approx(6 / ((16 + 6) / 4))
+    cal = infer.calibrate(free, val, probs, "maxprob", dear, 1.0, "empirical")
+    # (with that exit alone, 0.8 to 0.95 let the same questions leave: the most conservative is kept)
+    assert (cal["threshold"], cal["exit_layers"]) == (0.95, [2]) and cal["predicted_speedup"] == pytest.approx(6 / ((16 + 6) / 4))
     assert infer.simulate(probs, "maxprob", 0.8, [0])["evaluated"].tolist() == [1, 1, 1, 1]
 
 
@@ -345,6 +349,11 @@ def test_infer_errors_are_one_line(backbone, tmp_path, capsys):
              (["--ckpt", str(backbone), "--eval", "--threshold", "5"], "--threshold 5: maxprob takes a number from 0 to 1"),
              (["--ckpt", str(backbone), "--eval", "--rule", "patience", "--threshold", "1.5"], "patience takes a whole number"),
              (["--ckpt", str(backbone)], "nothing to do"),
+             (["--ckpt", str(backbone), "--eval", "--delta", "0"], "--delta must be a probability in (0, 1)"),
+             (["--ckpt", str(backbone), "--eval", "--delta", "1.5"], "--delta must be a probability in (0, 1)"),
+             (["--ckpt", str(backbone), "--eval", "--max-drop", "0"], "--max-drop in (0, 100)"),
+             (["--ckpt", str(backbone), "--eval", "--risk", "loss"], "invalid choice: 'loss'"),
+             (["--ckpt", str(backbone), "--eval", "--calibration", "lucky"], "invalid choice: 'lucky'"),
              (["--ckpt", str(tmp_path / "broken" / "ckpt.pt"), "--eval"], "--ckpt"),
              (["--ckpt", str(backbone), "--eval", "--threshold", "-3"], "--threshold -3"),
              (["--ckpt", str(backbone), "--image", "x.png"], "--image and --question go together")]
@@ -375,3 +384,46 @@ def test_frozen_states_are_the_live_states_and_train_the_same_exits(backbone):
     for k, l in enumerate(free.exit_layers):
         assert torch.allclose(free.exit_feature(k, cached["inputs"][k], cached["mask"]),
                               free.exit_feature(k, live_states[l], mask), rtol=5e-3, atol=5e-3)
+
+
+def test_empirical_calibration_is_one_flag_away_and_picks_without_a_test(report, tmp_path):
+    """--calibration empirical: the old rule (the fastest point within --max-drop on val, no p-value), and the
+    report then holds no second point to compare with."""
+    out, r = report
+    path = tmp_path / "empirical.json"
+    infer.main(["--ckpt", str(out / "ckpt.pt"), "--eval", "--no-timing", "--json", str(path), "--max-drop", "50",
+                "--calibration", "empirical", "--threads", "1", "--rule", "patience"])
+    plain = json.loads(path.read_text())
+    assert plain["calibrated"]["calibration"] == "empirical" and "p_value" not in plain["calibrated"]
+    assert "empirical" not in plain and plain["calibrated"]["val_drop"] <= 50
+    assert plain["calibrated"]["threshold"] == r["empirical"]["threshold"]     # the comparison point of the default
+
+
+def test_a_label_free_run_is_calibrated_without_reading_a_label(backbone, tmp_path, monkeypatch):
+    """Exits trained with --label-fraction 0 are calibrated with risk 'disagree' by default, and the report
+    reads no label of the calibration split (only the eval split's, to report accuracy)."""
+    exits_run(backbone, tmp_path, "--exit-method", "free", "--label-fraction", "0", "--exit-epochs", "1")
+    _, free, tok, answers, dcfg = build_from_checkpoint(torch.load(tmp_path / "ckpt.pt", weights_only=False))
+    splits, _, _ = data.load_data(dcfg, tok, answers, only=("val", "test"))
+    monkeypatch.setattr(splits["val"], "score", lambda *a: pytest.fail("a val label was read"))
+    r = infer.build_report(free, splits, "test", infer.InferConfig(timing=False, max_drop=50, rule="patience"))
+    assert r["calibrated"]["risk"] == r["empirical"]["risk"] == "disagree" and r["calibrated"]["threshold"] is not None
+    assert infer.build_report(free, splits | {"val": splits["test"]}, "test", infer.InferConfig(
+        timing=False, max_drop=50, rule="patience", risk="harm"))["calibrated"]["risk"] == "harm"   # --risk harm
+
+
+def test_image_answers_with_the_stored_calibrated_point_or_the_full_model(backbone, tmp_path):
+    """The training run's report stores its calibrated (guaranteed) point in the checkpoint, and infer.py
+    --image uses it; where calibration found none, the full model answers (no exit), never an uncalibrated
+    threshold; --threshold overrides both."""
+    train.main(SMALL + ["--out", str(tmp_path), "--stage", "exits", "--backbone", str(backbone), "--exit-epochs", "1",
+                        "--exit-layers", "2", "--final-eval"])
+    state = torch.load(tmp_path / "ckpt.pt", weights_only=False)
+    report = json.loads((tmp_path / "report.json").read_text())
+    stored, free, cfg = state["calibrated"], build_from_checkpoint(state)[1], infer.InferConfig()
+    assert stored == {k: report["calibrated"].get(k) for k in stored} and stored["calibration"] == "guaranteed"
+    found = stored | {"threshold": 0.7, "exit_layers": [2]}
+    assert infer.pick_threshold(free, cfg, found)[:2] == (0.7, [0])
+    threshold, exits, how = infer.pick_threshold(free, cfg, stored | {"threshold": None})
+    assert exits == [] and "no exit" in how
+    assert infer.pick_threshold(free, infer.InferConfig(threshold=0.3), stored)[:2] == (0.3, None)

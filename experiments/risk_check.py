@@ -1,0 +1,103 @@
+"""Does the calibrated point keep its promise on questions it was not picked on? A re-split check.
+
+    python experiments/risk_check.py --ckpt runs/exits/ckpt.pt [--splits 200] [--max-drop 1] [--delta 0.1]
+
+The val and test questions are pooled and split at random, --splits times, into a calibration half and a
+held-out half. On each calibration half both rules of infer.calibrate pick a threshold and the exits to
+evaluate: `guaranteed` (Learn-then-Test: the held-out drop is <= --max-drop with probability >= 1 - --delta)
+and `empirical` (the fastest point within --max-drop on the calibration half, no guarantee). The check
+prints, per rule, the share of splits whose held-out accuracy drop exceeds --max-drop (the guaranteed rule
+promises at most --delta), the mean held-out drop, and the mean speedup (predicted by the costs measured
+once at batch 1 on this machine, as the report calibrates, and the layer view).
+"""
+import argparse
+import os
+import statistics
+import sys
+
+import torch
+from tqdm import tqdm
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+import infer                                                       # noqa: E402
+from data import DataError, load_data                              # noqa: E402
+
+
+class Pool:
+    """Questions pooled from several splits, scored as a split is: score(ids, pred) (official VQA credit)."""
+
+    def __init__(self, scores: torch.Tensor):
+        self.scores = scores                                        # (n, A): the credit of every answer
+
+    def __len__(self) -> int:
+        return len(self.scores)
+
+    def score(self, ids: torch.Tensor, pred: torch.Tensor) -> torch.Tensor:
+        return self.scores[ids, pred]
+
+    def subset(self, ids: torch.Tensor) -> "Pool":
+        return Pool(self.scores[ids])
+
+
+def pooled(free, splits: dict, batch_size: int) -> tuple[Pool, dict]:
+    """The val and test questions as one Pool, and their collected probabilities (infer.collect)."""
+    probs = [infer.collect(free, splits[name], batch_size) for name in ("val", "test")]
+    A = probs[0]["final"].shape[1]
+    scores = torch.cat([splits[name].soft_targets(torch.arange(len(splits[name])), A) for name in ("val", "test")])
+    return Pool(scores), {"final": torch.cat([p["final"] for p in probs]),
+                          "exits": torch.cat([p["exits"] for p in probs], dim=1), "seq_len": probs[0]["seq_len"]}
+
+
+def held_out(free, pool: Pool, probs: dict, cal: dict, costs: dict) -> dict:
+    """A calibrated point's accuracy drop (points) and speedups on held-out questions (no point: no exit)."""
+    if cal["threshold"] is None:
+        return {"drop": 0.0, "speedup": 1.0, "layer_speedup": 1.0}
+    sim = infer.simulate(probs, cal["rule"], cal["threshold"], infer.exit_indices(free, cal))
+    drop = infer.accuracy(pool, probs["final"].argmax(1)) - infer.accuracy(pool, sim["pred"])
+    return {"drop": drop, "speedup": infer.predicted_speedup(free, sim, costs),
+            "layer_speedup": infer.layer_speedup(free, sim, probs["seq_len"])[1]}
+
+
+def main(argv=None) -> None:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--ckpt", required=True, help="a checkpoint with exits (train.py)")
+    p.add_argument("--splits", type=int, default=200, help="random calibration / held-out splits")
+    p.add_argument("--max-drop", type=float, default=1.0, help="the promised accuracy drop, in points")
+    p.add_argument("--delta", type=float, default=0.1, help="the guaranteed rule's failure probability")
+    p.add_argument("--risk", default="", choices=["", *infer.RISKS], help="the loss bounded ('' = as the report picks)")
+    p.add_argument("--rule", default="maxprob", choices=list(infer.RULES), help="exit rule")
+    p.add_argument("--threads", type=int, default=2, help="CPU threads for torch")
+    args = p.parse_args(argv)
+    torch.set_num_threads(args.threads)
+    try:
+        free, tokenizer, answers, dcfg, _ = infer.load_free(infer.InferConfig(ckpt=args.ckpt))
+        splits, _, _ = load_data(dcfg, tokenizer, answers, only=("val", "test"))
+    except DataError as e:
+        raise SystemExit(f"error: {e}")
+    free = infer.inference_copy(free)
+    pool, probs = pooled(free, splits, 256)
+    costs = infer.unit_costs(free, splits["val"], torch.arange(32), repeats=5)
+    risk = args.risk or ("harm" if free.cfg.label_fraction > 0 else "disagree")
+    subset = lambda ids: {"final": probs["final"][ids], "exits": probs["exits"][:, ids], "seq_len": probs["seq_len"]}
+    results = {"guaranteed": [], "empirical": []}
+    for r in tqdm(range(args.splits), desc="re-splits", disable=None):
+        perm = torch.randperm(len(pool), generator=torch.Generator().manual_seed(r))
+        cal_ids, held_ids = perm[:len(pool) // 2], perm[len(pool) // 2:]
+        for mode, rows in results.items():
+            cal = infer.calibrate(free, pool.subset(cal_ids), subset(cal_ids), args.rule, costs, args.max_drop, mode,
+                                  args.delta, risk)
+            rows.append(held_out(free, pool.subset(held_ids), subset(held_ids), cal, costs))
+    print(f"{args.splits} random halves of {len(pool)} val + test questions; rule {args.rule}, risk {risk}, "
+          f"max drop {args.max_drop:g} points, delta {args.delta:g}; costs measured at batch 1: " +
+          ", ".join(f"{k} {1e3 * v:.2f} ms" for k, v in costs.items() if k != "unit"))
+    print("| calibration | held-out drop > max drop | mean held-out drop (pts) | predicted speedup | layer speedup |")
+    print("|---|---|---|---|---|")
+    for mode, rows in results.items():
+        drops = [x["drop"] for x in rows]
+        share = sum(d > args.max_drop for d in drops) / len(drops)
+        print(f"| {mode} | {100 * share:.1f} % | {statistics.mean(drops):+.2f} ± {statistics.pstdev(drops):.2f} | "
+              f"{statistics.mean(x['speedup'] for x in rows):.2f}x | {statistics.mean(x['layer_speedup'] for x in rows):.2f}x |")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,115 @@
+"""infer.calibrate: the guaranteed rule (Learn-then-Test) keeps its promise where the risk is known; the
+empirical rule does not; the p-value on hand-computed cases; monotone in eps and delta; no label read."""
+import math
+from fractions import Fraction
+
+import pytest
+import torch
+
+import infer
+from test_free_min import make_free
+
+EPS, DELTA = 0.02, 0.1                     # the promise: risk <= 2 % with probability >= 90 %
+FLOPS = {"embed": 0.0, "layer": 1.0, "exit": 0.2, "head": 0.0, "unit": "layers"}
+
+
+class GoldSplit:
+    """Questions with one right answer each: score 1 if pred == gold, else 0."""
+
+    def __init__(self, gold):
+        self.gold = torch.as_tensor(gold)
+
+    def __len__(self):
+        return len(self.gold)
+
+    def score(self, ids, pred):
+        return (self.gold[ids] == pred).float()
+
+
+def synthetic(n: int, seed: int, changed: float = 0.11):
+    """n questions, one exit. The full model answers 0, which is right; the exit is confident c ~ U(0.5, 1)
+    and gives another (wrong) answer with probability `changed`, whatever c. So at threshold t the risk (harm
+    = disagree = accuracy drop) is changed * P(c >= t) = 0.22 (1 - t): 0.022 > EPS at t = 0.9, 0.011 at 0.95."""
+    g = torch.Generator().manual_seed(seed)
+    c = 0.5 + 0.5 * torch.rand(n, generator=g)
+    wrong = torch.rand(n, generator=g) < changed
+    exit_probs = torch.stack([torch.where(wrong, 1 - c, c), torch.where(wrong, c, 1 - c)], dim=1)   # (n, 2)
+    final = torch.tensor([[1.0, 0.0]]).expand(n, 2)
+    return GoldSplit(torch.zeros(n, dtype=torch.long)), {"exits": exit_probs[None], "final": final}
+
+
+def true_risk(t: float) -> float:
+    return 0.22 * (1 - t)
+
+
+def test_hb_pvalue_on_hand_computed_cases():
+    # no loss in 100 questions, eps 0.05: Hoeffding exp(-100 log(1/0.95)) = 0.95^100 = 0.005921 beats
+    # Bentkus e * 0.95^100 = 0.016095
+    assert infer.hb_pvalue(0.0, 100, 0.05) == pytest.approx(0.95 ** 100, rel=1e-9)
+    # 30 losses in 1000, eps 0.05: Hoeffding exp(-1000 (0.03 ln 0.6 + 0.97 ln(0.97/0.95))) = 0.00757; Bentkus
+    # e * P(Bin(1000, 0.05) <= 30), the binomial sum computed here with exact integers
+    bentkus = math.e * float(Fraction(sum(math.comb(1000, i) * 5 ** i * 95 ** (1000 - i) for i in range(31)), 100 ** 1000))
+    hoeffding = math.exp(-1000 * (0.03 * math.log(0.6) + 0.97 * math.log(0.97 / 0.95)))
+    assert hoeffding == pytest.approx(0.007570, rel=1e-3) and bentkus < hoeffding
+    assert infer.hb_pvalue(0.03, 1000, 0.05) == pytest.approx(bentkus, rel=1e-6)
+    assert infer.hb_pvalue(0.05, 1000, 0.05) == infer.hb_pvalue(0.2, 1000, 0.05) == 1.0     # no evidence at all
+    assert infer.binomial_cdf(3, 10, 0.5) == pytest.approx(176 / 1024, rel=1e-12)
+
+
+def test_guaranteed_rule_keeps_its_promise_and_the_empirical_rule_does_not():
+    """Over 200 draws of 2,000 calibration questions, the threshold each rule picks has true risk > EPS in at
+    most DELTA of the draws for the guaranteed rule (it is far below: the bound is conservative), and in
+    many of them for the empirical rule, which picks the fastest threshold that merely looked good enough."""
+    free = make_free(exit_layers="2")
+    violated = {"guaranteed": 0, "empirical": 0}
+    for seed in range(200):
+        val, probs = synthetic(2000, seed)
+        for mode in violated:
+            cal = infer.calibrate(free, val, probs, "maxprob", FLOPS, 100 * EPS, mode, DELTA, "harm")
+            violated[mode] += cal["threshold"] is not None and true_risk(cal["threshold"]) > EPS
+    assert violated["guaranteed"] / 200 <= DELTA                          # expected about 0: HB is conservative
+    assert violated["empirical"] / 200 > 0.15                             # about 30 %: t = 0.9 passes by luck
+
+
+def test_calibration_is_monotone_in_eps_and_delta():
+    """A looser promise (larger eps or delta) never picks a more conservative point."""
+    free = make_free(exit_layers="2")
+    val, probs = synthetic(2000, seed=7)
+    pick = lambda eps, delta: infer.calibrate(free, val, probs, "maxprob", FLOPS, 100 * eps, "guaranteed", delta, "harm")
+    by_eps = [pick(eps, DELTA) for eps in (0.005, 0.01, 0.02, 0.04, 0.08)]
+    by_delta = [pick(0.08, delta) for delta in (0.001, 0.01, 0.05, 0.1, 0.3)]
+    for points in (by_eps, by_delta):
+        speed = [1.0 if c["threshold"] is None else c["predicted_speedup"] for c in points]
+        assert speed == sorted(speed) and speed[-1] > speed[0], speed
+
+
+def test_disagree_reads_no_label_and_harm_does():
+    """risk 'disagree' calibrates from the model's own answers: a split whose labels cannot be read is no
+    obstacle (and scrambled labels change nothing); risk 'harm' and the empirical rule read them."""
+    free = make_free(exit_layers="2")
+    val, probs = synthetic(2000, seed=3)
+
+    class NoLabels(GoldSplit):
+        def score(self, ids, pred):
+            raise AssertionError("a label was read")
+
+    blind = infer.calibrate(free, NoLabels(val.gold), probs, "maxprob", FLOPS, 2.0, "guaranteed", DELTA, "disagree")
+    assert blind["threshold"] is not None
+    assert blind == infer.calibrate(free, GoldSplit(torch.randint(0, 2, (2000,))), probs, "maxprob", FLOPS, 2.0,
+                                    "guaranteed", DELTA, "disagree")
+    for mode, risk in (("guaranteed", "harm"), ("empirical", "harm")):
+        with pytest.raises(AssertionError, match="a label was read"):
+            infer.calibrate(free, NoLabels(val.gold), probs, "maxprob", FLOPS, 2.0, mode, DELTA, risk)
+
+
+def test_several_exit_sets_share_delta():
+    """With two exits (three sets of exits to search) each set is tested at delta / 3: a threshold whose
+    p-value lies between delta / 3 and delta is certified with one exit and not with two identical ones."""
+    val, probs = synthetic(2000, seed=11)
+    one = infer.calibrate(make_free(exit_layers="2"), val, probs, "maxprob", FLOPS, 2.0, "guaranteed", DELTA, "harm")
+    two_probs = {"exits": probs["exits"].expand(2, -1, -1), "final": probs["final"]}
+    two = infer.calibrate(make_free(exit_layers="2,4"), val, two_probs, "maxprob", FLOPS, 2.0, "guaranteed", DELTA, "harm")
+    losses = lambda t: infer.risk_losses(val, probs["final"].argmax(1), infer.simulate(probs, "maxprob", t)["pred"], "harm")
+    p = infer.hb_pvalue(losses(one["threshold"]).mean().item(), 2000, EPS)
+    assert p <= DELTA and (p > DELTA / 3) == (two["threshold"] != one["threshold"])
+    assert two["threshold"] is None or two["p_value"] <= DELTA / 3
