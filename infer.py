@@ -81,7 +81,7 @@ def fold_batchnorm(model: nn.Module) -> nn.Module:
     for seq in [m for m in model.modules() if isinstance(m, nn.Sequential)]:
         for i in range(len(seq) - 1):
             conv, bn = seq[i], seq[i + 1]
-            if not (isinstance(conv, nn.Conv2d) and isinstance(bn, nn.BatchNorm2d)):
+            if not (isinstance(conv, nn.Conv2d) and isinstance(bn, (nn.BatchNorm2d, nn.SyncBatchNorm))):
                 continue
             scale = bn.weight / torch.sqrt(bn.running_var + bn.eps)                       # (C_out,)
             fused = nn.Conv2d(conv.in_channels, conv.out_channels, conv.kernel_size, conv.stride, conv.padding,
@@ -405,11 +405,15 @@ def promise(c: dict) -> str:
     """What a calibrated point promises, in words."""
     if c["calibration"] == "empirical":
         measured = "accuracy drop" if c["risk"] == "harm" else "share of answers that differ from the full model's"
-        return f"no guarantee: the {measured} on the calibration (val) questions was <= {c['max_drop']:g} points"
+        return f"no guarantee: the {measured} on the calibration (val) questions was <= {points(c['max_drop'])}"
     what = "the accuracy drop" if c["risk"] == "harm" else "the share of answers that differ from the full model's " \
         "(and so the accuracy drop)"
     return (f"with probability >= {100 * (1 - c['delta']):g} % over the draw of the {c['calibration_questions']} "
-            f"calibration (val) questions, {what} on new questions from this distribution is <= {c['max_drop']:g} points")
+            f"calibration (val) questions, {what} on new questions from this distribution is <= {points(c['max_drop'])}")
+
+
+def points(x: float) -> str:
+    return f"{x:g} point" + ("" if x == 1 else "s")
 
 
 def exit_indices(free, cal: dict) -> list[int]:

@@ -25,6 +25,7 @@ from dataclasses import asdict, dataclass, field
 import numpy as np
 import timm
 import torch
+import torch.distributed as dist
 import torch.nn as nn
 import torch.nn.functional as F
 from tokenizers import Tokenizer
@@ -106,6 +107,73 @@ def autocast(device: torch.device, dtype: torch.dtype):
     return torch.autocast(device.type, dtype=dtype, enabled=dtype != torch.float32)
 
 
+# Several processes (torchrun --standalone --nproc_per_node=N train.py ...): data parallel. Every process
+# holds the whole model and takes its slice of each global batch (--batch-size stays the global batch, so
+# the schedule is the one of a single process); after every backward the gradients are averaged over the
+# processes with one all_reduce, and every process takes the same step. Only process 0 evaluates, prints,
+# logs and writes files; the others wait for it at the end of each epoch.
+# NOTE: DistributedDataParallel's wrapper does the same averaging with bucketed all-reduces that overlap the
+# backward; it is not used because stage 2 alternates two optimisers (D's, then the exits') over two
+# parameter sets, each step's backward reaching only one of them, which its reducer is not made for.
+WORLD = {"rank": 0, "size": 1}
+
+
+def init_distributed(device_choice: str) -> None:
+    """Under torchrun (RANK in the environment): join the process group, NCCL on CUDA and gloo on CPU, one
+    GPU per process; silence the standard output of every process but process 0."""
+    if "RANK" not in os.environ:
+        return
+    cuda = torch.cuda.is_available() and device_choice in ("auto", "cuda")
+    dist.init_process_group("nccl" if cuda else "gloo")
+    WORLD.update(rank=dist.get_rank(), size=dist.get_world_size())
+    if cuda:
+        torch.cuda.set_device(int(os.environ["LOCAL_RANK"]))
+    if WORLD["rank"] > 0:
+        sys.stdout = open(os.devnull, "w")
+
+
+def is_main() -> bool:
+    return WORLD["rank"] == 0
+
+
+def shard(ids: torch.Tensor) -> tuple[torch.Tensor, float]:
+    """This process's slice of a global batch, and the weight that makes the average of the processes' mean
+    losses the mean over the global batch (1 in a single process)."""
+    local = ids.tensor_split(WORLD["size"])[WORLD["rank"]]
+    return local, len(local) * WORLD["size"] / len(ids)
+
+
+def average_gradients(params: list) -> None:
+    """The gradients' mean over the processes (one all_reduce of them all, flattened); none in one process."""
+    if WORLD["size"] == 1:
+        return
+    grads = [torch.zeros_like(p) if p.grad is None else p.grad for p in params]
+    flat = torch.cat([g.flatten() for g in grads])
+    dist.all_reduce(flat)
+    for p, g in zip(params, flat.div_(WORLD["size"]).split([g.numel() for g in grads])):
+        p.grad = g.view_as(p).clone()
+
+
+def all_sum(values: list[float]) -> list[float]:
+    """Sums over the processes of a few numbers (the values themselves in one process)."""
+    if WORLD["size"] == 1:
+        return values
+    t = torch.tensor(values, dtype=torch.float64)
+    dist.all_reduce(t)
+    return t.tolist()
+
+
+def wait_for_main() -> None:
+    """The other processes wait here while process 0 evaluates and writes."""
+    if WORLD["size"] > 1:
+        dist.barrier()
+
+
+def progress_bar(iterable, desc: str):
+    """A progress bar (process 0 only)."""
+    return tqdm(iterable, desc=desc, leave=False, dynamic_ncols=True, disable=None if is_main() else True)
+
+
 def get_lr(step: int, total_steps: int, cfg: TrainConfig) -> float:
     """Linear warm-up to cfg.lr, then cosine decay to 0 at total_steps."""
     if step < cfg.warmup_steps:
@@ -115,9 +183,11 @@ def get_lr(step: int, total_steps: int, cfg: TrainConfig) -> float:
 
 
 def optimizer_step(opt, loss: torch.Tensor, scaler, clip: float = 0.0) -> None:
-    """Backward and step through the grad scaler (a no-op unless fp16), outside autocast; clip if asked."""
+    """Backward, the gradients' mean over the processes, and the step through the grad scaler (a no-op unless
+    fp16), outside autocast; clip if asked (the global gradient norm: after the mean)."""
     opt.zero_grad(set_to_none=True)
     scaler.scale(loss).backward()
+    average_gradients([p for g in opt.param_groups for p in g["params"]])
     if clip > 0:
         scaler.unscale_(opt)
         torch.nn.utils.clip_grad_norm_([p for g in opt.param_groups for p in g["params"]], clip)
@@ -236,9 +306,10 @@ def stage1_optimizer(model: VLM, heads: dict, tcfg: TrainConfig) -> torch.optim.
 # ----------------------------------------------------------------------------------------------------
 # Stage 1: the backbone
 # ----------------------------------------------------------------------------------------------------
-def backbone_step(model: VLM, heads: dict, opt, scaler, split, ids, tcfg: TrainConfig, device, dtype) -> tuple:
-    """One optimizer step of stage 1: soft cross-entropy on the answers, plus the auxiliary heads' losses.
-    Returns the answer loss (float) and the logits (B, A)."""
+def backbone_step(model: VLM, heads: dict, opt, scaler, split, ids, tcfg: TrainConfig, device, dtype,
+                  weight: float = 1.0) -> tuple:
+    """One optimizer step of stage 1: soft cross-entropy on the answers, plus the auxiliary heads' losses
+    (times `weight`, see shard). Returns the answer loss (float) and the logits (B, A)."""
     batch = to_device(split.batch(ids), device)
     targets = split.soft_targets(ids, model.cfg.num_answers).to(device)                  # (B, A)
     with autocast(device, dtype):
@@ -254,7 +325,7 @@ def backbone_step(model: VLM, heads: dict, opt, scaler, split, ids, tcfg: TrainC
         total = total + sum(weight * head.loss(patches, aux) for weight, head in heads.values())
     if not torch.isfinite(total):
         raise FloatingPointError(f"non-finite loss ({total.item()})")
-    optimizer_step(opt, total, scaler, tcfg.grad_clip)
+    optimizer_step(opt, total * weight, scaler, tcfg.grad_clip)
     scaler.update()
     return loss.item(), logits.detach()
 
@@ -273,25 +344,27 @@ def train_backbone(model: VLM, splits: dict, tcfg: TrainConfig, device, dtype, s
     clock = StepClock(total_steps - step, device)
     for epoch in range(first_epoch, tcfg.epochs):
         model.train()
-        bar = tqdm(list(batches(len(trainable), tcfg.batch_size, shuffle=True)), desc=f"backbone {epoch + 1}/{tcfg.epochs}",
-                   leave=False, dynamic_ncols=True, disable=None)
+        bar = progress_bar(list(batches(len(trainable), tcfg.batch_size, shuffle=True)), f"backbone {epoch + 1}/{tcfg.epochs}")
         loss_sum = hit_sum = seen = 0
         for ids in bar:
-            ids = trainable[ids]
             for group in opt.param_groups:
                 group["lr"] = get_lr(step, total_steps, tcfg) * group.get("lr_scale", 1.0)
-            loss, logits = backbone_step(model, heads, opt, scaler, train, ids, tcfg, device, dtype)
+            ids, weight = shard(trainable[ids])                         # all of the batch in one process
+            loss, logits = backbone_step(model, heads, opt, scaler, train, ids, tcfg, device, dtype, weight)
             step, seen, loss_sum = step + 1, seen + len(ids), loss_sum + loss * len(ids)
             hit_sum += train.score(ids, logits.argmax(dim=1).cpu()).sum().item()
             clock.tick()
             bar.set_postfix(loss=f"{loss_sum / seen:.3f}", acc=f"{100 * hit_sum / seen:.1f}%")
-        res = evaluate(model, splits["val"], device, dtype)
-        print(f"epoch {epoch + 1}/{tcfg.epochs}  loss {loss_sum / seen:.3f}  train acc {100 * hit_sum / seen:.1f}%  "
-              f"val acc {res['accuracy']:.1f}%  ({clock.elapsed():.0f}s)")
-        log_json(tcfg.out, {"stage": "backbone", "epoch": epoch + 1, "step": step, "train_loss": loss_sum / seen,
-                            "train_accuracy": 100 * hit_sum / seen, "val_accuracy": res["accuracy"],
-                            "val_per_family": res["per_family"], "time_s": round(clock.elapsed(), 1)})
-        save(epoch, step, opt, scaler, heads)
+        loss_sum, hit_sum, seen = all_sum([loss_sum, hit_sum, seen])
+        if is_main():
+            res = evaluate(model, splits["val"], device, dtype)
+            print(f"epoch {epoch + 1}/{tcfg.epochs}  loss {loss_sum / seen:.3f}  train acc {100 * hit_sum / seen:.1f}%  "
+                  f"val acc {res['accuracy']:.1f}%  ({clock.elapsed():.0f}s)")
+            log_json(tcfg.out, {"stage": "backbone", "epoch": epoch + 1, "step": step, "train_loss": loss_sum / seen,
+                                "train_accuracy": 100 * hit_sum / seen, "val_accuracy": res["accuracy"],
+                                "val_per_family": res["per_family"], "time_s": round(clock.elapsed(), 1)})
+            save(epoch, step, opt, scaler, heads)
+        wait_for_main()
 
 
 class StepClock:
@@ -351,7 +424,7 @@ def cache_patches(model: VLM, splits: dict, device, dtype) -> None:
     model.eval()
     for name, split in splits.items():
         chunks = [model.patch_features(imgs.float().div(255).to(device)).half().cpu()          # (b, P, Dv)
-                  for imgs in tqdm(split.images.split(64), desc=f"{name} image tokens", leave=False, disable=None)]
+                  for imgs in progress_bar(split.images.split(64), f"{name} image tokens")]
         split.patches = torch.cat(chunks)                                                     # (n_img, P, Dv)
 
 
@@ -379,7 +452,7 @@ def frozen_states(free: FREE, split, device, dtype) -> dict:
     out = {"inputs": torch.zeros(n, K, S, D, dtype=torch.float16), "mask": torch.zeros(n, S, dtype=torch.bool),
            "real": torch.zeros(n, D)}
     free.eval()
-    for ids in tqdm(list(batches(n, EVAL_BATCH)), desc="frozen backbone states", leave=False, disable=None):
+    for ids in progress_bar(list(batches(n, EVAL_BATCH)), "frozen backbone states"):
         with autocast(device, dtype):
             states, mask = free.backbone.hidden_states(**to_device(split.batch(ids), device))
         s = states[0].shape[1]
@@ -398,8 +471,9 @@ def states_batch(states: dict, ids: torch.Tensor, device) -> dict:
     return {"inputs": inputs.unbind(dim=1), "mask": mask[:, None, None, :s].to(device), "real": states["real"][ids].to(device)}
 
 
-def exit_step(free: FREE, batch: dict, targets, labelled, opt_g, opt_d, scaler, device, dtype) -> dict:
-    """One batch of stage 2 on the frozen backbone's states (states_batch): a D step, then a G step."""
+def exit_step(free: FREE, batch: dict, targets, labelled, opt_g, opt_d, scaler, device, dtype, weight: float = 1.0) -> dict:
+    """One batch of stage 2 on the frozen backbone's states (states_batch): a D step, then a G step (each
+    loss times `weight`, see shard)."""
     real, mask = batch["real"], batch["mask"]                                      # h_L[CLS] (B, D), (B, 1, 1, s)
     with autocast(device, dtype):
         fakes = [free.exit_feature(k, h, mask) for k, h in enumerate(batch["inputs"])]   # G_k(h_{l_k}): K x (B, D)
@@ -408,11 +482,11 @@ def exit_step(free: FREE, batch: dict, targets, labelled, opt_g, opt_d, scaler, 
         # Discriminator step: tell final-layer features (real) from exit features (fake)
         with autocast(device, dtype):
             d_loss, stats = discriminator_loss(free, real, fakes)
-        optimizer_step(opt_d, d_loss, scaler)
+        optimizer_step(opt_d, d_loss * weight, scaler)
     # Generator step: exit features should fool D and let the frozen head answer as the final layer does
     with autocast(device, dtype):
         g_loss, g_stats = generator_loss(free, real, fakes, targets, labelled)
-    optimizer_step(opt_g, g_loss, scaler)
+    optimizer_step(opt_g, g_loss * weight, scaler)
     scaler.update()
     stats = {k: v.item() for k, v in (stats | g_stats).items()}
     if not all(map(math.isfinite, stats.values())):
@@ -434,26 +508,33 @@ def train_exits(free: FREE, states: dict, splits: dict, tcfg: TrainConfig, devic
     for epoch in range(first_epoch, ecfg.exit_epochs):
         free.train()
         sums, t0 = defaultdict(float), time.time()
-        bar = tqdm(list(batches(len(pool), tcfg.batch_size, shuffle=True, generator=order)), leave=False,
-                   desc=f"exits ({ecfg.exit_method}) {epoch + 1}/{ecfg.exit_epochs}", dynamic_ncols=True, disable=None)
+        bar = progress_bar(list(batches(len(pool), tcfg.batch_size, shuffle=True, generator=order)),
+                           f"exits ({ecfg.exit_method}) {epoch + 1}/{ecfg.exit_epochs}")
         for n, ids in enumerate(bar, 1):
-            ids = pool[ids]
+            ids, weight = shard(pool[ids])                              # all of the batch in one process
             targets = train.soft_targets(ids, free.backbone.cfg.num_answers).to(device) if ecfg.label_fraction > 0 else None
             stats = exit_step(free, states_batch(states, ids, device), targets, labelled[ids].to(device), opt_g, opt_d,
-                              scaler, device, dtype)
+                              scaler, device, dtype, weight)
             for k, v in stats.items():
                 sums[k] += v
             bar.set_postfix({k: f"{v / n:.3f}" for k, v in sums.items()})
-        val = infer.exit_profile(splits["val"], infer.collect(free, splits["val"], EVAL_BATCH), free.exit_layers)
-        means = {k: v / len(bar) for k, v in sums.items()}
-        print(f"exits epoch {epoch + 1}/{ecfg.exit_epochs}  " + "  ".join(f"{k} {v:.3f}" for k, v in means.items()) +
-              "  val acc by exit: " + " ".join(f"L{e['layer']}:{e['accuracy']:.1f}" for e in val["exits"]) +
-              f"  final:{val['final']:.1f}  ({time.time() - t0:.0f}s)")
-        log_json(tcfg.out, {"stage": "exits", "method": ecfg.exit_method, "epoch": epoch + 1, **means,
-                            "val_final": val["final"], "val_exits": val["exits"]})
-        last = epoch + 1 == ecfg.exit_epochs
-        save(None if last else {"epoch": epoch, "opt_g": opt_g.state_dict(), "opt_d": opt_d.state_dict(),
-                                "scaler": scaler.state_dict(), "batch_order": order.get_state(), "rng": rng_state()})
+        means = dict(zip(sums, (v / len(bar) / WORLD["size"] for v in all_sum(list(sums.values())))))
+        if is_main():
+            log_exit_epoch(free, splits["val"], f"{epoch + 1}/{ecfg.exit_epochs}", means, time.time() - t0, tcfg.out)
+            last = epoch + 1 == ecfg.exit_epochs
+            save(None if last else {"epoch": epoch, "opt_g": opt_g.state_dict(), "opt_d": opt_d.state_dict(),
+                                    "scaler": scaler.state_dict(), "batch_order": order.get_state(), "rng": rng_state()})
+        wait_for_main()
+
+
+def log_exit_epoch(free: FREE, val, epoch: str, means: dict, seconds: float, out: str) -> None:
+    """After a stage-2 epoch: its mean losses and every exit's val accuracy, printed and logged."""
+    profile = infer.exit_profile(val, infer.collect(free, val, EVAL_BATCH), free.exit_layers)
+    print(f"exits epoch {epoch}  " + "  ".join(f"{k} {v:.3f}" for k, v in means.items()) + "  val acc by exit: " +
+          " ".join(f"L{e['layer']}:{e['accuracy']:.1f}" for e in profile["exits"]) + f"  final:{profile['final']:.1f}  "
+          f"({seconds:.0f}s)")
+    log_json(out, {"stage": "exits", "method": free.cfg.exit_method, "epoch": int(epoch.split("/")[0]), **means,
+                   "val_final": profile["final"], "val_exits": profile["exits"]})
 
 
 def print_depth_profile(profile: dict, split_name: str) -> None:
@@ -638,6 +719,8 @@ def run_backbone(splits, tokenizer, answers, dcfg, mcfg, tcfg, device, dtype, st
     model = VLM(cfg=mcfg).to(device)
     if state is not None:
         model.load_state_dict(state["model"])
+    if WORLD["size"] > 1 and device.type == "cuda":    # the conv stem's batch statistics over the global batch
+        model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
     print(f"model: {sum(p.numel() for p in model.parameters()) / 1e6:.2f}M parameters, {mcfg.depth} language-model "
           f"layers of width {mcfg.dim}")
     if mcfg.freeze_vit:
@@ -653,9 +736,11 @@ def run_backbone(splits, tokenizer, answers, dcfg, mcfg, tcfg, device, dtype, st
         train_backbone(model, splits, tcfg, device, dtype, save, state)
     except FloatingPointError as e:
         raise SystemExit(f"error: {e} in stage 1; the last good checkpoint is kept in {ckpt}. Try a lower --lr.")
-    res = report_test(model, splits, tcfg, device, dtype)
-    if tcfg.export:
-        export_backbone(tcfg.export, model, res, dcfg, tcfg, tokenizer, answers)
+    if is_main():
+        res = report_test(model, splits, tcfg, device, dtype)
+        if tcfg.export:
+            export_backbone(tcfg.export, model, res, dcfg, tcfg, tokenizer, answers)
+    wait_for_main()
     return model
 
 
@@ -681,7 +766,7 @@ def prepare_exits(model: VLM, state: dict, source: dict, splits, ecfg, tcfg, dev
                     "train_config": asdict(tcfg)} | ({} if progress is None else {"exit_progress": progress}))
     print(f"stage 2: {ecfg.exit_method} exits after layers {free.exit_layers}, label fraction {ecfg.label_fraction}; "
           f"{sum(p.numel() for p in free.exits.parameters()) / 1e6:.2f}M trainable exit parameters")
-    if progress is None:
+    if progress is None and is_main():
         print_depth_profile(infer.exit_profile(splits["val"], infer.collect(free, splits["val"], EVAL_BATCH),
                                                free.exit_layers), "val before stage 2")
     return free, frozen_states(free, splits["train"], device, dtype), save, progress
@@ -709,15 +794,17 @@ def main(argv=None) -> None:
     args, dcfg, mcfg, tcfg, ecfg = parse_args(argv)
     try:
         state = validate(dcfg, mcfg, tcfg, ecfg)            # every flag, before any data is made or step taken
+        init_distributed(tcfg.device)                       # under torchrun only
         torch.set_num_threads(tcfg.threads or torch.get_num_threads())
         device = pick_device(tcfg.device)
         dtype, why = pick_dtype(device)
-        print(f"device: {device} ({why}); torch threads: {torch.get_num_threads()}")
+        print(f"device: {device} ({why}); torch threads: {torch.get_num_threads()}" +
+              (f"; {WORLD['size']} processes (torchrun), each on its slice of every batch" if WORLD["size"] > 1 else ""))
         os.makedirs(tcfg.out, exist_ok=True)
         torch.manual_seed(tcfg.seed)
         ckpt, describe = os.path.join(tcfg.out, "ckpt.pt"), {"preset": args.preset, "train": asdict(tcfg), "exits": asdict(ecfg)}
         if state is None or not (tcfg.stage == "exits" or "exits" in state):          # stage 1, new or resumed
-            if state is None:
+            if state is None and is_main():
                 start_fresh(tcfg.out)
             splits, tokenizer, answers = load_run_data(dcfg, mcfg, state, describe)
             model = run_backbone(splits, tokenizer, answers, dcfg, mcfg, tcfg, device, dtype, state)
@@ -732,17 +819,21 @@ def main(argv=None) -> None:
                 source = state["backbone_source"]
             else:
                 source = {"path": tcfg.backbone or ckpt, "train_config": state.get("train_config")}
-                if os.path.abspath(source["path"]) != os.path.abspath(ckpt):
+                if os.path.abspath(source["path"]) != os.path.abspath(ckpt) and is_main():
                     start_fresh(tcfg.out)                   # a new run in OUT: the old log is not about it
         free, states, save, progress = prepare_exits(model, state, source, splits, ecfg, tcfg, device, dtype)
         try:
             train_exits(free, states, splits, tcfg, device, dtype, save, progress)
         except FloatingPointError as e:
             raise SystemExit(f"error: {e}; the last good checkpoint is kept in {ckpt}. Try a lower --exit-lr / --disc-lr.")
-        report_exits(free, splits, tcfg)
+        if is_main():
+            report_exits(free, splits, tcfg)
     except DataError as e:
         print(f"error: {e}", file=sys.stderr)
         raise SystemExit(2)
+    finally:
+        if WORLD["size"] > 1:
+            dist.destroy_process_group()
 
 
 if __name__ == "__main__":

@@ -7,23 +7,11 @@ import pytest
 import torch
 
 import infer
+from test_exits_and_report import GoldSplit
 from test_free_min import make_free
 
 EPS, DELTA = 0.02, 0.1                     # the promise: risk <= 2 % with probability >= 90 %
 FLOPS = {"embed": 0.0, "layer": 1.0, "exit": 0.2, "head": 0.0, "unit": "layers"}
-
-
-class GoldSplit:
-    """Questions with one right answer each: score 1 if pred == gold, else 0."""
-
-    def __init__(self, gold):
-        self.gold = torch.as_tensor(gold)
-
-    def __len__(self):
-        return len(self.gold)
-
-    def score(self, ids, pred):
-        return (self.gold[ids] == pred).float()
 
 
 def synthetic(n: int, seed: int, changed: float = 0.11):

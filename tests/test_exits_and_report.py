@@ -260,7 +260,7 @@ class GoldSplit:
     """A stand-in split whose questions have one right answer each: score 1 if pred == gold, else 0."""
 
     def __init__(self, gold):
-        self.gold = torch.tensor(gold)
+        self.gold = torch.as_tensor(gold)
 
     def __len__(self):
         return len(self.gold)
