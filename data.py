@@ -44,7 +44,8 @@ class DataConfig:
                                                   "choices": ["shapes", "vqa2"]})
     data_seed: int = field(default=0, metadata={"help": "seed of the shapes generator and of the vqa2 image split"})
     image_size: int = field(default=64, metadata={"help": "images are (resized to) image_size x image_size RGB"})
-    train_images: int = field(default=6000, metadata={"help": "shapes: training images"})
+    train_images: int = field(default=6000, metadata={"help": "shapes: training images per epoch (new scenes every "
+                                                              "epoch of stage 1)"})
     val_images: int = field(default=600, metadata={"help": "shapes: validation images"})
     test_images: int = field(default=600, metadata={"help": "shapes: test images"})
     questions_per_image: int = field(default=4, metadata={"help": "shapes: questions asked about each image"})
@@ -456,6 +457,15 @@ def shapes_splits(cfg: DataConfig, only: tuple[str, ...] = ("train", "val", "tes
             splits[name] = generate_shapes_split(n, cfg.questions_per_image, cfg.data_seed * 1000 + k, cfg.image_size, first_id)
         first_id += n
     return splits
+
+
+def fresh_train_split(cfg: DataConfig, epoch: int, tokenizer: Tokenizer, answers: list[str]) -> "Split":
+    """The shapes train split of epoch `epoch` >= 1: as many new scenes as --train-images (seed data_seed * 1000
+    + 2 + epoch, where epoch 0 uses + 0 and val and test + 1 and + 2). The generator is unlimited, so no epoch
+    repeats another's images, and the model cannot learn the training scenes by heart."""
+    images, records, labels = generate_shapes_split(cfg.train_images, cfg.questions_per_image,
+                                                    cfg.data_seed * 1000 + 2 + epoch, cfg.image_size, 1)
+    return make_split(images, records, labels, tokenizer, {a: i for i, a in enumerate(answers)})
 
 
 def write_vqa_format(cfg: DataConfig, out_dir: str) -> None:

@@ -33,7 +33,7 @@ from tqdm import tqdm
 
 import infer
 from data import (COLORS, SHAPES, DataConfig, DataError, Parser, add_config_args, batches, check_data_config,
-                  config_from_args, load_data, majority_baseline, pick_device, save_atomic, to_device)
+                  config_from_args, fresh_train_split, load_data, majority_baseline, pick_device, save_atomic, to_device)
 from free_min import (FREE, METHODS, ExitConfig, build_from_checkpoint, check_exit_config, discriminator_loss,
                       generator_loss, load_checkpoint, resolve_exit_layers)
 from model import VLM, ModelConfig, check_model_config, describe_timm_vit, make_vit, soft_cross_entropy
@@ -330,9 +330,12 @@ def backbone_step(model: VLM, heads: dict, opt, scaler, split, ids, tcfg: TrainC
     return loss.item(), logits.detach()
 
 
-def train_backbone(model: VLM, splits: dict, tcfg: TrainConfig, device, dtype, save, state: dict | None) -> None:
-    """Stage 1: the whole VLM (and its auxiliary heads) on the train split; val accuracy per family and a
-    checkpoint (save(epoch, step, opt, scaler, heads)) after every epoch. `state` continues an interrupted run."""
+def train_backbone(model: VLM, splits: dict, tcfg: TrainConfig, device, dtype, save, state: dict | None,
+                   train_split=None) -> None:
+    """Stage 1: the whole VLM (and its auxiliary heads) on the train split of each epoch (train_split(epoch),
+    default: splits['train'] every epoch); val accuracy per family and a checkpoint (save(epoch, step, opt,
+    scaler, heads)) after every epoch. `state` continues an interrupted run."""
+    train_split = train_split or (lambda epoch: splits["train"])
     train = splits["train"]
     trainable = torch.nonzero(train.trainable()).squeeze(1)                 # questions with an answer to learn
     heads = {name: (w, h.to(device)) for name, (w, h) in aux_heads(model, train.pixel_labels is not None, tcfg).items()}
@@ -344,6 +347,8 @@ def train_backbone(model: VLM, splits: dict, tcfg: TrainConfig, device, dtype, s
     clock = StepClock(total_steps - step, device)
     for epoch in range(first_epoch, tcfg.epochs):
         model.train()
+        train = train_split(epoch)
+        trainable = torch.nonzero(train.trainable()).squeeze(1)
         bar = progress_bar(list(batches(len(trainable), tcfg.batch_size, shuffle=True)), f"backbone {epoch + 1}/{tcfg.epochs}")
         loss_sum = hit_sum = seen = 0
         for ids in bar:
@@ -732,8 +737,11 @@ def run_backbone(splits, tokenizer, answers, dcfg, mcfg, tcfg, device, dtype, st
                            "train_config": asdict(tcfg), "answers": answers, "tokenizer": tokenizer.to_str(),
                            "optimizer": opt.state_dict(), "scaler": scaler.state_dict(), "step": step, "epoch": epoch,
                            "rng": rng_state(), "aux": {k: h.state_dict() for k, (_, h) in heads.items()}})
+    # shapes data: new training scenes every epoch (data.fresh_train_split), which cannot be learned by heart
+    fresh = lambda epoch: splits["train"] if epoch == 0 or dcfg.data != "shapes" else \
+        fresh_train_split(dcfg, epoch, tokenizer, answers)
     try:
-        train_backbone(model, splits, tcfg, device, dtype, save, state)
+        train_backbone(model, splits, tcfg, device, dtype, save, state, fresh)
     except FloatingPointError as e:
         raise SystemExit(f"error: {e} in stage 1; the last good checkpoint is kept in {ckpt}. Try a lower --lr.")
     if is_main():
