@@ -294,14 +294,19 @@ def oracle_exits(probs: dict) -> dict:
     return {"exit": exit_at, "pred": pred, "evaluated": torch.clamp(exit_at + 1, max=K)}
 
 
-def per_family_depth(free, split, sim: dict) -> dict:
-    """Per question family: mean language-model layers run, accuracy, and the share leaving at each exit."""
-    layers, out = layers_run(free, sim), {}
+def per_family_depth(free, split, probs: dict, sim: dict | None) -> dict:
+    """Where depth matters, per question family: every exit's standalone accuracy and the final layer's
+    ('exits', 'final'), and where a calibrated point `sim` is given, the mean language-model layers its
+    questions run, its accuracy and the share leaving at each exit."""
+    out = {}
     for fam in sorted(set(split.families)):
         idx = torch.tensor([i for i, f in enumerate(split.families) if f == fam])
-        shares = torch.bincount(sim["exit"][idx], minlength=free.num_exits + 1).float() / len(idx)
-        out[fam] = {"avg_layers": layers[idx].mean().item(), "accuracy": 100.0 * split.score(idx, sim["pred"][idx]).mean().item(),
-                    "exit_share": {str(l): 100.0 * s.item() for l, s in zip(free.exit_layers + ["final"], shares)}}
+        acc = lambda pred: 100.0 * split.score(idx, pred[idx]).mean().item()
+        out[fam] = {"exits": [acc(p.argmax(1)) for p in probs["exits"]], "final": acc(probs["final"].argmax(1))}
+        if sim is not None:
+            shares = torch.bincount(sim["exit"][idx], minlength=free.num_exits + 1).float() / len(idx)
+            out[fam] |= {"avg_layers": layers_run(free, sim)[idx].mean().item(), "accuracy": acc(sim["pred"]),
+                         "exit_share": {str(l): 100.0 * s.item() for l, s in zip(free.exit_layers + ["final"], shares)}}
     return out
 
 
@@ -451,7 +456,8 @@ def build_report(free, splits: dict, split_name: str, cfg: InferConfig) -> dict:
     timing_ids = torch.randperm(len(split), generator=torch.Generator().manual_seed(0))[:cfg.timing_samples]
     oracle = oracle_exits(probs)
     report = {"split": split_name, "samples": len(split), "device": str(next(free.parameters()).device),
-              "threads": torch.get_num_threads(), "full": {"accuracy": profile["final"]}, "exits": profile["exits"],
+              "threads": torch.get_num_threads(), "full": {"accuracy": profile["final"], "layers": free.backbone.depth},
+              "exits": profile["exits"],
               "mid_crisis": {"free_exits": mid_crisis(profile), "raw_readout": mid_crisis(profile, "raw_accuracy")},
               "overthinking": overthinking(split, probs), "sweep": sweep(free, split, probs, timing_ids, cfg),
               "oracle": dict(zip(("avg_layers", "layer_speedup"), layer_speedup(free, oracle, probs["seq_len"])))}
@@ -463,8 +469,8 @@ def build_report(free, splits: dict, split_name: str, cfg: InferConfig) -> dict:
     if cfg.calibration == "guaranteed":                    # the rule without a guarantee, for what it costs
         plain = calibrate(free, val, val_probs, cfg.rule, costs, cfg.max_drop, "empirical", cfg.delta, risk)
         report["empirical"] = calibrated_point(free, split, probs, plain, profile["final"], timing_ids, cfg, timed=False)
-    if cal["threshold"] is not None:
-        report["per_family"] = per_family_depth(free, split, simulate(probs, cfg.rule, cal["threshold"], exit_indices(free, cal)))
+    point = None if cal["threshold"] is None else simulate(probs, cfg.rule, cal["threshold"], exit_indices(free, cal))
+    report["per_family"] = per_family_depth(free, split, probs, point)
     return report
 
 
@@ -491,9 +497,20 @@ def print_report(r: dict, free) -> None:
     print(f"oracle (every question leaves at the earliest exit that gives the final layer's answer): "
           f"{r['oracle']['avg_layers']:.2f} layers, layer speedup {r['oracle']['layer_speedup']:.2f}x")
     print(format_calibrated(r["calibrated"], r.get("empirical")))
-    for fam, d in r.get("per_family", {}).items():
-        shares = " ".join(f"{k}:{v:.0f}%" for k, v in d["exit_share"].items())
-        print(f"  {fam:<14} avg layers {d['avg_layers']:5.2f}  acc {d['accuracy']:6.2f}%  exits {shares}")
+    print_per_family(r)
+
+
+def print_per_family(r: dict) -> None:
+    """The per-family table: accuracy at every exit and at the final layer; at the calibrated point, the
+    mean layers run, the accuracy and where the questions leave."""
+    layers = [e["layer"] for e in r["exits"]]
+    print("per family (accuracy % with every question leaving at the exit; at the calibrated point):")
+    print(f"  {'family':<13}" + "".join(f"{'L' + str(l):>7}" for l in layers) + f"{'final':>7}  | {'layers':>6} {'acc':>6}  leave at")
+    for fam, d in r["per_family"].items():
+        row = f"  {fam:<13}" + "".join(f"{a:>7.1f}" for a in d["exits"]) + f"{d['final']:>7.1f}  |"
+        if "avg_layers" in d:
+            row += f" {d['avg_layers']:>6.2f} {d['accuracy']:>6.1f}  " + " ".join(f"{k}:{v:.0f}%" for k, v in d["exit_share"].items())
+        print(row)
 
 
 def format_calibrated(c: dict, plain: dict | None = None) -> str:
@@ -524,12 +541,25 @@ def format_calibrated(c: dict, plain: dict | None = None) -> str:
     return line
 
 
+def plot_per_family(ax, r: dict, layers: list[int]) -> None:
+    """Per family: accuracy at each exit and the final layer (lines), and the calibrated point's mean layers
+    run and accuracy (a star on the family's line colour): where depth matters and who goes deep."""
+    depth = r["full"].get("layers", layers[-1] + 2)
+    for fam, d in r["per_family"].items():
+        line, = ax.plot(layers + [depth], d["exits"] + [d["final"]], "o-", ms=3, label=fam)
+        if "avg_layers" in d:
+            ax.plot([d["avg_layers"]], [d["accuracy"]], "*", ms=12, color=line.get_color())
+    ax.set(xlabel="language-model layer (stars: the calibrated point's mean layers run)", ylabel="accuracy (%)",
+           title="per family")
+    ax.legend(fontsize=7)
+
+
 def plot_report(r: dict, path: str) -> None:
     """Accuracy vs speedup per rule (the calibrated point marked) and exit accuracy vs depth."""
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
-    fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(11, 4.2))
+    fig, (ax1, ax2, ax3) = plt.subplots(1, 3, figsize=(16, 4.2))
     timed = "wallclock_speedup" in r["sweep"][0]
     key = "wallclock_speedup" if timed else "layer_speedup"            # measured if timed, else the layer view
     for rule in RULES:
@@ -549,6 +579,7 @@ def plot_report(r: dict, path: str) -> None:
     ax2.axhline(r["full"]["accuracy"], color="k", ls=":", label="final layer")
     ax2.set(xlabel="language-model layer", ylabel="accuracy (%)", title="depth profile")
     ax2.legend()
+    plot_per_family(ax3, r, layers)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
@@ -571,7 +602,15 @@ def answer_one(free, tokenizer, answers: list[str], image_size: int, cfg: InferC
     k, L = out["exit"].item(), free.backbone.depth
     where = f"exit {k + 1} of {free.num_exits} (after layer {free.exit_layers[k]} of {L})" if k < free.num_exits \
         else f"the final layer ({L} of {L})"
-    return {"answer": answers[out["pred"].item()], "confidence": out["confidence"].item(), "exit": k, "where": where}
+    return {"answer": answers[out["pred"].item()], "confidence": out["confidence"].item(), "exit": k, "where": where,
+            "unseen": unseen_words(tokenizer, cfg.question)}
+
+
+def unseen_words(tokenizer, question: str) -> list[str]:
+    """The question's words that are no word of the tokenizer's vocabulary: the training questions never
+    had them (the tokenizer still splits them into known characters, so the model answers regardless)."""
+    words = tokenizer.pre_tokenizer.pre_tokenize_str(tokenizer.normalizer.normalize_str(question))
+    return [w for w, _ in words if tokenizer.token_to_id(w) is None]
 
 
 def check_infer_config(cfg: InferConfig) -> None:
@@ -642,6 +681,9 @@ def main(argv=None) -> None:
             out = answer_one(free, tokenizer, answers, state["model_config"]["image_size"], cfg, threshold, exits)
             print(f"answer: {out['answer']}  (confidence {out['confidence']:.3f}; left at {out['where']}; rule "
                   f"{cfg.rule}, {how})")
+            if out["unseen"]:
+                print(f"note: no training question had the words {', '.join(out['unseen'])}: the answer cannot rest on "
+                      f"what they mean")
     except DataError as e:
         print(f"error: {e}", file=sys.stderr)
         raise SystemExit(2)

@@ -62,8 +62,9 @@ class TrainConfig:
     backbone: str = field(default="", metadata={"help": "stage 2: a trained checkpoint whose backbone is reused, frozen"})
     resume: bool = field(default=False, metadata={"help": "continue the interrupted run in OUT (same settings)"})
     final_eval: bool = field(default=True, metadata={"help": "end with infer.py's early-exit report on the test split"})
-    export: str = field(default="", metadata={"help": "after stage 1, also write the backbone alone (fp16) to this "
-                                                      "file, with its test accuracy: how backbones/ is made"})
+    export: str = field(default="", metadata={"help": "also write the run's checkpoint to this file in fp16, without "
+                                                      "optimizer state (after stage 1, then after stage 2 with the "
+                                                      "exits and their calibrated point): how backbones/ is made"})
 
 
 # Named presets: overrides of the dataclass defaults (default = the dataclass defaults).
@@ -606,13 +607,15 @@ def resume_exits(progress: dict, opt_g, opt_d, scaler, order) -> int:
     return progress["epoch"] + 1
 
 
-def export_backbone(path: str, model: VLM, res: dict, dcfg, tcfg, tokenizer, answers) -> None:
-    """The backbone alone, small enough to ship: fp16 weights (loaded back into fp32), the configs, tokenizer,
-    answers, and the test accuracy it reached (which tests/test_shipped.py checks it still reaches)."""
-    weights = {k: v.half() if v.is_floating_point() else v for k, v in model.state_dict().items()}
-    save_atomic(path, {"model": weights, "model_config": asdict(model.cfg), "data_config": asdict(dcfg),
-                       "train_config": asdict(tcfg), "answers": answers, "tokenizer": tokenizer.to_str(),
-                       "test_accuracy": res["accuracy"], "test_per_family": res["per_family"]})
+def export_checkpoint(path: str, ckpt: str) -> None:
+    """A run's checkpoint, small enough to ship (how backbones/ is made): fp16 weights (loaded back in fp32),
+    the configs, tokenizer, answers, the backbone's test accuracy (tests/test_shipped.py checks that it is
+    still reached) and, after stage 2, the exits and their calibrated point; no optimizer or RNG state."""
+    state = {k: v for k, v in load_checkpoint(ckpt).items() if k not in ("optimizer", "scaler", "rng", "aux", "step", "epoch")}
+    for key in ("model", "exits"):
+        if key in state:
+            state[key] = {k: v.half() if v.is_floating_point() else v for k, v in state[key].items()}
+    save_atomic(path, state)
     print(f"wrote {path} ({os.path.getsize(path) / 1e6:.1f} MB)")
 
 
@@ -746,14 +749,15 @@ def run_backbone(splits, tokenizer, answers, dcfg, mcfg, tcfg, device, dtype, st
         raise SystemExit(f"error: {e} in stage 1; the last good checkpoint is kept in {ckpt}. Try a lower --lr.")
     if is_main():
         res = report_test(model, splits, tcfg, device, dtype)
+        save_atomic(ckpt, load_checkpoint(ckpt) | {"test_accuracy": res["accuracy"], "test_per_family": res["per_family"]})
         if tcfg.export:
-            export_backbone(tcfg.export, model, res, dcfg, tcfg, tokenizer, answers)
+            export_checkpoint(tcfg.export, ckpt)
     wait_for_main()
     return model
 
 
 # What a stage-2 checkpoint keeps of the backbone it starts from: the weights and what rebuilds them.
-BACKBONE_KEYS = ("model", "model_config", "data_config", "answers", "tokenizer")
+BACKBONE_KEYS = ("model", "model_config", "data_config", "answers", "tokenizer", "test_accuracy", "test_per_family")
 
 
 def prepare_exits(model: VLM, state: dict, source: dict, splits, ecfg, tcfg, device, dtype):
@@ -766,7 +770,7 @@ def prepare_exits(model: VLM, state: dict, source: dict, splits, ecfg, tcfg, dev
         free.load_exits(state["exits"])
     if model.cfg.freeze_vit and splits["train"].patches is None:
         cache_patches(model, splits, device, dtype)
-    own = {k: state[k] for k in BACKBONE_KEYS} | {"backbone_source": source}
+    own = {k: state[k] for k in BACKBONE_KEYS if k in state} | {"backbone_source": source}
 
     def save(progress: dict | None) -> None:
         exits = {k: v for k, v in free.state_dict().items() if not k.startswith("backbone.")}
@@ -788,6 +792,8 @@ def report_exits(free: FREE, splits: dict, tcfg: TrainConfig) -> None:
                         "label_fraction": free.cfg.label_fraction, "test_final": test["final"], "test_exits": test["exits"]})
     if tcfg.final_eval:
         final_report(free, splits, tcfg, os.path.join(tcfg.out, "ckpt.pt"))
+    if tcfg.export:
+        export_checkpoint(tcfg.export, os.path.join(tcfg.out, "ckpt.pt"))
 
 
 def start_fresh(out: str) -> None:

@@ -109,7 +109,8 @@ def test_stage2_checkpoint_holds_only_its_own_run(backbone, tmp_path):
     torch.save(foreign, tmp_path / "foreign.pt")
     state = exits_run(tmp_path / "foreign.pt", tmp_path / "run", "--batch-size", "16")
     assert set(state) == {"model", "model_config", "data_config", "answers", "tokenizer", "backbone_source", "exits",
-                          "exit_config", "train_config"}
+                          "exit_config", "train_config", "test_accuracy", "test_per_family"}
+    assert state["test_accuracy"] == foreign["test_accuracy"]         # the backbone's, carried along
     assert state["train_config"]["batch_size"] == 16 and state["train_config"]["stage"] == "exits"
     assert state["backbone_source"] == {"path": str(tmp_path / "foreign.pt"), "train_config": foreign["train_config"]}
     assert not (tmp_path / "run" / "report.json").exists()
@@ -201,6 +202,8 @@ def test_report_json_has_the_promised_keys_and_sane_values(report):
     assert all(cal["cost_model"][k] > 0 for k in ("embed", "layer", "exit", "head"))   # measured seconds
     assert {"overthinking", "mid_crisis", "per_family"} <= set(r)
     assert set(r["per_family"]) == set(data.FAMILIES)
+    for fam, d in r["per_family"].items():                          # accuracy at every exit, the calibrated depth
+        assert len(d["exits"]) == 1 and 0 <= d["final"] <= 100 and 2 <= d["avg_layers"] <= 4, (fam, d)
     assert (out / "plot.png").stat().st_size > 1000
 
 
@@ -427,3 +430,20 @@ def test_image_answers_with_the_stored_calibrated_point_or_the_full_model(backbo
     threshold, exits, how = infer.pick_threshold(free, cfg, stored | {"threshold": None})
     assert exits == [] and "no exit" in how
     assert infer.pick_threshold(free, infer.InferConfig(threshold=0.3), stored)[:2] == (0.3, None)
+
+
+def test_export_after_stage_2_holds_the_exits_and_their_point_in_fp16(backbone, tmp_path, capsys):
+    """--export after stage 2: backbone and exits in fp16, the calibrated point, the backbone's test accuracy,
+    no optimizer state; infer.py answers from it alone, and names the words it never saw."""
+    train.main(SMALL + ["--out", str(tmp_path / "run"), "--stage", "exits", "--backbone", str(backbone), "--exit-epochs",
+                        "1", "--exit-layers", "2", "--final-eval", "--export", str(tmp_path / "shipped.pt")])
+    state = torch.load(tmp_path / "shipped.pt", weights_only=False)
+    assert {"exits", "calibrated", "test_accuracy", "exit_config"} <= set(state) and "exit_progress" not in state
+    assert all(v.dtype == torch.float16 for d in (state["model"], state["exits"]) for v in d.values() if v.is_floating_point())
+    rng = np.random.default_rng(5)
+    image, _, qas = data.make_image_with_questions(rng, ["query_color"])
+    Image.fromarray(image).save(tmp_path / "img.png")
+    capsys.readouterr()
+    infer.main(["--ckpt", str(tmp_path / "shipped.pt"), "--image", str(tmp_path / "img.png"), "--question", "zzz qqq circle?"])
+    out = capsys.readouterr().out
+    assert "answer:" in out and "no training question had the words zzz, qqq" in out and "circle" not in out.split("words")[1]
