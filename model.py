@@ -48,6 +48,9 @@ class ModelConfig:
     visual_pos: str = field(default="learned", metadata={"help": "the visual tokens' positions: learned embeddings, or "
                                                                  "fixed 2-D sine-cosine ones at unit scale (sincos)",
                                                          "choices": ["learned", "sincos"]})
+    relative_bias: bool = field(default=False, metadata={"help": "every layer adds a learned bias, per head and relative "
+                                                                 "offset, to the attention between visual tokens (Swin's "
+                                                                 "relative position bias)"})
     dim: int = field(default=128, metadata={"help": "language-model width D"})
     depth: int = field(default=8, metadata={"help": "language-model layers L (the layers exits can skip)"})
     heads: int = field(default=4, metadata={"help": "language-model attention heads"})
@@ -189,6 +192,13 @@ class VLM(nn.Module):
         else:
             self.visual_pos = nn.Parameter(torch.zeros(1, self.num_visual, cfg.dim))
         self.blocks = nn.ModuleList([Block(cfg.dim, cfg.heads) for _ in range(cfg.depth)])
+        if cfg.relative_bias:                        # one table per layer: heads x (2n-1)^2 offsets of an n x n grid
+            n = self.grid // cfg.merge
+            self.rel_bias = nn.Parameter(torch.zeros(cfg.depth, cfg.heads, (2 * n - 1) ** 2))
+            dy, dx = (torch.arange(n)[:, None, None, None] - torch.arange(n)[None, None, :, None],
+                      torch.arange(n)[None, :, None, None] - torch.arange(n)[None, None, None, :])
+            self.register_buffer("rel_index", ((dy + n - 1) * (2 * n - 1) + dx + n - 1).reshape(n * n, n * n),
+                                 persistent=False)                                          # (N, N)
         self.norm = nn.LayerNorm(cfg.dim)
         self.classifier = nn.Linear(cfg.dim, cfg.num_answers)
         self.init_language_model()
@@ -262,7 +272,17 @@ class VLM(nn.Module):
 
     def layer(self, i: int, h: torch.Tensor, attn_mask: torch.Tensor | None) -> torch.Tensor:
         """Language-model layer i (0-based): (B, S, D) -> (B, S, D)."""
+        if self.cfg.relative_bias:
+            attn_mask = self.attention_bias(i, h.shape[1], attn_mask)
         return self.blocks[i](h, attn_mask)
+
+    def attention_bias(self, i: int, S: int, attn_mask: torch.Tensor | None) -> torch.Tensor:
+        """Layer i's additive attention mask (1 or B, H, S, S): its relative-position bias between the visual
+        tokens (the last N of the sequence), 0 for text, -inf where the padding mask forbids."""
+        N = self.num_visual
+        bias = self.rel_bias.new_zeros(1, self.cfg.heads, S, S)
+        bias[0, :, S - N:, S - N:] = self.rel_bias[i][:, self.rel_index]                  # (H, N, N)
+        return bias if attn_mask is None else bias.masked_fill(~attn_mask, float("-inf"))
 
     def head(self, h_cls: torch.Tensor) -> torch.Tensor:
         """Final norm + answer classifier on [CLS] features: (B, D) -> logits (B, A)."""
