@@ -45,12 +45,6 @@ class ModelConfig:
     freeze_vit: bool = field(default=False, metadata={"help": "freeze the image encoder (as BLIP-2 does): its tokens "
                                                                "are computed once per image and stage 1 trains the rest"})
     merge: int = field(default=2, metadata={"help": "merge k x k neighbouring ViT tokens into one visual token"})
-    visual_pos: str = field(default="learned", metadata={"help": "the visual tokens' positions: learned embeddings, or "
-                                                                 "fixed 2-D sine-cosine ones at unit scale (sincos)",
-                                                         "choices": ["learned", "sincos"]})
-    relative_bias: bool = field(default=False, metadata={"help": "every layer adds a learned bias, per head and relative "
-                                                                 "offset, to the attention between visual tokens (Swin's "
-                                                                 "relative position bias)"})
     dim: int = field(default=128, metadata={"help": "language-model width D"})
     depth: int = field(default=8, metadata={"help": "language-model layers L (the layers exits can skip)"})
     heads: int = field(default=4, metadata={"help": "language-model attention heads"})
@@ -152,16 +146,6 @@ class Block(nn.Module):
         return x + self.mlp["fc2"](F.gelu(self.mlp["fc1"](self.norm2(x))))                  # (B, S', D)
 
 
-def sincos_2d(grid: int, dim: int) -> torch.Tensor:
-    """Fixed 2-D sine-cosine position embeddings of a grid x grid token grid, row-major, as MAE's: half the
-    dimensions encode the column and half the row, each as sin and cos at dim / 4 frequencies from 1 down to
-    1/10000. Each dimension lies in [-1, 1], the scale of the tokens they are added to. -> (grid * grid, dim)"""
-    freqs = 1.0 / 10000 ** (torch.arange(dim // 4) / (dim // 4))                     # (D/4,)
-    row, col = torch.meshgrid(torch.arange(grid), torch.arange(grid), indexing="ij")   # (g, g) each
-    angles = lambda p: p.flatten()[:, None].float() * freqs[None]                      # (g*g, D/4)
-    return torch.cat([angles(col).sin(), angles(col).cos(), angles(row).sin(), angles(row).cos()], dim=1)
-
-
 def soft_cross_entropy(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
     """Cross-entropy against soft VQA targets (B, A), each row normalised to a distribution. Rows with no
     answer inside the vocabulary (all-zero targets) are left out of the mean, so they do not dilute it.
@@ -187,18 +171,8 @@ class VLM(nn.Module):
         self.visual_proj = nn.Linear(self.vit.embed_dim * cfg.merge ** 2, cfg.dim)
         self.tok_emb = nn.Embedding(cfg.vocab_size, cfg.dim)
         self.text_pos = nn.Parameter(torch.zeros(1, cfg.max_text_len, cfg.dim))
-        if cfg.visual_pos == "sincos":
-            self.register_buffer("visual_pos", sincos_2d(self.grid // cfg.merge, cfg.dim)[None])   # (1, N, D)
-        else:
-            self.visual_pos = nn.Parameter(torch.zeros(1, self.num_visual, cfg.dim))
+        self.visual_pos = nn.Parameter(torch.zeros(1, self.num_visual, cfg.dim))
         self.blocks = nn.ModuleList([Block(cfg.dim, cfg.heads) for _ in range(cfg.depth)])
-        if cfg.relative_bias:                        # one table per layer: heads x (2n-1)^2 offsets of an n x n grid
-            n = self.grid // cfg.merge
-            self.rel_bias = nn.Parameter(torch.zeros(cfg.depth, cfg.heads, (2 * n - 1) ** 2))
-            dy, dx = (torch.arange(n)[:, None, None, None] - torch.arange(n)[None, None, :, None],
-                      torch.arange(n)[None, :, None, None] - torch.arange(n)[None, None, None, :])
-            self.register_buffer("rel_index", ((dy + n - 1) * (2 * n - 1) + dx + n - 1).reshape(n * n, n * n),
-                                 persistent=False)                                          # (N, N)
         self.norm = nn.LayerNorm(cfg.dim)
         self.classifier = nn.Linear(cfg.dim, cfg.num_answers)
         self.init_language_model()
@@ -232,8 +206,7 @@ class VLM(nn.Module):
         nn.init.normal_(self.tok_emb.weight, std=1.0)
         nn.init.trunc_normal_(self.visual_proj.weight, std=1.0 / math.sqrt(self.visual_proj.in_features))
         nn.init.trunc_normal_(self.text_pos, std=0.02)
-        if isinstance(self.visual_pos, nn.Parameter):
-            nn.init.trunc_normal_(self.visual_pos, std=0.02)
+        nn.init.trunc_normal_(self.visual_pos, std=0.02)
 
     @property
     def depth(self) -> int:
@@ -272,17 +245,7 @@ class VLM(nn.Module):
 
     def layer(self, i: int, h: torch.Tensor, attn_mask: torch.Tensor | None) -> torch.Tensor:
         """Language-model layer i (0-based): (B, S, D) -> (B, S, D)."""
-        if self.cfg.relative_bias:
-            attn_mask = self.attention_bias(i, h.shape[1], attn_mask)
         return self.blocks[i](h, attn_mask)
-
-    def attention_bias(self, i: int, S: int, attn_mask: torch.Tensor | None) -> torch.Tensor:
-        """Layer i's additive attention mask (1 or B, H, S, S): its relative-position bias between the visual
-        tokens (the last N of the sequence), 0 for text, -inf where the padding mask forbids."""
-        N = self.num_visual
-        bias = self.rel_bias.new_zeros(1, self.cfg.heads, S, S)
-        bias[0, :, S - N:, S - N:] = self.rel_bias[i][:, self.rel_index]                  # (H, N, N)
-        return bias if attn_mask is None else bias.masked_fill(~attn_mask, float("-inf"))
 
     def head(self, h_cls: torch.Tensor) -> torch.Tensor:
         """Final norm + answer classifier on [CLS] features: (B, D) -> logits (B, A)."""

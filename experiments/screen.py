@@ -10,9 +10,11 @@ run would train. Prints one line per seed and the mean +- std per family.
 import argparse
 import math
 import os
+import re
 import statistics
 import sys
 
+import numpy as np
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
@@ -33,9 +35,52 @@ def oracle_patches(split, patch_size: int, width: int):
     return split
 
 
-def screen(families: list[str], steps: int, seed: int, out: str, flags: list[str], oracle: bool = False) -> dict:
+def blind_score(objs: list, question: str, answer: str) -> float:
+    """The expected score on one `relate` question of a model that sees every object's colour and shape but
+    not where it is: it names the asked attribute of one of the objects other than the reference, at random."""
+    name = re.search(r"(?:closest to|farthest from) the (.+?)(?: has|\?)", question).group(1)
+    ref = next(o for phrase, o in data._reference_names(objs) if phrase == name)
+    attr = "color" if "color" in question else "shape"
+    others = [getattr(o, attr) for o in objs if o is not ref]
+    return others.count(answer) / len(others)
+
+
+def relate_without_positions(n_scenes: int = 3000, seed: int = 1) -> float:
+    """blind_score averaged over the `relate` questions of n_scenes new scenes, in %. A model at this figure
+    has learned the question's form, not the relation."""
+    rng, scores = np.random.default_rng(seed), []
+    for _ in range(n_scenes):
+        objs = data.make_scene(rng)
+        qa = data._q_relate(objs, rng)
+        if qa is not None:
+            scores.append(blind_score(objs, *qa))
+    return 100.0 * sum(scores) / len(scores)
+
+
+def more_only(objs, rng):
+    """`compare` without its more/fewer flip, for a diagnostic: only the questions that say "more"."""
+    qa = ASK_COMPARE(objs, rng)
+    return None if qa is None or "fewer" in qa[0] else qa
+
+
+ASK_COMPARE = data._GENERATORS["compare"]
+
+
+def screen(families: list[str], steps: int, seed: int, out: str, flags: list[str], oracle: bool = False,
+           pos_std: float = 0.0, only_more: bool = False) -> dict:
     """One proxy run: val accuracy per family (%) after `steps` steps, and each family's majority answer."""
+    saved = list(data.FAMILIES), dict(data._GENERATORS)
     data.FAMILIES[:] = families                                     # the generator asks these families only
+    if only_more:
+        data._GENERATORS["compare"] = more_only
+    try:
+        return proxy_run(seed, out, flags, oracle, pos_std, steps)
+    finally:
+        data.FAMILIES[:] = saved[0]
+        data._GENERATORS.update(saved[1])
+
+
+def proxy_run(seed: int, out: str, flags: list[str], oracle: bool, pos_std: float, steps: int) -> dict:
     _, dcfg, mcfg, tcfg, _ = train.parse_args(flags + ["--seed", str(seed), "--out", out, "--stage", "backbone"])
     torch.set_num_threads(tcfg.threads or torch.get_num_threads())
     torch.manual_seed(seed)
@@ -44,14 +89,19 @@ def screen(families: list[str], steps: int, seed: int, out: str, flags: list[str
     mcfg.image_size, mcfg.max_text_len = dcfg.image_size, dcfg.max_question_len
     mcfg.vocab_size, mcfg.num_answers = tok.get_vocab_size(), len(answers)
     tcfg.epochs = math.ceil(steps / math.ceil(len(splits["train"]) / tcfg.batch_size))
-    model = VLM(cfg=mcfg)
+    device = data.pick_device(tcfg.device)
+    dtype, _ = train.pick_dtype(device)
+    model = VLM(cfg=mcfg).to(device)
+    if pos_std:     # the question's and the image's position embeddings at this scale (the core: std 0.02)
+        for pos in (model.text_pos, model.visual_pos):
+            torch.nn.init.normal_(pos, std=pos_std)
     fresh = lambda epoch: splits["train"] if epoch == 0 else data.fresh_train_split(dcfg, epoch, tok, answers)
     if oracle:
         see = lambda split: oracle_patches(split, mcfg.patch_size, mcfg.vit_dim)
         splits = {name: see(split) for name, split in splits.items()}
         fresh = (lambda f: lambda epoch: see(f(epoch)))(fresh)
-    train.train_backbone(model, splits, tcfg, torch.device("cpu"), torch.float32, lambda *a: None, None, fresh)
-    res = train.evaluate(model, splits["val"], torch.device("cpu"), torch.float32)
+    train.train_backbone(model, splits, tcfg, device, dtype, lambda *a: None, None, fresh)
+    res = train.evaluate(model, splits["val"], device, dtype)
     return {"accuracy": res["per_family"], "majority": data.majority_baseline(splits["train"], splits["val"])}
 
 
@@ -64,16 +114,24 @@ def main() -> None:
     p.add_argument("--steps", type=int, default=1500, help="stage-1 steps of each run")
     p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2], help="seeds")
     p.add_argument("--oracle", action="store_true", help="perfect perception (see oracle_patches; give --freeze-vit)")
+    p.add_argument("--only-more", action="store_true", help="diagnostic: compare asks 'more' only (see more_only)")
+    p.add_argument("--pos-std", type=float, default=0.0, help="initialise the text and visual position embeddings at "
+                   "this std instead of the core's 0.02 (the tokens they are added to have std about 1)")
     args = p.parse_args(argv[:argv.index("--")] if "--" in argv else argv)
-    results = [screen(args.families, args.steps, s, os.path.join(args.out, f"seed{s}"), flags, args.oracle)
+    results = [screen(args.families, args.steps, s, os.path.join(args.out, f"seed{s}"), flags, args.oracle,
+                      args.pos_std, args.only_more)
                for s in args.seeds]
+    if "relate" in args.families:
+        print(f"relate without positions (see relate_without_positions): {relate_without_positions():.1f}%")
     for s, r in zip(args.seeds, results):
         print(f"seed {s}: " + "  ".join(f"{f} {a:.1f}% (majority {r['majority'][f]:.1f}%)" for f, a in r["accuracy"].items()))
+    arm = " ".join([*flags, *(["--oracle"] if args.oracle else []), *(["--only-more"] if args.only_more else []),
+                    *([f"--pos-std {args.pos_std:g}"] if args.pos_std else [])]) or "(defaults)"
     for f in results[0]["accuracy"]:
         accs = [r["accuracy"][f] for r in results]
         spread = f" ± {statistics.stdev(accs):.1f}" if len(accs) > 1 else ""
-        print(f"{' '.join(flags) or '(defaults)'}{' --oracle' if args.oracle else ''} | {f} | {statistics.mean(accs):.1f}{spread} | majority "
-              f"{results[0]['majority'][f]:.1f} | {args.steps} steps, seeds {' '.join(map(str, args.seeds))}")
+        print(f"{arm} | {f} | {statistics.mean(accs):.1f}{spread} | majority {results[0]['majority'][f]:.1f} | "
+              f"{args.steps} steps, seeds {' '.join(map(str, args.seeds))}")
 
 
 if __name__ == "__main__":

@@ -47,3 +47,54 @@ def test_a_broken_run_is_named(tmp_path):
         compare.table([folder])
     with pytest.raises(data.DataError, match="checkpoint not found"):
         compare.table([str(tmp_path / "nothing")])
+
+
+# ----------------------------------------------------------------------------------------------------
+# experiments/screen.py: the proxies' diagnostics and baselines
+# ----------------------------------------------------------------------------------------------------
+import numpy as np  # noqa: E402
+
+import screen  # noqa: E402
+
+
+def test_blind_score_by_hand():
+    objs = [data.Obj("red", "circle", 10, 10, 6), data.Obj("blue", "square", 50, 50, 6),
+            data.Obj("blue", "circle", 20, 40, 6), data.Obj("green", "triangle", 40, 10, 6)]
+    # the reference is the red object; the others are blue, blue, green
+    assert screen.blind_score(objs, "what color is the object closest to the red object?", "blue") == pytest.approx(2 / 3)
+    assert screen.blind_score(objs, "the thing farthest from the red object has what color?", "green") == pytest.approx(1 / 3)
+    assert screen.blind_score(objs, "what shape is the object closest to the red object?", "red") == 0.0
+    # "square" names the blue square alone; the others are two circles and a triangle
+    assert screen.blind_score(objs, "what shape is the object farthest from the square?", "circle") == pytest.approx(2 / 3)
+
+
+def test_more_only_never_asks_fewer():
+    rng, asked = np.random.default_rng(0), []
+    for _ in range(200):
+        qa = screen.more_only(data.make_scene(rng), rng)
+        if qa is not None:
+            asked.append(qa)
+    assert len(asked) > 50 and not any("fewer" in q for q, _ in asked)
+    assert {a for _, a in asked} == {"yes", "no"}
+
+
+def test_oracle_patches_are_each_patchs_fractions():
+    images, records, labels = data.generate_shapes_split(3, 1, seed=0)
+    split = screen.oracle_patches(data.make_split(images, records, labels, data.train_tokenizer(
+        [r["question"] for r in records], 100, 24), {}), patch_size=8, width=64)
+    assert split.patches.shape == (3, 64, 64)                        # (images, 8 x 8 patches, ViT width)
+    colour, shape, rest = split.patches[..., :7].float(), split.patches[..., 7:12].float(), split.patches[..., 12:]
+    assert torch.allclose(colour.sum(-1), torch.ones(3, 64), atol=1e-2) and torch.allclose(shape.sum(-1), torch.ones(3, 64), atol=1e-2)
+    assert not rest.any()
+    # patch (row 0, col 0) of image 0: its colour fractions are those of its 8 x 8 pixels' labels
+    corner = torch.bincount(torch.as_tensor(labels[0, 0, :8, :8]).flatten().long(), minlength=7).float() / 64
+    assert torch.allclose(colour[0, 0], corner, atol=1e-2)
+
+
+def test_a_proxy_run_trains_one_family_and_restores_the_generator(tmp_path):
+    flags = ["--preset", "tiny", "--train-images", "32", "--val-images", "16", "--test-images", "1",
+             "--questions-per-image", "1", "--threads", "1"]
+    result = screen.screen(["count"], steps=2, seed=0, out=str(tmp_path), flags=flags, only_more=True)
+    assert set(result["accuracy"]) == set(result["majority"]) == {"count"}
+    assert data.FAMILIES == ["exist", "query_color", "query_shape", "count", "compare", "relate"]
+    assert data._GENERATORS["compare"] is screen.ASK_COMPARE
