@@ -609,7 +609,7 @@ def resume_exits(progress: dict, opt_g, opt_d, scaler, order) -> int:
 
 def export_checkpoint(path: str, ckpt: str) -> None:
     """A run's checkpoint, small enough to ship (how backbones/ is made): fp16 weights (loaded back in fp32),
-    the configs, tokenizer, answers, the backbone's test accuracy (tests/test_shipped.py checks that it is
+    the configs, tokenizer, answers, the backbone's test accuracy (tests/test_shipped_backbone.py checks that it is
     still reached) and, after stage 2, the exits and their calibrated point; no optimizer or RNG state."""
     state = {k: v for k, v in load_checkpoint(ckpt).items() if k not in ("optimizer", "scaler", "rng", "aux", "step", "epoch")}
     for key in ("model", "exits"):

@@ -8,6 +8,7 @@ import pytest
 import torch
 
 import data
+import free_min
 import train
 from free_min import build_from_checkpoint, load_checkpoint
 
@@ -40,3 +41,48 @@ def test_token_probe_reads_colour_and_shape_from_the_shipped_encoder_but_not_fro
     trained, random = probe(), probe("--random")
     assert trained["colour"] > 95 and trained["shape"] > 95, trained
     assert random["shape"] < 60, random
+
+
+# The same backbone with its FREE exits and their calibrated point, for a demo without training:
+# python infer.py --ckpt backbones/shapes-default-free.pt --image ... --question ...
+SHIPPED_EXITS = os.path.join(ROOT, "backbones", "shapes-default-free.pt")
+
+
+def test_shipped_exits_sit_on_the_shipped_backbone_and_carry_a_certified_point():
+    state, backbone = load_checkpoint(SHIPPED_EXITS), load_checkpoint(SHIPPED)
+    assert os.path.getsize(SHIPPED_EXITS) <= 10 * 1024 * 1024 and "optimizer" not in state
+    assert state["model"].keys() == backbone["model"].keys()
+    assert all(torch.equal(state["model"][k], backbone["model"][k]) for k in backbone["model"])
+    assert state["calibrated"]["calibration"] == "guaranteed" and state["calibrated"]["threshold"] is not None
+
+
+def test_shipped_exits_keep_their_promise_on_the_test_split():
+    """The certified point (calibrated on val) is at most 1 point below the full model on test."""
+    import infer
+    state = load_checkpoint(SHIPPED_EXITS)
+    _, free, tokenizer, answers, dcfg = build_from_checkpoint(state)
+    test = data.load_data(dcfg, tokenizer, answers, only=("test",))[0]["test"]
+    c = state["calibrated"]
+    exits = infer.exit_indices(free, c)
+    full, early = [], []
+    with torch.no_grad():
+        for ids in data.batches(len(test), 256):
+            batch = test.batch(ids)
+            out = free_min.early_exit_predict(free, batch["images"], batch["tokens"], batch["text_mask"], c["rule"],
+                                              c["threshold"], exits=exits)
+            early.append(test.score(ids, out["pred"]))
+            full.append(test.score(ids, free.backbone(**batch).argmax(dim=1)))
+    full, early = torch.cat(full).mean().item(), torch.cat(early).mean().item()
+    assert 100 * (full - early) <= 1.0, (full, early)
+    assert 100 * full == pytest.approx(state["test_accuracy"], abs=1.0)
+
+
+def test_a_fresh_clone_answers_with_the_shipped_exits(tmp_path):
+    from PIL import Image
+    import numpy as np
+    image, _, qas = data.make_image_with_questions(np.random.default_rng(3), ["query_color"])
+    Image.fromarray(image).save(tmp_path / "scene.png")
+    proc = subprocess.run([sys.executable, "infer.py", "--ckpt", SHIPPED_EXITS, "--image", str(tmp_path / "scene.png"),
+                           "--question", qas[0][1], "--threads", "1"], cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    assert f"answer: {qas[0][2]}" in proc.stdout and "(calibrated, guaranteed)" in proc.stdout, proc.stdout
