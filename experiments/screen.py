@@ -57,13 +57,13 @@ def relate_without_positions(n_scenes: int = 3000, seed: int = 1) -> float:
     return 100.0 * sum(scores) / len(scores)
 
 
+ASK_COMPARE = data._GENERATORS["compare"]
+
+
 def more_only(objs, rng):
     """`compare` without its more/fewer flip, for a diagnostic: only the questions that say "more"."""
     qa = ASK_COMPARE(objs, rng)
     return None if qa is None or "fewer" in qa[0] else qa
-
-
-ASK_COMPARE = data._GENERATORS["compare"]
 
 
 def screen(families: list[str], steps: int, seed: int, out: str, flags: list[str], oracle: bool = False,
@@ -81,12 +81,12 @@ def screen(families: list[str], steps: int, seed: int, out: str, flags: list[str
 
 
 def proxy_run(seed: int, out: str, flags: list[str], oracle: bool, pos_std: float, steps: int) -> dict:
-    _, dcfg, mcfg, tcfg, _ = train.parse_args(flags + ["--seed", str(seed), "--out", out, "--stage", "backbone"])
+    _, dcfg, mcfg, tcfg, ecfg = train.parse_args(flags + ["--seed", str(seed), "--out", out, "--stage", "backbone"])
+    train.validate(dcfg, mcfg, tcfg, ecfg)                          # the flags checked and completed as train.py does
     torch.set_num_threads(tcfg.threads or torch.get_num_threads())
     torch.manual_seed(seed)
     os.makedirs(out, exist_ok=True)
     splits, tok, answers = data.load_data(dcfg, only=("train", "val"))
-    mcfg.image_size, mcfg.max_text_len = dcfg.image_size, dcfg.max_question_len
     mcfg.vocab_size, mcfg.num_answers = tok.get_vocab_size(), len(answers)
     tcfg.epochs = math.ceil(steps / math.ceil(len(splits["train"]) / tcfg.batch_size))
     device = data.pick_device(tcfg.device)
@@ -118,9 +118,12 @@ def main() -> None:
     p.add_argument("--pos-std", type=float, default=0.0, help="initialise the text and visual position embeddings at "
                    "this std instead of the core's 0.02 (the tokens they are added to have std about 1)")
     args = p.parse_args(argv[:argv.index("--")] if "--" in argv else argv)
-    results = [screen(args.families, args.steps, s, os.path.join(args.out, f"seed{s}"), flags, args.oracle,
-                      args.pos_std, args.only_more)
-               for s in args.seeds]
+    try:
+        results = [screen(args.families, args.steps, s, os.path.join(args.out, f"seed{s}"), flags, args.oracle,
+                          args.pos_std, args.only_more)
+                   for s in args.seeds]
+    except data.DataError as e:                                     # a bad train.py flag: one line, no traceback
+        raise SystemExit(f"error: {e}")
     if "relate" in args.families:
         print(f"relate without positions (see relate_without_positions): {relate_without_positions():.1f}%")
     for s, r in zip(args.seeds, results):

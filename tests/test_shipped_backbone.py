@@ -4,11 +4,14 @@ import os
 import subprocess
 import sys
 
+import numpy as np
 import pytest
 import torch
+from PIL import Image
 
 import data
 import free_min
+import infer
 import train
 from free_min import build_from_checkpoint, load_checkpoint
 
@@ -58,7 +61,6 @@ def test_shipped_exits_sit_on_the_shipped_backbone_and_carry_a_certified_point()
 
 def test_shipped_exits_keep_their_promise_on_the_test_split():
     """The certified point (calibrated on val) is at most 1 point below the full model on test."""
-    import infer
     state = load_checkpoint(SHIPPED_EXITS)
     _, free, tokenizer, answers, dcfg = build_from_checkpoint(state)
     test = data.load_data(dcfg, tokenizer, answers, only=("test",))[0]["test"]
@@ -78,8 +80,6 @@ def test_shipped_exits_keep_their_promise_on_the_test_split():
 
 
 def test_a_fresh_clone_answers_with_the_shipped_exits(tmp_path):
-    from PIL import Image
-    import numpy as np
     image, _, qas = data.make_image_with_questions(np.random.default_rng(3), ["query_color"])
     Image.fromarray(image).save(tmp_path / "scene.png")
     proc = subprocess.run([sys.executable, "infer.py", "--ckpt", SHIPPED_EXITS, "--image", str(tmp_path / "scene.png"),
