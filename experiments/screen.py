@@ -35,6 +35,58 @@ def oracle_patches(split, patch_size: int, width: int):
     return split
 
 
+def find_objects(pixel_labels: torch.Tensor) -> list[list[tuple]]:
+    """The objects of each image, recovered from its pixel labels (n_img, 2, H, W): [(colour index, shape index,
+    x, y)] with (x, y) the generator's centre in pixels. Objects never touch (data.make_scene keeps them 2 px
+    apart), so each connected region of foreground is one object: every pixel takes the largest id among its
+    3 x 3 neighbours until nothing changes. A triangle's centre lies 0.133 r above its centroid (r from its
+    area, 1.7 r^2)."""
+    n, _, H, W = pixel_labels.shape
+    fg = (pixel_labels[:, 0] > 0).float()[:, None]                                   # (n, 1, H, W)
+    ids = torch.arange(1, H * W + 1, dtype=torch.float32).view(1, 1, H, W) * fg
+    while True:
+        grown = torch.nn.functional.max_pool2d(ids, 3, stride=1, padding=1) * fg
+        if torch.equal(grown, ids):
+            break
+        ids = grown
+    # one entry per (image, region): pixel count, summed coordinates, colour and shape (the same on every pixel)
+    key = (torch.arange(n).view(n, 1, 1) * (H * W + 1) + ids[:, 0].long()).flatten()    # (n H W,)
+    keys, region = key.unique(return_inverse=True)                                       # region ids, background included
+    yy, xx = torch.meshgrid(torch.arange(H) + 0.5, torch.arange(W) + 0.5, indexing="ij")
+    per_region = lambda v: torch.zeros(len(keys)).index_add_(0, region, v.float().expand(n, H, W).reshape(-1))
+    area, sx, sy = per_region(fg[:, 0]), per_region(xx), per_region(yy)
+    colour = torch.zeros(len(keys), dtype=torch.long).scatter_reduce_(0, region, pixel_labels[:, 0].flatten().long(), "amax")
+    shape = torch.zeros(len(keys), dtype=torch.long).scatter_reduce_(0, region, pixel_labels[:, 1].flatten().long(), "amax")
+    scenes = [[] for _ in range(n)]
+    for k in torch.nonzero(keys % (H * W + 1)).flatten().tolist():                      # the foreground regions
+        x, y = float(sx[k] / area[k]), float(sy[k] / area[k])
+        if data.SHAPES[int(shape[k]) - 1] == "triangle":
+            y -= (2 / 3 * 1.7 - 1) * math.sqrt(float(area[k]) / 1.7)
+        scenes[int(keys[k]) // (H * W + 1)].append((int(colour[k]) - 1, int(shape[k]) - 1, x, y))
+    return scenes
+
+
+def object_patches(split, patch_size: int, width: int, merge: int = 2):
+    """Perfect object-level perception, for a diagnostic (as in Relation Networks' "state description"
+    inputs): one visual token per object, holding its colour and shape (one-hot) and its centre (x, y in
+    [-1, 1], with sin/cos of pi k x and pi k y, k = 1..4); the other visual tokens are zero. Written into the
+    first ViT token of each merged block, so that the language model reads one object per visual token."""
+    H = split.pixel_labels.shape[-1]
+    g = H // patch_size
+    x = torch.zeros(len(split.images), g, g, width)
+    for i, objs in enumerate(find_objects(split.pixel_labels)):
+        for j, (colour, shape, cx, cy) in enumerate(objs):
+            p = torch.tensor([2 * cx / H - 1, 2 * cy / H - 1])
+            k = torch.arange(1, 5) * math.pi
+            feats = torch.cat([torch.nn.functional.one_hot(torch.tensor(colour), len(data.COLORS)).float(),
+                               torch.nn.functional.one_hot(torch.tensor(shape), len(data.SHAPES)).float(),
+                               p, (p[:, None] * k).sin().flatten(), (p[:, None] * k).cos().flatten()])
+            row, col = divmod(j, g // merge)
+            x[i, row * merge, col * merge, :len(feats)] = feats
+    split.patches = x.view(len(split.images), g * g, width).half()                       # (n_img, P, Dv)
+    return split
+
+
 def blind_score(objs: list, question: str, answer: str) -> float:
     """The expected score on one `relate` question of a model that sees every object's colour and shape but
     not where it is: it names the asked attribute of one of the objects other than the reference, at random."""
@@ -66,7 +118,7 @@ def more_only(objs, rng):
     return None if qa is None or "fewer" in qa[0] else qa
 
 
-def screen(families: list[str], steps: int, seed: int, out: str, flags: list[str], oracle: bool = False,
+def screen(families: list[str], steps: int, seed: int, out: str, flags: list[str], oracle: str = "",
            pos_std: float = 0.0, only_more: bool = False) -> dict:
     """One proxy run: val accuracy per family (%) after `steps` steps, and each family's majority answer."""
     saved = list(data.FAMILIES), dict(data._GENERATORS)
@@ -80,7 +132,7 @@ def screen(families: list[str], steps: int, seed: int, out: str, flags: list[str
         data._GENERATORS.update(saved[1])
 
 
-def proxy_run(seed: int, out: str, flags: list[str], oracle: bool, pos_std: float, steps: int) -> dict:
+def proxy_run(seed: int, out: str, flags: list[str], oracle: str, pos_std: float, steps: int) -> dict:
     _, dcfg, mcfg, tcfg, ecfg = train.parse_args(flags + ["--seed", str(seed), "--out", out, "--stage", "backbone"])
     train.validate(dcfg, mcfg, tcfg, ecfg)                          # the flags checked and completed as train.py does
     torch.set_num_threads(tcfg.threads or torch.get_num_threads())
@@ -97,7 +149,7 @@ def proxy_run(seed: int, out: str, flags: list[str], oracle: bool, pos_std: floa
             torch.nn.init.normal_(pos, std=pos_std)
     fresh = lambda epoch: splits["train"] if epoch == 0 else data.fresh_train_split(dcfg, epoch, tok, answers)
     if oracle:
-        see = lambda split: oracle_patches(split, mcfg.patch_size, mcfg.vit_dim)
+        see = lambda split: (oracle_patches if oracle == "patches" else object_patches)(split, mcfg.patch_size, mcfg.vit_dim)
         splits = {name: see(split) for name, split in splits.items()}
         fresh = (lambda f: lambda epoch: see(f(epoch)))(fresh)
     train.train_backbone(model, splits, tcfg, device, dtype, lambda *a: None, None, fresh)
@@ -113,7 +165,8 @@ def main() -> None:
     p.add_argument("--families", nargs="+", default=["relate"], choices=list(data.FAMILIES), help="question families")
     p.add_argument("--steps", type=int, default=1500, help="stage-1 steps of each run")
     p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2], help="seeds")
-    p.add_argument("--oracle", action="store_true", help="perfect perception (see oracle_patches; give --freeze-vit)")
+    p.add_argument("--oracle", choices=["patches", "objects"], default="", help="perfect perception, per patch "
+                   "(oracle_patches) or per object (object_patches); give --freeze-vit")
     p.add_argument("--only-more", action="store_true", help="diagnostic: compare asks 'more' only (see more_only)")
     p.add_argument("--pos-std", type=float, default=0.0, help="initialise the text and visual position embeddings at "
                    "this std instead of the core's 0.02 (the tokens they are added to have std about 1)")
@@ -128,7 +181,7 @@ def main() -> None:
         print(f"relate without positions (see relate_without_positions): {relate_without_positions():.1f}%")
     for s, r in zip(args.seeds, results):
         print(f"seed {s}: " + "  ".join(f"{f} {a:.1f}% (majority {r['majority'][f]:.1f}%)" for f, a in r["accuracy"].items()))
-    arm = " ".join([*flags, *(["--oracle"] if args.oracle else []), *(["--only-more"] if args.only_more else []),
+    arm = " ".join([*flags, *([f"--oracle {args.oracle}"] if args.oracle else []), *(["--only-more"] if args.only_more else []),
                     *([f"--pos-std {args.pos_std:g}"] if args.pos_std else [])]) or "(defaults)"
     for f in results[0]["accuracy"]:
         accs = [r["accuracy"][f] for r in results]

@@ -98,3 +98,28 @@ def test_a_proxy_run_trains_one_family_and_restores_the_generator(tmp_path):
     assert set(result["accuracy"]) == set(result["majority"]) == {"count"}
     assert data.FAMILIES == ["exist", "query_color", "query_shape", "count", "compare", "relate"]
     assert data._GENERATORS["compare"] is screen.ASK_COMPARE
+
+
+def test_find_objects_recovers_the_generators_objects():
+    rng = np.random.default_rng(5)
+    scenes = [data.make_scene(rng) for _ in range(20)]
+    found = screen.find_objects(torch.from_numpy(np.stack([data.scene_labels(objs) for objs in scenes])))
+    for objs, recovered in zip(scenes, found):
+        assert len(recovered) == len(objs)
+        for o in objs:   # each object found once, with its colour and shape, its centre within a pixel
+            c, s, x, y = min(recovered, key=lambda t: (t[2] - o.x) ** 2 + (t[3] - o.y) ** 2)
+            assert (list(data.COLORS)[c], data.SHAPES[s]) == (o.color, o.shape)
+            assert abs(x - o.x) < 1 and abs(y - o.y) < 1
+
+
+def test_object_patches_put_one_object_in_each_visual_token():
+    images, records, labels = data.generate_shapes_split(2, 1, seed=0)
+    split = screen.object_patches(data.make_split(images, records, labels, data.train_tokenizer(
+        [r["question"] for r in records], 100, 24), {}), patch_size=8, width=64)
+    x = split.patches.float().view(2, 8, 8, 64)                      # (images, rows, cols, ViT width)
+    for i, objs in enumerate(screen.find_objects(torch.from_numpy(labels))):
+        used = x[i].abs().sum(-1) > 0                                 # (8, 8): the patches that hold an object
+        assert int(used.sum()) == len(objs) and not used[1::2].any() and not used[:, 1::2].any()
+        first = x[i, 0, 0]                                            # object 0: colour, shape one-hot, then x
+        assert first[:6].argmax() == objs[0][0] and first[6:10].argmax() == objs[0][1]
+        assert abs(float(first[10]) - (objs[0][2] / 32 - 1)) < 1e-2
