@@ -73,11 +73,10 @@ def object_patches(split, patch_size: int, width: int, merge: int = 2):
     first ViT token of each merged block, so that the language model reads one object per visual token."""
     H = split.pixel_labels.shape[-1]
     g = H // patch_size
-    x = torch.zeros(len(split.images), g, g, width)
+    x, k = torch.zeros(len(split.images), g, g, width), torch.arange(1, 5) * math.pi
     for i, objs in enumerate(find_objects(split.pixel_labels)):
         for j, (colour, shape, cx, cy) in enumerate(objs):
             p = torch.tensor([2 * cx / H - 1, 2 * cy / H - 1])
-            k = torch.arange(1, 5) * math.pi
             feats = torch.cat([torch.nn.functional.one_hot(torch.tensor(colour), len(data.COLORS)).float(),
                                torch.nn.functional.one_hot(torch.tensor(shape), len(data.SHAPES)).float(),
                                p, (p[:, None] * k).sin().flatten(), (p[:, None] * k).cos().flatten()])
@@ -149,7 +148,8 @@ def proxy_run(seed: int, out: str, flags: list[str], oracle: str, pos_std: float
             torch.nn.init.normal_(pos, std=pos_std)
     fresh = lambda epoch: splits["train"] if epoch == 0 else data.fresh_train_split(dcfg, epoch, tok, answers)
     if oracle:
-        see = lambda split: (oracle_patches if oracle == "patches" else object_patches)(split, mcfg.patch_size, mcfg.vit_dim)
+        see = {"patches": lambda split: oracle_patches(split, mcfg.patch_size, mcfg.vit_dim),
+               "objects": lambda split: object_patches(split, mcfg.patch_size, mcfg.vit_dim, mcfg.merge)}[oracle]
         splits = {name: see(split) for name, split in splits.items()}
         fresh = (lambda f: lambda epoch: see(f(epoch)))(fresh)
     train.train_backbone(model, splits, tcfg, device, dtype, lambda *a: None, None, fresh)
