@@ -20,10 +20,12 @@ DIR/annotations.json --vqa-images DIR/images` reads through the real-data path.
 import argparse
 import json
 import math
+import multiprocessing
 import os
 import re
 import sys
 from collections import Counter
+from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass, field, fields
 
 import numpy as np
@@ -302,7 +304,7 @@ def _q_exist(objs, rng):
             return None
         s = pool[rng.integers(len(pool))]
         text = rng.choice([f"is there a {s}?", f"are there any {_plural(s)}?"])
-    return text, "yes" if want_yes else "no"
+    return text, "yes" if want_yes else "no", {}
 
 
 def _unique(objs, attr):
@@ -318,7 +320,7 @@ def _q_query_color(objs, rng):
     s = shapes[rng.integers(len(shapes))]
     o = next(o for o in objs if o.shape == s)
     text = rng.choice([f"what color is the {s}?", f"what is the color of the {s}?", f"the {s} is what color?"])
-    return text, o.color
+    return text, o.color, {}
 
 
 def _q_query_shape(objs, rng):
@@ -329,7 +331,7 @@ def _q_query_shape(objs, rng):
     o = next(o for o in objs if o.color == c)
     text = rng.choice([f"what shape is the {c} object?", f"what is the shape of the {c} thing?",
                        f"which shape is {c}?"])
-    return text, o.shape
+    return text, o.shape, {}
 
 
 def _count_questions(objs):
@@ -353,7 +355,7 @@ def _q_count(objs, rng):
     k = values[rng.integers(len(values))]
     pool = [p for p, v in questions if v == k]
     phrasings = pool[rng.integers(len(pool))]
-    return str(rng.choice(phrasings)), str(k)
+    return str(rng.choice(phrasings)), str(k), {"first_count": k}
 
 
 def _q_compare(objs, rng):
@@ -371,7 +373,7 @@ def _q_compare(objs, rng):
     a, b = pool[rng.integers(len(pool))]
     word = "fewer" if fewer else "more"
     text = rng.choice([f"are there {word} {a} than {b}?", f"does the image have {word} {a} than {b}?"])
-    return text, "yes" if want_yes else "no"
+    return text, "yes" if want_yes else "no", {"first_count": groups[a], "second_count": groups[b]}
 
 
 def _reference_names(objs):
@@ -402,26 +404,48 @@ def _q_relate(objs, rng):
         return None
     target = objs[others[-1][1] if farthest else others[0][1]]
     where = "farthest from" if farthest else "closest to"
+    facts = {"reference": ref, "target": target}                  # positions: scene_facts makes them cells
     if rng.random() < 0.5:
         text = rng.choice([f"what color is the object {where} the {name}?", f"the thing {where} the {name} has what color?"])
-        return text, target.color
+        return text, target.color, facts
     text = rng.choice([f"what shape is the object {where} the {name}?", f"the thing {where} the {name} has what shape?"])
-    return text, target.shape
+    return text, target.shape, facts
 
 
 _GENERATORS = {"exist": _q_exist, "query_color": _q_query_color, "query_shape": _q_query_shape,
                "count": _q_count, "compare": _q_compare, "relate": _q_relate}
 
 
+# NOTE (deviation): the scene facts. Each generator also returns the intermediate facts its answer is
+# computed from, which stage 1 may teach the language model (train.SceneHeads), as a stand-in for what a
+# pretrained BLIP-2 brings: `count`, the count; `compare`, the counts of the first- and the second-named
+# group; `relate`, where the reference object and the target are (a cell of a FACT_GRID x FACT_GRID grid
+# over the image). Other families carry none, and VQA v2 data has none.
+FACTS = {"reference": 0, "target": 0, "first_count": 7, "second_count": 7}   # name -> classes (0: cells)
+FACT_GRID = 8
+
+
+def fact_classes(name: str) -> int:
+    """How many values scene fact `name` takes: FACT_GRID^2 cells, or the counts 0..6."""
+    return FACTS[name] or FACT_GRID ** 2
+
+
+def scene_facts(facts: dict, image_size: int) -> dict[str, int]:
+    """A generator's facts as class indices: an object becomes the cell of its centre."""
+    cell = lambda o: int(o.y * FACT_GRID / image_size) * FACT_GRID + int(o.x * FACT_GRID / image_size)
+    return {name: cell(v) if isinstance(v, Obj) else int(v) for name, v in facts.items()}
+
+
 def make_image_with_questions(rng, families: list[str], image_size: int = 64):
     """One scene and one question per requested family; the scene is redrawn until all are askable.
-    Returns (image uint8 (H, W, 3), objects, [(family, question, answer)])."""
+    Returns (image uint8 (H, W, 3), objects, [(family, question, answer, scene facts)])."""
     while True:
         objs = make_scene(rng, image_size)
         qas = [(f, _GENERATORS[f](objs, rng)) for f in families]
         texts = [qa[0] for _, qa in qas if qa is not None]
         if all(qa is not None for _, qa in qas) and len(set(texts)) == len(texts):
-            return render_scene(objs, rng, image_size), objs, [(f, q, a) for f, (q, a) in qas]
+            return render_scene(objs, rng, image_size), objs, [(f, q, a, scene_facts(facts, image_size))
+                                                               for f, (q, a, facts) in qas]
 
 
 def generate_shapes_split(n_images: int, questions_per_image: int, seed: int, image_size: int = 64,
@@ -438,10 +462,10 @@ def generate_shapes_split(n_images: int, questions_per_image: int, seed: int, im
         images[i], objs, qas = make_image_with_questions(rng, fams, image_size)
         labels[i] = scene_labels(objs, image_size)
         image_id = first_image_id + i
-        for j, (fam, q, a) in enumerate(qas):
+        for j, (fam, q, a, facts) in enumerate(qas):
             records.append({"question_id": image_id * 100 + j, "image_id": image_id, "image_index": i,
                             "question": q, "answers": [a], "family": fam, "answer_type": ANSWER_TYPES[fam],
-                            "question_type": fam})
+                            "question_type": fam, "facts": facts})
     return images, records, labels
 
 
@@ -459,13 +483,48 @@ def shapes_splits(cfg: DataConfig, only: tuple[str, ...] = ("train", "val", "tes
     return splits
 
 
+def fresh_scenes(cfg: DataConfig, epoch: int):
+    """The raw shapes train split of epoch `epoch` >= 1 (generate_shapes_split's output): as many new scenes
+    as --train-images (seed data_seed * 1000 + 2 + epoch, where epoch 0 uses + 0 and val and test + 1 and
+    + 2). The generator is unlimited, so no epoch repeats another's images, and the model cannot learn the
+    training scenes by heart."""
+    return generate_shapes_split(cfg.train_images, cfg.questions_per_image, cfg.data_seed * 1000 + 2 + epoch,
+                                 cfg.image_size, 1)
+
+
 def fresh_train_split(cfg: DataConfig, epoch: int, tokenizer: Tokenizer, answers: list[str]) -> "Split":
-    """The shapes train split of epoch `epoch` >= 1: as many new scenes as --train-images (seed data_seed * 1000
-    + 2 + epoch, where epoch 0 uses + 0 and val and test + 1 and + 2). The generator is unlimited, so no epoch
-    repeats another's images, and the model cannot learn the training scenes by heart."""
-    images, records, labels = generate_shapes_split(cfg.train_images, cfg.questions_per_image,
-                                                    cfg.data_seed * 1000 + 2 + epoch, cfg.image_size, 1)
-    return make_split(images, records, labels, tokenizer, {a: i for i, a in enumerate(answers)})
+    """The shapes train split of epoch `epoch` >= 1 (fresh_scenes), tokenized."""
+    return make_split(*fresh_scenes(cfg, epoch), tokenizer, {a: i for i, a in enumerate(answers)})
+
+
+class TrainScenes:
+    """The train split of every epoch of stage 1 on shapes data: epoch 0's is `first`, each later one is
+    fresh_train_split's, drawn in a background process while the epoch before it trains (drawing 6,000
+    scenes takes seconds during which a GPU would wait). Call it with the epoch; close() when done."""
+
+    def __init__(self, cfg: DataConfig, first: "Split", tokenizer: Tokenizer, answers: list[str], epochs: int):
+        self.cfg, self.first, self.tokenizer, self.epochs = cfg, first, tokenizer, epochs
+        self.answer_to_idx = {a: i for i, a in enumerate(answers)}
+        self.pending = {}                                            # epoch -> future of fresh_scenes(cfg, epoch)
+        # spawn: a fresh interpreter, which shares no threads or locks with the training process
+        self.pool = ProcessPoolExecutor(max_workers=1, mp_context=multiprocessing.get_context("spawn"))
+
+    def start(self, epoch: int) -> None:
+        """Begin drawing epoch `epoch`'s scenes in the background (if it is a later epoch of this run)."""
+        if 1 <= epoch < self.epochs and epoch not in self.pending:
+            self.pending[epoch] = self.pool.submit(fresh_scenes, self.cfg, epoch)
+
+    def __call__(self, epoch: int) -> "Split":
+        """Epoch `epoch`'s train split (waiting for its scenes only if they are not drawn yet); the next
+        epoch's scenes start drawing."""
+        self.start(epoch)
+        self.start(epoch + 1)
+        if epoch == 0:
+            return self.first
+        return make_split(*self.pending.pop(epoch).result(), self.tokenizer, self.answer_to_idx)
+
+    def close(self) -> None:
+        self.pool.shutdown(wait=False, cancel_futures=True)
 
 
 def write_vqa_format(cfg: DataConfig, out_dir: str) -> None:
@@ -680,6 +739,7 @@ class Split:
     records: list               # the question records (question, answers, family, ids)
     pixel_labels: torch.Tensor | None = None  # (n_img, 2, H, W) uint8 colour/shape + 1 (shapes only)
     patches: torch.Tensor | None = None       # (n_img, P, Dv) float16: a frozen encoder's tokens, computed once
+    facts: torch.Tensor | None = None         # (n, len(FACTS)) long: each question's scene facts, -1 = none
 
     def __len__(self) -> int:
         return len(self.records)
@@ -713,9 +773,25 @@ class Split:
         return (self.answer_score[ids] * hit).sum(dim=1)
 
 
+def copy_may_overlap(tensor: torch.Tensor, device: torch.device) -> bool:
+    """Whether a copy of `tensor` to `device` may run asynchronously (non_blocking): only from pinned host
+    memory to a CUDA GPU. From pageable memory it buys nothing on CUDA, and on Apple GPUs it can read memory
+    that is freed before the copy runs (pytorch/pytorch#189690)."""
+    return device.type == "cuda" and tensor.device.type == "cpu" and tensor.is_pinned()
+
+
 def to_device(batch: dict, device: torch.device) -> dict:
     """Move a batch of model inputs to `device` (absent inputs stay None)."""
-    return {k: None if v is None else v.to(device, non_blocking=True) for k, v in batch.items()}
+    return {k: None if v is None else v.to(device, non_blocking=copy_may_overlap(v, device)) for k, v in batch.items()}
+
+
+def fact_table(records: list[dict]) -> torch.Tensor | None:
+    """(n, len(FACTS)) long: the scene facts of each question (-1 where it has none of that kind), or None
+    for data without scene facts (VQA v2)."""
+    if not any("facts" in r for r in records):
+        return None
+    rows = [[r.get("facts", {}).get(name, -1) for name in FACTS] for r in records]
+    return torch.tensor(rows, dtype=torch.long)                                 # (n, len(FACTS))
 
 
 def make_split(images: np.ndarray, records: list[dict], labels: np.ndarray | None, tok: Tokenizer,
@@ -725,7 +801,8 @@ def make_split(images: np.ndarray, records: list[dict], labels: np.ndarray | Non
     return Split(images=torch.from_numpy(images).permute(0, 3, 1, 2).contiguous(),      # (n_img, 3, H, W)
                  image_index=torch.tensor([r["image_index"] for r in records], dtype=torch.long),
                  tokens=tokens, text_mask=text_mask, answer_idx=answer_idx, answer_score=answer_score,
-                 records=records, pixel_labels=None if labels is None else torch.from_numpy(labels))
+                 records=records, pixel_labels=None if labels is None else torch.from_numpy(labels),
+                 facts=fact_table(records))
 
 
 def load_data(cfg: DataConfig, tokenizer: Tokenizer | None = None, answers: list[str] | None = None,
@@ -808,6 +885,19 @@ def pick_device(choice: str) -> torch.device:
     return torch.device(choice)
 
 
+def pick_threads(requested: int) -> tuple[int, str]:
+    """--threads: the number asked for, or for 0, the cores that other work leaves free (the cores this
+    process may use minus the 1-minute load average, rounded), at least 1. Why: small models on a CPU with
+    every core already busy run several times slower with a thread per core than with fewer (RESULTS.md).
+    Returns the number and the reason, to print."""
+    if requested > 0:
+        return requested, "--threads"
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    load = os.getloadavg()[0] if hasattr(os, "getloadavg") else 0.0
+    free = max(1, min(cores, round(cores - load)))
+    return free, f"{cores} cores, {load:.1f} of them busy with other work (load average); --threads N to choose"
+
+
 def synchronize(device: torch.device) -> None:
     """Wait for the device's queued work (GPU calls return before they finish): a timer must see it done."""
     if device.type == "cuda":
@@ -850,7 +940,7 @@ def main(argv=None) -> None:
             image, _, qas = make_image_with_questions(np.random.default_rng(args.seed), FAMILIES)
             Image.fromarray(image).save(args.scene)
             print(f"wrote {args.scene}; questions about it (family: question -> answer):")
-            print("\n".join(f"  {fam}: {q} -> {a}" for fam, q, a in qas))
+            print("\n".join(f"  {fam}: {q} -> {a}" for fam, q, a, _ in qas))
             return
         write_vqa_format(cfg, args.write)
     except (DataError, OSError, ValueError) as e:

@@ -29,7 +29,7 @@ import torch
 import torch.nn as nn
 
 from data import (DataError, Parser, add_config_args, batches, config_from_args, encode_questions, load_data,
-                  load_image, pick_device, save_atomic, synchronize, to_device)
+                  load_image, pick_device, pick_threads, save_atomic, synchronize, to_device)
 from free_min import RULES, build_from_checkpoint, early_exit_predict, load_checkpoint
 
 RISKS = ("harm", "disagree")          # the losses calibration can bound (see risk_losses)
@@ -63,9 +63,11 @@ class InferConfig:
     batch_size: int = field(default=64, metadata={"help": "batch size of evaluation and of the batched timing"})
     timing_samples: int = field(default=256, metadata={"help": "questions timed per measurement (half of them at batch 1)"})
     repeats: int = field(default=5, metadata={"help": "timing rounds; the median is reported"})
-    threads: int = field(default=0, metadata={"help": "CPU threads for torch (0 = torch's default; printed)"})
-    device: str = field(default="cpu", metadata={"help": "where the report runs and is timed: cpu, cuda, mps or auto",
-                                                 "choices": ["cpu", "cuda", "mps", "auto"]})
+    threads: int = field(default=0, metadata={"help": "CPU threads for torch (0 = the cores not busy with other work; "
+                                                      "the report prints it)"})
+    device: str = field(default="auto", metadata={"help": "where the report runs and is timed: auto (cuda, then mps, "
+                                                          "then cpu; printed), cuda, mps or cpu",
+                                                  "choices": ["auto", "cuda", "mps", "cpu"]})
     timing: bool = field(default=True, metadata={"help": "measure wall-clock speedups and calibrate by costs measured "
                                                          "here (--no-timing: the layer view and FLOPs only, deterministic)"})
 
@@ -94,13 +96,14 @@ def fold_batchnorm(model: nn.Module) -> nn.Module:
 
 
 def inference_copy(free):
-    """A copy of `free` for evaluation and timing: eval mode, the conv stem's BatchNorms folded, convolution
-    weights channels-last (the layout oneDNN and cuDNN convolve fastest in). Same answers up to float
-    rounding; the full model and early exit both run on it, so the image encoder, a cost no exit can skip,
-    is trimmed for both alike."""
+    """A copy of `free` for evaluation and timing: eval mode, the conv stem's BatchNorms folded, and on a CPU
+    the convolution weights channels-last (the layout oneDNN convolves fastest in; kept to the CPU, since
+    Apple GPUs have convolved such weights wrongly). Same answers up to float rounding; the full model and
+    early exit both run on it, so the image encoder, a cost no exit can skip, is trimmed for both alike."""
     copied = copy.deepcopy(free).eval()
     fold_batchnorm(copied.backbone)
-    copied.backbone.to(memory_format=torch.channels_last)    # only 4-D tensors (conv weights) change layout
+    if next(copied.parameters()).device.type == "cpu":
+        copied.backbone.to(memory_format=torch.channels_last)    # only 4-D tensors (conv weights) change layout
     return copied
 
 
@@ -665,7 +668,7 @@ def main(argv=None) -> None:
         check_infer_config(cfg)
         if not (cfg.eval or cfg.image):
             raise DataError("nothing to do: give --eval, or --image and --question")
-        torch.set_num_threads(cfg.threads or torch.get_num_threads())
+        torch.set_num_threads(pick_threads(cfg.threads)[0])
         free, tokenizer, answers, dcfg, state = load_free(cfg)
         free.to(pick_device(cfg.device))
         if cfg.eval:

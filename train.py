@@ -32,8 +32,9 @@ from tokenizers import Tokenizer
 from tqdm import tqdm
 
 import infer
-from data import (COLORS, SHAPES, DataConfig, DataError, Parser, add_config_args, batches, check_data_config,
-                  config_from_args, fresh_train_split, load_data, majority_baseline, pick_device, save_atomic, to_device)
+from data import (COLORS, FACTS, SHAPES, DataConfig, DataError, Parser, TrainScenes, add_config_args, batches,
+                  check_data_config, config_from_args, fact_classes, load_data, majority_baseline, pick_device,
+                  pick_threads, save_atomic, to_device)
 from free_min import (FREE, METHODS, ExitConfig, build_from_checkpoint, check_exit_config, discriminator_loss,
                       generator_loss, load_checkpoint, resolve_exit_layers)
 from model import VLM, ModelConfig, check_model_config, describe_timm_vit, make_vit, soft_cross_entropy
@@ -52,10 +53,18 @@ class TrainConfig:
     aux_weight: float = field(default=1.0, metadata={"help": "weight of stage 1's pixel-label loss (shapes data: ViT "
                                                              "tokens predict the colour and shape under them; 0 = off, "
                                                              "then the label-free aids are on, see LABEL_FREE)"})
+    scene_weight: float = field(default=1.0, metadata={"help": "weight of stage 1's scene-fact loss (shapes data: "
+                                                                 "the language model's [CLS] predicts the facts each "
+                                                                 "answer is computed from, see SceneHeads; 0 = off)"})
+    scene_at: str = field(default="final", metadata={"help": "where the scene facts are read: final (all after the last "
+                                                             "layer: the model chooses where it computes them) or "
+                                                             "middle (the reference and the counts after layer L/2, the "
+                                                             "target after 3L/4)", "choices": ["final", "late", "middle"]})
     seed: int = field(default=0, metadata={"help": "seed of initialisation, batch order and labelled fraction"})
     device: str = field(default="auto", metadata={"help": "auto (cuda, then mps, then cpu), cuda, mps or cpu",
                                                   "choices": ["auto", "cuda", "mps", "cpu"]})
-    threads: int = field(default=0, metadata={"help": "CPU threads for torch (0 = torch's default)"})
+    threads: int = field(default=0, metadata={"help": "CPU threads for torch (0 = the cores not busy with other work, "
+                                                      "printed at the start)"})
     stage: str = field(default="all", metadata={"help": "all: backbone then exits; backbone: stage 1 only; exits: "
                                                         "stage 2 only, on --backbone (or OUT/ckpt.pt)",
                                                 "choices": ["all", "backbone", "exits"]})
@@ -96,8 +105,9 @@ def parse_args(argv=None):
 def pick_dtype(device: torch.device) -> tuple[torch.dtype, str]:
     """The autocast dtype and why: mixed precision on CUDA (bf16 where supported, else fp16 with loss scaling),
     float32 elsewhere (on CPUs, bf16 autocast was slower than float32, RESULTS.md)."""
-    if device.type == "cuda" and torch.cuda.is_bf16_supported():
-        return torch.bfloat16, "bf16 autocast: this GPU supports bfloat16 (no loss scaling needed)"
+    # including_emulation=False: a GPU without bf16 units (T4, V100, RTX 20xx) would emulate it, slowly
+    if device.type == "cuda" and torch.cuda.is_bf16_supported(including_emulation=False):
+        return torch.bfloat16, "bf16 autocast: this GPU computes in bfloat16 (no loss scaling needed)"
     if device.type == "cuda":
         return torch.float16, "fp16 autocast with a grad scaler: this GPU has no bfloat16"
     return torch.float32, f"float32: mixed precision is used on CUDA only, and this is {device.type}"
@@ -125,10 +135,10 @@ def init_distributed(device_choice: str) -> None:
     if "RANK" not in os.environ:
         return
     cuda = torch.cuda.is_available() and device_choice in ("auto", "cuda")
+    if cuda:                                   # before the group: NCCL binds each process to its current GPU
+        torch.cuda.set_device(int(os.environ["LOCAL_RANK"]))
     dist.init_process_group("nccl" if cuda else "gloo")
     WORLD.update(rank=dist.get_rank(), size=dist.get_world_size())
-    if cuda:
-        torch.cuda.set_device(int(os.environ["LOCAL_RANK"]))
     if WORLD["rank"] > 0:
         sys.stdout = open(os.devnull, "w")
 
@@ -155,11 +165,17 @@ def average_gradients(params: list) -> None:
         p.grad = g.view_as(p).clone()
 
 
+def collective_device(backend: str) -> torch.device:
+    """Where a tensor must live for the process group's collectives: NCCL serves CUDA tensors only (this
+    process's GPU), gloo serves CPU tensors."""
+    return torch.device("cuda", torch.cuda.current_device()) if backend == "nccl" else torch.device("cpu")
+
+
 def all_sum(values: list[float]) -> list[float]:
     """Sums over the processes of a few numbers (the values themselves in one process)."""
     if WORLD["size"] == 1:
         return values
-    t = torch.tensor(values, dtype=torch.float64)
+    t = torch.tensor(values, dtype=torch.float64, device=collective_device(dist.get_backend()))
     dist.all_reduce(t)
     return t.tolist()
 
@@ -280,16 +296,63 @@ class AnswerShortcut(nn.Module):
         return soft_cross_entropy(self(patches, batch["tokens"], batch["text_mask"]), batch["targets"])
 
 
-def aux_heads(model: VLM, pixel_labels: bool, tcfg: TrainConfig) -> dict:
+# NOTE (deviation): scene supervision of the language model, the counterpart of PatchProbe for the layers
+# above the encoder. Relational questions ("what colour is the object closest to the red square?", "are there
+# fewer circles than squares?") are answered from intermediate facts: where the reference and the target
+# are, how many there are of each group. From answers alone a small transformer finds these only after
+# millions of questions (RESULTS.md); a pretrained BLIP-2 arrives knowing them. SceneHeads reads the facts
+# (data.FACTS) off the [CLS] feature and adds their cross-entropy to stage 1's loss. Where they are read is
+# a choice with a consequence: read after the last layer (--scene-at final, the default) they do not say
+# where in depth the model computes them; read after middle layers they make it finish them there.
+def scene_layers(placement: str, depth: int) -> dict[str, int]:
+    """Fact name -> the layer (1-based) after which SceneHeads reads it."""
+    if placement == "final":
+        return {name: depth for name in FACTS}
+    if placement == "late":
+        return {name: max(1, depth - 1) for name in FACTS}
+    middle, late = max(1, depth // 2), max(1, 3 * depth // 4)
+    return {"reference": middle, "target": late, "first_count": middle, "second_count": middle}
+
+
+class SceneHeads(nn.Module):
+    """Linear read-outs of each scene fact (data.FACTS) from the [CLS] feature after its layer."""
+
+    def __init__(self, dim: int, layers: dict[str, int]):
+        super().__init__()
+        self.layers = layers
+        self.heads = nn.ModuleDict({name: nn.Linear(dim, fact_classes(name)) for name in FACTS})
+
+    def logits(self, states: list[torch.Tensor]) -> dict[str, torch.Tensor]:
+        """states h_0..h_L (each (B, S, D)) -> fact name -> logits (B, classes)."""
+        return {name: head(states[self.layers[name]][:, 0].float()) for name, head in self.heads.items()}
+
+    def loss(self, patches: torch.Tensor, batch: dict) -> torch.Tensor:
+        """batch['states'] h_0..h_L, batch['facts'] (B, len(FACTS)) with -1 = absent -> summed cross-entropy,
+        each fact averaged over the questions that have it."""
+        total = batch["facts"].new_zeros((), dtype=torch.float32)
+        for j, (name, logits) in enumerate(self.logits(batch["states"]).items()):
+            target = batch["facts"][:, j]                                            # (B,)
+            has = target >= 0
+            if has.any():
+                total = total + F.cross_entropy(logits[has], target[has])
+        return total
+
+
+def aux_heads(model: VLM, split, tcfg: TrainConfig) -> dict:
     """The auxiliary heads stage 1 trains, name -> (weight, head): PatchProbe where there are pixel labels and
-    --aux-weight > 0, else the label-free aids; none when the encoder is frozen (they could not teach it)."""
+    --aux-weight > 0, else the label-free aids (neither when the encoder is frozen: they could not teach it);
+    and SceneHeads where the data has scene facts and --scene-weight > 0."""
     cfg, dv = model.cfg, model.vit.embed_dim
     if cfg.freeze_vit:
-        return {}
-    if pixel_labels and tcfg.aux_weight > 0:
-        return {"probe": (tcfg.aux_weight, PatchProbe(dv))}
-    return {"shortcut": (LABEL_FREE["shortcut"], AnswerShortcut(dv, cfg.vocab_size, cfg.num_answers)),
-            "decoder": (LABEL_FREE["decoder"], PatchDecoder(dv, cfg.patch_size))}
+        heads = {}
+    elif split.pixel_labels is not None and tcfg.aux_weight > 0:
+        heads = {"probe": (tcfg.aux_weight, PatchProbe(dv))}
+    else:
+        heads = {"shortcut": (LABEL_FREE["shortcut"], AnswerShortcut(dv, cfg.vocab_size, cfg.num_answers)),
+                 "decoder": (LABEL_FREE["decoder"], PatchDecoder(dv, cfg.patch_size))}
+    if split.facts is not None and tcfg.scene_weight > 0:
+        heads["scene"] = (tcfg.scene_weight, SceneHeads(cfg.dim, scene_layers(tcfg.scene_at, cfg.depth)))
+    return heads
 
 
 def stage1_optimizer(model: VLM, heads: dict, tcfg: TrainConfig) -> torch.optim.Optimizer:
@@ -316,13 +379,15 @@ def backbone_step(model: VLM, heads: dict, opt, scaler, split, ids, tcfg: TrainC
     with autocast(device, dtype):
         patches = batch.pop("patches", None)                                              # a frozen encoder's, or None
         patches = model.patch_features(batch["images"]) if patches is None else patches  # (B, P, Dv)
-        logits = model(**batch, patches=patches)                                          # (B, A)
+        states, _ = model.hidden_states(**batch, patches=patches)                         # L+1 x (B, S, D)
+        logits = model.head(states[-1][:, 0])                                             # (B, A)
     loss = soft_cross_entropy(logits, targets)
     total = loss
     if heads:
-        aux = dict(batch, targets=targets, patch_size=model.cfg.patch_size,
+        aux = dict(batch, targets=targets, patch_size=model.cfg.patch_size, states=states,
                    pixels=None if batch["images"] is None else (batch["images"] - model.pixel_mean) / model.pixel_std,
-                   pixel_labels=None if split.pixel_labels is None else split.pixel_labels[split.image_index[ids]].to(device))
+                   pixel_labels=None if split.pixel_labels is None else split.pixel_labels[split.image_index[ids]].to(device),
+                   facts=None if split.facts is None else split.facts[ids].to(device))
         total = total + sum(weight * head.loss(patches, aux) for weight, head in heads.values())
     if not torch.isfinite(total):
         raise FloatingPointError(f"non-finite loss ({total.item()})")
@@ -339,7 +404,7 @@ def train_backbone(model: VLM, splits: dict, tcfg: TrainConfig, device, dtype, s
     train_split = train_split or (lambda epoch: splits["train"])
     train = splits["train"]
     trainable = torch.nonzero(train.trainable()).squeeze(1)                 # questions with an answer to learn
-    heads = {name: (w, h.to(device)) for name, (w, h) in aux_heads(model, train.pixel_labels is not None, tcfg).items()}
+    heads = {name: (w, h.to(device)) for name, (w, h) in aux_heads(model, train, tcfg).items()}
     opt, scaler = stage1_optimizer(model, heads, tcfg), torch.amp.GradScaler(device.type, enabled=dtype == torch.float16)
     total_steps, step, first_epoch = tcfg.epochs * math.ceil(len(trainable) / tcfg.batch_size), 0, 0
     if state is not None:
@@ -363,7 +428,7 @@ def train_backbone(model: VLM, splits: dict, tcfg: TrainConfig, device, dtype, s
             bar.set_postfix(loss=f"{loss_sum / seen:.3f}", acc=f"{100 * hit_sum / seen:.1f}%")
         loss_sum, hit_sum, seen = all_sum([loss_sum, hit_sum, seen])
         if is_main():
-            res = evaluate(model, splits["val"], device, dtype)
+            res = evaluate(model, splits["val"], device)
             print(f"epoch {epoch + 1}/{tcfg.epochs}  loss {loss_sum / seen:.3f}  train acc {100 * hit_sum / seen:.1f}%  "
                   f"val acc {res['accuracy']:.1f}%  ({clock.elapsed():.0f}s)")
             log_json(tcfg.out, {"stage": "backbone", "epoch": epoch + 1, "step": step, "train_loss": loss_sum / seen,
@@ -395,13 +460,13 @@ class StepClock:
 
 
 @torch.no_grad()
-def evaluate(model: VLM, split, device, dtype) -> dict:
-    """Official-metric accuracy (%) overall and per family, and the predictions (n,)."""
+def evaluate(model: VLM, split, device) -> dict:
+    """Official-metric accuracy (%) overall and per family, and the predictions (n,). In float32 on every
+    device, as infer.py's report runs: the accuracy a checkpoint records is the one its report gives."""
     model.eval()
     preds = []
     for ids in batches(len(split), EVAL_BATCH):
-        with autocast(device, dtype):
-            preds.append(model(**to_device(split.batch(ids), device)).argmax(dim=1).cpu())
+        preds.append(model(**to_device(split.batch(ids), device)).argmax(dim=1).cpu())
     pred = torch.cat(preds)
     scores = split.score(torch.arange(len(split)), pred)
     per_family = defaultdict(list)
@@ -411,9 +476,9 @@ def evaluate(model: VLM, split, device, dtype) -> dict:
             "per_family": {f: 100.0 * sum(v) / len(v) for f, v in sorted(per_family.items())}}
 
 
-def report_test(model: VLM, splits: dict, tcfg: TrainConfig, device, dtype) -> dict:
+def report_test(model: VLM, splits: dict, tcfg: TrainConfig, device) -> dict:
     """Test accuracy per family, beside each family's majority-answer baseline."""
-    res = evaluate(model, splits["test"], device, dtype)
+    res = evaluate(model, splits["test"], device)
     baseline = majority_baseline(splits["train"], splits["test"])
     print(f"test accuracy (official VQA metric): {res['accuracy']:.1f}%  ({len(splits['test'])} questions)")
     for fam, acc in res["per_family"].items():
@@ -457,6 +522,8 @@ def frozen_states(free: FREE, split, device, dtype) -> dict:
     S = int(split.text_mask.sum(dim=1).max()) + free.backbone.num_visual
     out = {"inputs": torch.zeros(n, K, S, D, dtype=torch.float16), "mask": torch.zeros(n, S, dtype=torch.bool),
            "real": torch.zeros(n, D)}
+    print(f"frozen backbone states: {out['inputs'].nbytes / 1e9:.2f} GB of host memory ({n} questions x {K} exits x "
+          f"{S} tokens x width {D}, float16)")
     free.eval()
     for ids in progress_bar(list(batches(n, EVAL_BATCH)), "frozen backbone states"):
         with autocast(device, dtype):
@@ -579,9 +646,10 @@ def rng_state() -> dict:
 
 
 def set_rng_state(state: dict) -> None:
+    """Restore rng_state(); on a machine with fewer GPUs than the saving one, the GPUs it has (none on a CPU)."""
     torch.set_rng_state(state["torch"])
-    if state["cuda"]:
-        torch.cuda.set_rng_state_all(state["cuda"])
+    for i, gpu_state in enumerate(state["cuda"][:torch.cuda.device_count()]):
+        torch.cuda.set_rng_state(gpu_state, i)
     np.random.set_state(state["numpy"])
     random.setstate(state["python"])
 
@@ -620,7 +688,8 @@ def export_checkpoint(path: str, ckpt: str) -> None:
 
 
 # Flags whose change would make a resumed run follow another schedule than the one it started.
-SCHEDULE = {"backbone": ("epochs", "batch_size", "lr", "weight_decay", "warmup_steps", "grad_clip", "aux_weight", "seed"),
+SCHEDULE = {"backbone": ("epochs", "batch_size", "lr", "weight_decay", "warmup_steps", "grad_clip", "aux_weight",
+                         "scene_weight", "scene_at", "seed"),
             "exits": ("batch_size", "seed")}
 DERIVED = ("vocab_size", "num_answers", "max_text_len", "image_size", "pixel_mean", "pixel_std", "patch_size",
            "vit_dim", "crop_pct", "interpolation")   # set from the data or the encoder, not by the flags
@@ -684,7 +753,7 @@ def validate(dcfg: DataConfig, mcfg: ModelConfig, tcfg: TrainConfig, ecfg: ExitC
     for name in ("epochs", "batch_size", "lr"):
         if getattr(tcfg, name) <= 0:
             raise DataError(f"--{name.replace('_', '-')} must be > 0 (got {getattr(tcfg, name)})")
-    for name in ("weight_decay", "warmup_steps", "grad_clip", "aux_weight", "threads"):
+    for name in ("weight_decay", "warmup_steps", "grad_clip", "aux_weight", "scene_weight", "threads"):
         if getattr(tcfg, name) < 0:
             raise DataError(f"--{name.replace('_', '-')} must be >= 0 (got {getattr(tcfg, name)})")
     if tcfg.backbone and tcfg.stage != "exits":
@@ -740,15 +809,17 @@ def run_backbone(splits, tokenizer, answers, dcfg, mcfg, tcfg, device, dtype, st
                            "train_config": asdict(tcfg), "answers": answers, "tokenizer": tokenizer.to_str(),
                            "optimizer": opt.state_dict(), "scaler": scaler.state_dict(), "step": step, "epoch": epoch,
                            "rng": rng_state(), "aux": {k: h.state_dict() for k, (_, h) in heads.items()}})
-    # shapes data: new training scenes every epoch (data.fresh_train_split), which cannot be learned by heart
-    fresh = lambda epoch: splits["train"] if epoch == 0 or dcfg.data != "shapes" else \
-        fresh_train_split(dcfg, epoch, tokenizer, answers)
+    # shapes data: new training scenes every epoch (data.TrainScenes), which cannot be learned by heart
+    scenes = TrainScenes(dcfg, splits["train"], tokenizer, answers, tcfg.epochs) if dcfg.data == "shapes" else None
     try:
-        train_backbone(model, splits, tcfg, device, dtype, save, state, fresh)
+        train_backbone(model, splits, tcfg, device, dtype, save, state, scenes)
     except FloatingPointError as e:
         raise SystemExit(f"error: {e} in stage 1; the last good checkpoint is kept in {ckpt}. Try a lower --lr.")
+    finally:
+        if scenes is not None:
+            scenes.close()
     if is_main():
-        res = report_test(model, splits, tcfg, device, dtype)
+        res = report_test(model, splits, tcfg, device)
         save_atomic(ckpt, load_checkpoint(ckpt) | {"test_accuracy": res["accuracy"], "test_per_family": res["per_family"]})
         if tcfg.export:
             export_checkpoint(tcfg.export, ckpt)
@@ -809,10 +880,11 @@ def main(argv=None) -> None:
     try:
         state = validate(dcfg, mcfg, tcfg, ecfg)            # every flag, before any data is made or step taken
         init_distributed(tcfg.device)                       # under torchrun only
-        torch.set_num_threads(tcfg.threads or torch.get_num_threads())
+        threads, why_threads = pick_threads(tcfg.threads)
+        torch.set_num_threads(threads)
         device = pick_device(tcfg.device)
         dtype, why = pick_dtype(device)
-        print(f"device: {device} ({why}); torch threads: {torch.get_num_threads()}" +
+        print(f"device: {device} ({why}); torch threads: {threads} ({why_threads})" +
               (f"; {WORLD['size']} processes (torchrun), each on its slice of every batch" if WORLD["size"] > 1 else ""))
         os.makedirs(tcfg.out, exist_ok=True)
         torch.manual_seed(tcfg.seed)

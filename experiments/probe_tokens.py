@@ -23,8 +23,9 @@ from train import PatchProbe                                                  # 
 
 def tokens_and_targets(model: VLM, split, n: int):
     """The first n images' ViT tokens (n*P, Dv) and their colour / shape classes (n*P,) each."""
+    device = next(model.parameters()).device
     with torch.no_grad():
-        x = model.patch_features(split.images[:n].float() / 255).flatten(0, 1)
+        x = model.patch_features(split.images[:n].float().div(255).to(device)).flatten(0, 1).cpu()
     labels = split.pixel_labels[:n]
     return x, [PatchProbe.targets(labels, model.cfg.patch_size, channel).flatten() for channel in (0, 1)]
 
@@ -35,11 +36,14 @@ def main() -> None:
     p.add_argument("--images", type=int, default=400, help="images to fit the probe on (and a quarter as many to score it)")
     p.add_argument("--threads", type=int, default=0, help="CPU threads for torch (0 = torch's default)")
     p.add_argument("--random", action="store_true", help="probe the architecture at its random initialisation instead")
+    p.add_argument("--device", default="auto", choices=["auto", "cuda", "mps", "cpu"],
+                   help="where the encoder runs (auto: cuda, then mps, then cpu; the probe fits on the CPU)")
     args = p.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
     try:
         model, _, tokenizer, answers, dcfg = build_from_checkpoint(load_checkpoint(args.ckpt, "CKPT"))
+        data.pick_device(args.device)
     except data.DataError as e:
         raise SystemExit(f"error: {e}")
     if dcfg.data != "shapes":
@@ -47,7 +51,9 @@ def main() -> None:
     torch.manual_seed(0)
     if args.random:
         model = VLM(cfg=model.cfg)
-    model.eval()
+    device = data.pick_device(args.device)
+    print(f"encoder on {device}")
+    model.to(device).eval()
     cfg = data.DataConfig(train_images=args.images, val_images=max(1, args.images // 4), test_images=1, data_seed=12345)
     splits, _, _ = data.load_data(cfg, tokenizer, answers, only=("train", "val"))
     x_fit, y_fit = tokens_and_targets(model, splits["train"], args.images)

@@ -20,7 +20,7 @@ from tqdm import tqdm
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import infer                                                       # noqa: E402
-from data import DataError, load_data                              # noqa: E402
+from data import DataError, load_data, pick_device                 # noqa: E402
 
 
 class Pool:
@@ -67,14 +67,18 @@ def main(argv=None) -> None:
     p.add_argument("--risk", default="", choices=["", *infer.RISKS], help="the loss bounded ('' = as the report picks)")
     p.add_argument("--rule", default="maxprob", choices=list(infer.RULES), help="exit rule")
     p.add_argument("--threads", type=int, default=2, help="CPU threads for torch")
+    p.add_argument("--device", default="auto", choices=["auto", "cuda", "mps", "cpu"],
+                   help="where the model runs and the costs are measured (auto: cuda, then mps, then cpu)")
     args = p.parse_args(argv)
     torch.set_num_threads(args.threads)
     try:
+        device = pick_device(args.device)
         free, tokenizer, answers, dcfg, _ = infer.load_free(infer.InferConfig(ckpt=args.ckpt))
         splits, _, _ = load_data(dcfg, tokenizer, answers, only=("val", "test"))
     except DataError as e:
         raise SystemExit(f"error: {e}")
-    free = infer.inference_copy(free)
+    print(f"on {device}")
+    free = infer.inference_copy(free.to(device))
     pool, probs = pooled(free, splits, 256)
     costs = infer.unit_costs(free, splits["val"], torch.arange(32), repeats=5)
     risk = args.risk or ("harm" if free.cfg.label_fraction > 0 else "disagree")

@@ -104,7 +104,7 @@ def relate_without_positions(n_scenes: int = 3000, seed: int = 1) -> float:
         objs = data.make_scene(rng)
         qa = data._q_relate(objs, rng)
         if qa is not None:
-            scores.append(blind_score(objs, *qa))
+            scores.append(blind_score(objs, *qa[:2]))
     return 100.0 * sum(scores) / len(scores)
 
 
@@ -152,9 +152,28 @@ def proxy_run(seed: int, out: str, flags: list[str], oracle: str, pos_std: float
                "objects": lambda split: object_patches(split, mcfg.patch_size, mcfg.vit_dim, mcfg.merge)}[oracle]
         splits = {name: see(split) for name, split in splits.items()}
         fresh = (lambda f: lambda epoch: see(f(epoch)))(fresh)
-    train.train_backbone(model, splits, tcfg, device, dtype, lambda *a: None, None, fresh)
-    res = train.evaluate(model, splits["val"], device, dtype)
-    return {"accuracy": res["per_family"], "majority": data.majority_baseline(splits["train"], splits["val"])}
+    heads = {}
+    keep_heads = lambda epoch, step, opt, scaler, trained: heads.update(trained)     # in place of a checkpoint
+    train.train_backbone(model, splits, tcfg, device, dtype, keep_heads, None, fresh)
+    res = train.evaluate(model, splits["val"], device)
+    facts = fact_accuracy(model, heads["scene"][1], splits["val"], device) if "scene" in heads else {}
+    return {"accuracy": res["per_family"], "majority": data.majority_baseline(splits["train"], splits["val"]),
+            "facts": facts}
+
+
+@torch.no_grad()
+def fact_accuracy(model: VLM, scene: "train.SceneHeads", split, device) -> dict[str, float]:
+    """How often the trained SceneHeads read each scene fact right on `split` (%), over the questions that
+    have it. The `reference` cell says whether positions reach the language model at all."""
+    model.eval()
+    hits, counts = torch.zeros(len(data.FACTS)), torch.zeros(len(data.FACTS))
+    for ids in data.batches(len(split), train.EVAL_BATCH):
+        states, _ = model.hidden_states(**data.to_device(split.batch(ids), device))
+        preds = torch.stack([z.argmax(dim=1).cpu() for z in scene.logits(states).values()], dim=1)   # (B, F)
+        has = split.facts[ids] >= 0                                                                  # (B, F)
+        hits += ((preds == split.facts[ids]) & has).sum(dim=0)
+        counts += has.sum(dim=0)
+    return {name: 100.0 * float(h / c) for name, h, c in zip(data.FACTS, hits, counts) if c > 0}
 
 
 def main() -> None:
@@ -180,7 +199,8 @@ def main() -> None:
     if "relate" in args.families:
         print(f"relate without positions (see relate_without_positions): {relate_without_positions():.1f}%")
     for s, r in zip(args.seeds, results):
-        print(f"seed {s}: " + "  ".join(f"{f} {a:.1f}% (majority {r['majority'][f]:.1f}%)" for f, a in r["accuracy"].items()))
+        print(f"seed {s}: " + "  ".join(f"{f} {a:.1f}% (majority {r['majority'][f]:.1f}%)" for f, a in r["accuracy"].items())
+              + "".join(f"  [fact {name} {a:.1f}%]" for name, a in r["facts"].items()))
     arm = " ".join([*flags, *([f"--oracle {args.oracle}"] if args.oracle else []), *(["--only-more"] if args.only_more else []),
                     *([f"--pos-std {args.pos_std:g}"] if args.pos_std else [])]) or "(defaults)"
     for f in results[0]["accuracy"]:

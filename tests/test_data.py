@@ -171,6 +171,47 @@ def test_generated_answers_match_what_is_drawn():
         assert r["answers"] == [_answer_from_pixels(r["family"], r["question"], blobs[r["image_index"]])], r
 
 
+def _cell_holds(cell: int, blob: dict, slack: float = 3.0) -> bool:
+    """Whether a FACT_GRID cell (8 px at 64 px) lies within `slack` px of a blob's centroid (a triangle's
+    centroid sits a little below the centre the generator places)."""
+    size = 64 / data.FACT_GRID
+    row, col = divmod(cell, data.FACT_GRID)
+    return (col * size - slack <= blob["x"] <= (col + 1) * size + slack
+            and row * size - slack <= blob["y"] <= (row + 1) * size + slack)
+
+
+def _nearest(blobs, cell: int) -> dict:
+    """The blob whose centroid is nearest the centre of a FACT_GRID cell."""
+    size, (row, col) = 64 / data.FACT_GRID, divmod(cell, data.FACT_GRID)
+    return min(blobs, key=lambda o: math.hypot(o["x"] - (col + 0.5) * size, o["y"] - (row + 0.5) * size))
+
+
+def test_scene_facts_match_what_is_drawn():
+    """Each question's scene facts, read back from the pixels: count, the count asked; compare, the counts of
+    the first- and second-named groups; relate, the cells of the reference and of the answer's object.
+    Other families carry none, and the facts' table marks the missing ones -1."""
+    images, records, labels = data.generate_shapes_split(150, 6, seed=3)
+    blobs = [_objects_in_pixels(lab) for lab in labels]
+    for r in records:
+        facts, b, q = r["facts"], blobs[r["image_index"]], r["question"].rstrip("?")
+        if r["family"] == "count":
+            assert facts == {"first_count": int(r["answers"][0])}
+        elif r["family"] == "compare":
+            m = re.match(r"(?:are there|does the image have) (?:more|fewer) (.+) than (.+)", q)
+            assert facts == {"first_count": len(_named(b, m.group(1))), "second_count": len(_named(b, m.group(2)))}
+        elif r["family"] == "relate":
+            ref = _named(b, re.search(r"(?:closest to|farthest from) the (.+?)(?: has|$)", q).group(1))[0]
+            assert _cell_holds(facts["reference"], ref), (r, ref)
+            assert _cell_holds(facts["target"], _nearest(b, facts["target"])), (r, b)
+            attr = "color" if "color" in q else "shape"
+            assert [_nearest(b, facts["target"])[attr]] == r["answers"], (r, b)
+        else:
+            assert facts == {}
+    table = data.fact_table(records)
+    assert table.shape == (len(records), len(data.FACTS))
+    assert ((table >= 0).sum(dim=1) == torch.tensor([len(r["facts"]) for r in records])).all()
+
+
 def test_count_answers_are_as_the_readme_says():
     _, records, _ = data.generate_shapes_split(600, 6, seed=4)
     counts = Counter(r["answers"][0] for r in records if r["family"] == "count")
@@ -336,7 +377,7 @@ def test_scene_command_draws_a_scene_and_prints_its_questions_and_answers(tmp_pa
     image, _, qas = data.make_image_with_questions(np.random.default_rng(3), data.FAMILIES)
     assert np.array_equal(np.array(data.Image.open(tmp_path / "scene.png")), image)
     printed = capsys.readouterr().out
-    assert all(f"  {fam}: {q} -> {a}" in printed for fam, q, a in qas) and len(qas) == len(data.FAMILIES)
+    assert all(f"  {fam}: {q} -> {a}" in printed for fam, q, a, _ in qas) and len(qas) == len(data.FAMILIES)
     with pytest.raises(SystemExit) as e:
         data.main([])
     assert e.value.code == 2

@@ -74,8 +74,8 @@ def test_more_only_never_asks_fewer():
         qa = screen.more_only(data.make_scene(rng), rng)
         if qa is not None:
             asked.append(qa)
-    assert len(asked) > 50 and not any("fewer" in q for q, _ in asked)
-    assert {a for _, a in asked} == {"yes", "no"}
+    assert len(asked) > 50 and not any("fewer" in q for q, _, _ in asked)
+    assert {a for _, a, _ in asked} == {"yes", "no"}
 
 
 def test_oracle_patches_are_each_patchs_fractions():

@@ -28,7 +28,7 @@ def test_shipped_backbone_reaches_its_stated_accuracy_on_a_regenerated_test_spli
     model, free, tokenizer, answers, dcfg = build_from_checkpoint(state)
     assert free is None and "optimizer" not in state                      # a backbone, nothing else
     splits, _, _ = data.load_data(dcfg, tokenizer, answers, only=("test",))  # generated again, from its seed
-    res = train.evaluate(model, splits["test"], torch.device("cpu"), torch.float32)
+    res = train.evaluate(model, splits["test"], torch.device("cpu"))
     assert res["accuracy"] == pytest.approx(state["test_accuracy"], abs=1.0)
     for family, acc in state["test_per_family"].items():
         assert res["per_family"][family] == pytest.approx(acc, abs=3.0), family

@@ -68,14 +68,75 @@ def test_the_vlm_learns_to_read_the_image():
     assert accuracy > prior + 8, (accuracy, prior)
 
 
-def test_auxiliary_heads_follow_the_pixel_labels():
+class FakeSplit:
+    """What aux_heads reads of a split: whether it has pixel labels and scene facts."""
+
+    def __init__(self, labels: bool, facts: bool):
+        self.pixel_labels = torch.zeros(1) if labels else None
+        self.facts = torch.zeros(1) if facts else None
+
+
+def test_auxiliary_heads_follow_the_pixel_labels_and_scene_facts():
     """Stage 1's auxiliary heads: the pixel-label probe where the data has pixel labels and --aux-weight > 0;
-    the label-free aids (answer shortcut, patch reconstruction) otherwise; none for a frozen encoder."""
+    the label-free aids (answer shortcut, patch reconstruction) otherwise; none of these for a frozen
+    encoder. The scene heads wherever the data has scene facts and --scene-weight > 0."""
     model = VLM(cfg=train.ModelConfig(vocab_size=20, num_answers=5, dim=32, depth=1, heads=2))
-    heads = lambda labels, **kw: set(train.aux_heads(model, labels, train.TrainConfig(**kw)))
+    heads = lambda labels, facts=False, **kw: set(train.aux_heads(model, FakeSplit(labels, facts), train.TrainConfig(**kw)))
     assert heads(True) == {"probe"} and heads(True, aux_weight=0) == heads(False) == {"shortcut", "decoder"}
+    assert heads(True, True) == {"probe", "scene"} and heads(True, True, scene_weight=0) == {"probe"}
+    assert heads(True, True, aux_weight=0, scene_weight=0) == {"shortcut", "decoder"}
     frozen = VLM(cfg=train.ModelConfig(vocab_size=20, num_answers=5, dim=32, depth=1, heads=2, freeze_vit=True))
-    assert train.aux_heads(frozen, False, train.TrainConfig()) == {}
+    assert train.aux_heads(frozen, FakeSplit(False, False), train.TrainConfig()) == {}
+    assert set(train.aux_heads(frozen, FakeSplit(True, True), train.TrainConfig())) == {"scene"}
+
+
+def test_scene_facts_are_read_where_the_placement_says():
+    """--scene-at final reads every fact after the last layer; middle reads the reference and the counts
+    after layer L/2 and the target after 3L/4. The loss counts only the questions that have each fact, and
+    moves only the layers at or below where its facts are read."""
+    assert train.scene_layers("final", 8) == dict.fromkeys(data.FACTS, 8)
+    assert train.scene_layers("middle", 8) == {"reference": 4, "target": 6, "first_count": 4, "second_count": 4}
+    torch.manual_seed(0)
+    scene = train.SceneHeads(16, train.scene_layers("middle", 8))
+    states = [torch.randn(3, 5, 16, requires_grad=True) for _ in range(9)]              # h_0..h_8
+    facts = torch.tensor([[7, 9, -1, -1], [-1, -1, 2, -1], [-1, -1, -1, -1]])
+    loss = scene.loss(None, {"states": states, "facts": facts})
+    logits = scene.logits(states)
+    expected = (torch.nn.functional.cross_entropy(logits["reference"][:1], facts[:1, 0])
+                + torch.nn.functional.cross_entropy(logits["target"][:1], facts[:1, 1])
+                + torch.nn.functional.cross_entropy(logits["first_count"][1:2], facts[1:2, 2]))
+    assert torch.allclose(loss, expected)
+    loss.backward()
+    touched = [i for i, h in enumerate(states) if h.grad is not None and h.grad.abs().sum() > 0]
+    assert touched == [4, 6]
+    assert scene.loss(None, {"states": states, "facts": torch.full((3, 4), -1)}).item() == 0.0
+
+
+def test_the_scene_loss_fits_where_things_are():
+    """Trained on 32 `relate` questions, stage 1's step with the scene heads learns to read off [CLS] where
+    each question's reference object and target are (64 cells each): a small batch is fitted."""
+    torch.manual_seed(0)
+    saved = list(data.FAMILIES)
+    data.FAMILIES[:] = ["relate"]
+    try:
+        splits, tok, answers = data.load_data(data.DataConfig(train_images=32, val_images=1, test_images=1,
+                                                              questions_per_image=1))
+    finally:
+        data.FAMILIES[:] = saved
+    cfg = train.ModelConfig(image_size=64, max_text_len=24, vocab_size=tok.get_vocab_size(), num_answers=len(answers),
+                            dim=64, depth=2, heads=2)
+    model, tcfg = VLM(cfg=cfg), train.TrainConfig(lr=3e-3, weight_decay=0.0)
+    heads = train.aux_heads(model, splits["train"], tcfg)
+    opt, scaler = train.stage1_optimizer(model, heads, tcfg), torch.amp.GradScaler("cpu", enabled=False)
+    tr, ids = splits["train"], torch.arange(32)
+    for _ in range(150):
+        train.backbone_step(model, heads, opt, scaler, tr, ids, tcfg, torch.device("cpu"), torch.float32)
+    model.eval()
+    with torch.no_grad():
+        states, _ = model.hidden_states(**tr.batch(ids))
+        read = heads["scene"][1].logits(states)
+    for j, name in enumerate(("reference", "target")):
+        assert (read[name].argmax(1) == tr.facts[:, j]).float().mean().item() > 0.9, name
 
 
 def test_label_free_stage1_trains_the_encoders_blocks_slower():
@@ -83,8 +144,8 @@ def test_label_free_stage1_trains_the_encoders_blocks_slower():
     group at LABEL_FREE['vit_blocks_lr'] x the rate; with pixel labels, everything is one group."""
     model = VLM(cfg=train.ModelConfig(vocab_size=20, num_answers=5, dim=32, depth=1, heads=2))
     tcfg = train.TrainConfig()
-    assert len(train.stage1_optimizer(model, train.aux_heads(model, True, tcfg), tcfg).param_groups) == 1
-    opt = train.stage1_optimizer(model, train.aux_heads(model, False, tcfg), tcfg)
+    assert len(train.stage1_optimizer(model, train.aux_heads(model, FakeSplit(True, False), tcfg), tcfg).param_groups) == 1
+    opt = train.stage1_optimizer(model, train.aux_heads(model, FakeSplit(False, False), tcfg), tcfg)
     slow = {id(p) for m in (model.vit.blocks, model.vit.norm) for p in m.parameters()}
     assert [g.get("lr_scale", 1.0) for g in opt.param_groups] == [1.0, train.LABEL_FREE["vit_blocks_lr"]]
     assert {id(p) for p in opt.param_groups[1]["params"]} == slow
@@ -179,7 +240,7 @@ def test_save_load_gives_identical_predictions(micro_run):
     splits, _, _ = data.load_data(dcfg, tokenizer, answers)
     model.eval()
     ids = torch.arange(len(splits["test"]))
-    res = train.evaluate(model, splits["test"], torch.device("cpu"), torch.float32)
+    res = train.evaluate(model, splits["test"], torch.device("cpu"))
     test = [r for r in map(json.loads, open(micro_run / "log.jsonl")) if "test_accuracy" in r][-1]
     assert res["accuracy"] == pytest.approx(test["test_accuracy"])
     with torch.no_grad():
@@ -194,11 +255,12 @@ def test_same_seed_same_weights_on_cpu(tmp_path):
     assert all(torch.equal(a[k], b[k]) for k in a)
 
 
-@pytest.mark.parametrize("aux", [["--aux-weight", "1"], ["--aux-weight", "0"]], ids=["pixel-labels", "label-free"])
+@pytest.mark.parametrize("aux", [["--aux-weight", "1"], ["--aux-weight", "0", "--scene-weight", "0"]],
+                         ids=["pixel-labels", "label-free"])
 def test_resume_after_interruption_matches_uninterrupted_run(tmp_path, monkeypatch, aux):
     """Interrupted after epoch 2 and resumed: the same weights as a run that never stopped, with the pixel-label
-    head or (--aux-weight 0) the label-free heads that the auto defaults turn on (their optimizer state and
-    weights travel in the checkpoint)."""
+    and scene heads or (--aux-weight 0 --scene-weight 0) the label-free heads that turn on then (their
+    optimizer state and weights travel in the checkpoint)."""
     args = MICRO + ["--epochs", "3"] + aux
     train.main(args + ["--out", str(tmp_path / "full")])
 
@@ -220,7 +282,7 @@ def test_resume_after_interruption_matches_uninterrupted_run(tmp_path, monkeypat
     full = torch.load(tmp_path / "full" / "ckpt.pt", weights_only=False)
     resumed = torch.load(tmp_path / "resumed" / "ckpt.pt", weights_only=False)
     assert resumed["step"] == full["step"] and resumed["epoch"] == 2
-    assert set(full["aux"]) == ({"shortcut", "decoder"} if aux[1] == "0" else {"probe"})
+    assert set(full["aux"]) == ({"shortcut", "decoder"} if aux[1] == "0" else {"probe", "scene"})
     assert all(torch.equal(full["aux"][h][k], resumed["aux"][h][k]) for h in full["aux"] for k in full["aux"][h])
     assert all(torch.equal(full["model"][k], resumed["model"][k]) for k in full["model"])
     epochs = [json.loads(l)["epoch"] for l in open(tmp_path / "resumed" / "log.jsonl") if "val_accuracy" in l]
@@ -349,5 +411,5 @@ def test_export_writes_an_fp16_backbone_that_scores_what_it_states(tmp_path):
     batch = splits["test"].batch(torch.arange(len(splits["test"])))
     with torch.no_grad():
         assert torch.allclose(exported(**batch), trained(**batch), atol=0.05)
-    res = train.evaluate(exported, splits["test"], torch.device("cpu"), torch.float32)
+    res = train.evaluate(exported, splits["test"], torch.device("cpu"))
     assert res["accuracy"] == pytest.approx(state["test_accuracy"], abs=7.0)   # 32 questions: a flip is 3 points

@@ -1,0 +1,115 @@
+"""The device paths a CPU can check: where collectives' tensors live, which copies may overlap, which GPUs
+get bf16, resuming with fewer GPUs, one accuracy for one model, and the scenes of the next epoch drawn while
+the current one trains."""
+import time
+
+import torch
+
+import data
+import infer
+import train
+from free_min import FREE, ExitConfig
+from model import VLM
+
+
+def test_collectives_use_the_device_their_backend_serves(monkeypatch):
+    """NCCL all-reduces CUDA tensors only (this process's GPU), gloo CPU ones: all_sum's tensor follows."""
+    monkeypatch.setattr(torch.cuda, "current_device", lambda: 3)
+    assert train.collective_device("nccl") == torch.device("cuda", 3)
+    assert train.collective_device("gloo") == torch.device("cpu")
+
+
+def test_only_pinned_host_memory_is_copied_asynchronously():
+    """non_blocking only from pinned host memory to CUDA: never from pageable memory, never to mps or cpu."""
+    pageable = torch.zeros(4)
+    for device in ("cuda", "mps", "cpu"):
+        assert not data.copy_may_overlap(pageable, torch.device(device))
+
+    class Pinned:
+        device = torch.device("cpu")
+
+        def is_pinned(self):
+            return True
+    assert data.copy_may_overlap(Pinned(), torch.device("cuda"))
+    assert not data.copy_may_overlap(Pinned(), torch.device("mps"))
+
+
+def test_gpus_that_would_emulate_bf16_get_fp16(monkeypatch):
+    """A GPU without bf16 units (T4, V100) reports bf16 'supported' through emulation; it gets fp16 + loss
+    scaling instead, and a GPU with bf16 units gets bf16."""
+    for native, expected in ((False, torch.float16), (True, torch.bfloat16)):
+        monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda including_emulation=True, n=native:
+                            n or including_emulation)
+        assert train.pick_dtype(torch.device("cuda"))[0] == expected
+    assert train.pick_dtype(torch.device("cpu"))[0] == torch.float32
+
+
+def test_resume_on_a_machine_with_fewer_gpus():
+    """A checkpoint saved with the RNG states of 2 GPUs resumes on a machine with none (this CPU): the
+    states of the GPUs it has are restored, the CPU's exactly."""
+    torch.manual_seed(5)
+    state = train.rng_state() | {"cuda": [torch.zeros(16, dtype=torch.uint8)] * 2}
+    expected = torch.rand(3)
+    torch.manual_seed(6)
+    train.set_rng_state(state)
+    assert torch.equal(torch.rand(3), expected)
+
+
+def tiny_model_and_splits():
+    torch.manual_seed(0)
+    splits, tok, answers = data.load_data(data.DataConfig(train_images=20, val_images=30, test_images=30))
+    cfg = train.ModelConfig(image_size=64, max_text_len=24, vocab_size=tok.get_vocab_size(), num_answers=len(answers),
+                            dim=32, depth=2, heads=2)
+    return VLM(cfg=cfg), splits
+
+
+def test_stage1_evaluation_and_the_report_give_one_accuracy():
+    """The test accuracy stage 1 records and the report's full model are the same number: both in float32
+    (on a GPU, stage 1 trains under autocast but evaluates as the report does)."""
+    model, splits = tiny_model_and_splits()
+    with torch.no_grad():                                   # BatchNorm statistics that are not the identity
+        for m in model.modules():
+            if isinstance(m, torch.nn.BatchNorm2d):
+                m.running_mean.uniform_(-0.5, 0.5)
+                m.running_var.uniform_(0.5, 2.0)
+    free = FREE(model, ExitConfig(exit_layers="1"))
+    recorded = train.evaluate(model, splits["test"], torch.device("cpu"))["accuracy"]
+    cfg = infer.InferConfig(timing=False)
+    assert infer.build_report(free, splits, "test", cfg)["full"]["accuracy"] == recorded
+
+
+def test_the_next_epochs_scenes_are_drawn_while_this_one_trains():
+    """TrainScenes: epoch 0 is the split given; asking for epoch e starts epoch e + 1 in the background, so that
+    it is ready when its turn comes (the epoch after next is never waited for), and it equals what
+    fresh_train_split draws in this process."""
+    cfg = data.DataConfig(train_images=30, val_images=1, test_images=1)
+    splits, tok, answers = data.load_data(cfg, only=("train", "val", "test"))
+    scenes = data.TrainScenes(cfg, splits["train"], tok, answers, epochs=3)
+    try:
+        assert scenes(0) is splits["train"]
+        assert 1 in scenes.pending                          # started at once, before epoch 0 trains
+        first = scenes(1)
+        assert 2 in scenes.pending and 3 not in scenes.pending      # the last epoch is 2
+        deadline = time.time() + 60                         # "training" epoch 1 while epoch 2 is drawn
+        while not scenes.pending[2].done() and time.time() < deadline:
+            time.sleep(0.1)
+        assert scenes.pending[2].done()
+        second = scenes(2)
+    finally:
+        scenes.close()
+    for epoch, split in ((1, first), (2, second)):
+        direct = data.fresh_train_split(cfg, epoch, tok, answers)
+        assert torch.equal(split.images, direct.images) and torch.equal(split.tokens, direct.tokens)
+        assert torch.equal(split.facts, direct.facts) and split.records == direct.records
+    assert not torch.equal(first.images, second.images)
+
+
+def test_threads_default_to_the_cores_other_work_leaves_free(monkeypatch):
+    """--threads 0 on 2 cores: 2 when the machine is idle, 1 when another job holds a core (or both:
+    never 0); a number given is taken as it is."""
+    monkeypatch.setattr(data.os, "sched_getaffinity", lambda pid: {0, 1}, raising=False)
+    for load, expected in ((0.1, 2), (1.0, 1), (2.7, 1)):
+        monkeypatch.setattr(data.os, "getloadavg", lambda load=load: (load, load, load))
+        threads, why = data.pick_threads(0)
+        assert threads == expected and "2 cores" in why
+    assert data.pick_threads(3) == (3, "--threads")
