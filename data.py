@@ -33,7 +33,6 @@ import torch
 import torch.nn.functional as F
 from tokenizers import Tokenizer, models, normalizers, pre_tokenizers, processors
 from PIL import Image, UnidentifiedImageError
-from torchvision import transforms
 
 
 class DataError(Exception):
@@ -612,7 +611,8 @@ def load_image(path: str, image_size: int, crop_pct: float = 0.0, interpolation:
 
 def timm_resize_crop(image_size: int, crop_pct: float, interpolation: str):
     """The resize and crop steps of timm's eval transform (timm.data.create_transform) for this input size."""
-    from timm.data import create_transform
+    from timm.data import create_transform          # here: importing timm (and torchvision) takes seconds
+    from torchvision import transforms
     steps = create_transform(input_size=(3, image_size, image_size), crop_pct=crop_pct, interpolation=interpolation).transforms
     return transforms.Compose([t for t in steps if type(t).__name__ not in ("MaybeToTensor", "ToTensor", "Normalize")])
 
@@ -921,7 +921,7 @@ def save_atomic(path: str, obj) -> None:
 
 def main(argv=None) -> None:
     p = Parser(description="The built-in shapes data from the command line: one scene to ask about, or the whole "
-                           "set in the VQA v2 file format.")
+                           "set in the VQA v2 file format.", formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("--scene", metavar="PNG", help="draw one scene into this PNG file and print a question of each "
                                                   "family about it, with its answer")
     p.add_argument("--write", metavar="DIR", help="write the set in VQA v2 format (questions.json, annotations.json, images/)")
@@ -937,9 +937,15 @@ def main(argv=None) -> None:
     try:
         check_data_config(cfg)
         if args.scene:
+            folder = os.path.dirname(args.scene) or "."
+            if not os.path.isdir(folder):
+                raise DataError(f"--scene {args.scene}: folder {folder} not found")
             image, _, qas = make_image_with_questions(np.random.default_rng(args.seed), FAMILIES)
             Image.fromarray(image).save(args.scene)
-            print(f"wrote {args.scene}; questions about it (family: question -> answer):")
+            large = os.path.splitext(args.scene)[0] + "_x4.png"            # the same pixels, big enough to see
+            Image.fromarray(image).resize((4 * image.shape[1], 4 * image.shape[0]), Image.NEAREST).save(large)
+            print(f"wrote {args.scene} (the model's input) and {large} (enlarged to look at); questions about it "
+                  f"(family: question -> answer):")
             print("\n".join(f"  {fam}: {q} -> {a}" for fam, q, a, _ in qas))
             return
         write_vqa_format(cfg, args.write)

@@ -43,11 +43,12 @@ class ExitConfig:
                                                            "(1,2,4,6 for 8 layers): a first exit as early as possible, "
                                                            "then evenly spaced ones"})
     exit_method: str = field(default="free", metadata={"help": "free: adversarial + KD (+ CE on labels), the paper's; "
-                                                                "kd: distillation only (FastBERT); ce: labels only (DeeBERT)"})
+                                                                "kd: distillation only (FastBERT); ce: labels only (DeeBERT)",
+                                                        "choices": ["free", "kd", "ce"]})
     adv_loss: str = field(default="fm", metadata={"help": "the adversarial term ADV_k: gan (the paper's non-saturating "
                                                            "GAN loss) or fm (feature matching on D's hidden layer, the "
                                                            "default: it ties distillation where gan costs accuracy, "
-                                                           "RESULTS.md)"})
+                                                           "RESULTS.md)", "choices": ["gan", "fm"]})
     label_fraction: float = field(default=1.0, metadata={"help": "fraction of training questions whose labels the "
                                                                   "exits may see (0 = label-free; ce needs > 0)"})
     lambda_adv: float = field(default=1.0, metadata={"help": "weight of ADV_k in L_G (the paper weighs its terms equally)"})
@@ -58,7 +59,8 @@ class ExitConfig:
                                                           "RESULTS.md)"})
     exit_lr: float = field(default=5e-4, metadata={"help": "AdamW learning rate of the exit layers G_k"})
     disc_lr: float = field(default=2e-4, metadata={"help": "AdamW learning rate of D (with beta1 = 0.5, as in DCGAN)"})
-    disc_hidden: int = field(default=256, metadata={"help": "hidden width of the discriminator MLP (2x the default D)"})
+    disc_hidden: int = field(default=256, metadata={"help": "hidden width of the discriminator MLP (twice the default "
+                                                            "language-model width)"})
 
 
 def resolve_exit_layers(spec: str, depth: int) -> list[int]:
@@ -253,16 +255,24 @@ def generator_loss(free: "FREE", real: torch.Tensor, fakes: list[torch.Tensor], 
 # ----------------------------------------------------------------------------------------------------
 @dataclass(frozen=True)
 class ExitRule:
-    """When a sample leaves at an exit. fires(conf, probs, streak, threshold) -> (B,) bool, from the exit's
-    answer distribution probs (B, A), its maximum conf (B,), and streak (B,): how many exits in a row (this
-    one included) gave the same answer. grid(K): the thresholds a sweep and the calibration try with K exits,
-    from the most aggressive (most leave) to the most conservative; default: the threshold used when none is
-    calibrated; bounds: the thresholds that make sense."""
-    fires: Callable
+    """When a sample leaves at an exit: when the rule's measure(conf, probs, streak) -> (B,) reaches the
+    threshold (>= it if `high` is True, else <= it). The measure reads the exit's answer distribution probs
+    (B, A), its maximum conf (B,), and streak (B,): how many exits in a row (this one included) gave the same
+    answer. grid(K): the thresholds a sweep and the calibration try with K exits, from the most aggressive
+    (most leave) to the most conservative; default: the threshold used when none is calibrated; bounds: the
+    thresholds that make sense; what: the measure in words."""
+    measure: Callable
+    high: bool
     grid: Callable
     default: float
     bounds: tuple
+    what: str
     whole: bool = False          # thresholds are whole numbers
+
+    def fires(self, conf: torch.Tensor, probs: torch.Tensor, streak: torch.Tensor, threshold: float) -> torch.Tensor:
+        """(B,) bool: the samples that leave here."""
+        m = self.measure(conf, probs, streak)
+        return m >= threshold if self.high else m <= threshold
 
 
 def normalised_entropy(probs: torch.Tensor) -> torch.Tensor:
@@ -272,14 +282,16 @@ def normalised_entropy(probs: torch.Tensor) -> torch.Tensor:
 
 RULES = {
     # FREE's rule (and DeeBERT's confidence rule): the answer's probability is at least the threshold
-    "maxprob": ExitRule(lambda conf, probs, streak, t: conf >= t,
-                        lambda K: [0.5, 0.6, 0.7, 0.8, 0.85, 0.9, 0.95, 0.98, 0.99, 0.995, 0.999], 0.9, (0.0, 1.0)),
+    "maxprob": ExitRule(lambda conf, probs, streak: conf, True,
+                        lambda K: [0.5, 0.6, 0.7, 0.8, 0.85, 0.9, 0.95, 0.98, 0.99, 0.995, 0.999], 0.9, (0.0, 1.0),
+                        "the answer's probability"),
     # DeeBERT's entropy rule: the answer distribution is peaked enough
-    "entropy": ExitRule(lambda conf, probs, streak, t: normalised_entropy(probs) <= t,
-                        lambda K: [0.6, 0.5, 0.4, 0.3, 0.2, 0.15, 0.1, 0.05, 0.02, 0.01, 0.001], 0.1, (0.0, 1.0)),
+    "entropy": ExitRule(lambda conf, probs, streak: normalised_entropy(probs), False,
+                        lambda K: [0.6, 0.5, 0.4, 0.3, 0.2, 0.15, 0.1, 0.05, 0.02, 0.01, 0.001], 0.1, (0.0, 1.0),
+                        "the answer distribution's entropy / log A"),
     # PABEE: the same answer at `threshold` consecutive exits
-    "patience": ExitRule(lambda conf, probs, streak, t: streak >= t, lambda K: list(range(1, K + 1)), 2,
-                         (1, math.inf), whole=True),
+    "patience": ExitRule(lambda conf, probs, streak: streak.float(), True, lambda K: list(range(1, K + 1)), 2,
+                         (1, math.inf), "exits in a row with this answer", whole=True),
 }
 
 

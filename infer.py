@@ -19,6 +19,7 @@ same process, beside the paper's layer-count view. The report (--eval) holds:
 import argparse
 import copy
 import math
+import os
 import statistics
 import sys
 import time
@@ -27,6 +28,7 @@ from dataclasses import dataclass, field
 
 import torch
 import torch.nn as nn
+from PIL import Image
 
 from data import (DataError, Parser, add_config_args, batches, config_from_args, encode_questions, load_data,
                   load_image, pick_device, pick_threads, save_atomic, synchronize, to_device)
@@ -37,10 +39,15 @@ RISKS = ("harm", "disagree")          # the losses calibration can bound (see ri
 
 @dataclass
 class InferConfig:
-    ckpt: str = field(default="out/ckpt.pt", metadata={"help": "checkpoint written by train.py (backbone + exits)"})
+    ckpt: str = field(default="", metadata={"help": "checkpoint written by train.py (backbone + exits); default: "
+                                                    "out/ckpt.pt if it exists, else the exits the repo ships "
+                                                    "(backbones/shapes-default-free.pt)"})
     image: str = field(default="", metadata={"help": "answer one question about this image file"})
     question: str = field(default="", metadata={"help": "the question to answer about --image"})
-    eval: bool = field(default=False, metadata={"help": "evaluate on --split and print the report"})
+    explain: bool = field(default=False, metadata={"help": "with --image: show every exit's answer and the rule's "
+                                                           "measure against its threshold, and why it left where it did"})
+    eval: bool = field(default=False, metadata={"help": "evaluate on --split, print the report and write it (--json, "
+                                                        "--plot)"})
     split: str = field(default="test", metadata={"help": "split to report on", "choices": ["train", "val", "test"]})
     rule: str = field(default="maxprob", metadata={"help": "exit rule (maxprob = FREE's)", "choices": list(RULES)})
     threshold: float = field(default=-1.0, metadata={"help": "exit threshold for --image (-1 = the calibrated one, "
@@ -54,12 +61,15 @@ class InferConfig:
                                                              "choices": ["guaranteed", "empirical"]})
     delta: float = field(default=0.1, metadata={"help": "guaranteed calibration: the probability that the promise fails "
                                                         "(over the draw of the calibration questions)"})
-    risk: str = field(default="", metadata={"help": "the loss calibration bounds: harm (an early answer loses credit the "
-                                                    "full model had; reads labels) or disagree (it differs from the full "
-                                                    "model's; reads none); '' = harm if the exits were trained with labels, "
-                                                    "else disagree", "choices": ["", *RISKS]})
-    json: str = field(default="", metadata={"help": "write the report to this JSON file"})
-    plot: str = field(default="", metadata={"help": "write the accuracy-vs-speedup and depth-profile figure to this PNG"})
+    risk: str = field(default="auto", metadata={"help": "the loss calibration bounds: harm (an early answer loses credit "
+                                                        "the full model had; reads labels) or disagree (it differs from "
+                                                        "the full model's; reads none); auto = harm if the exits were "
+                                                        "trained with labels, else disagree",
+                                                "choices": ["auto", *RISKS]})
+    json: str = field(default="", metadata={"help": "--eval: the report's JSON file (default: report.json in the "
+                                                    "checkpoint's folder)"})
+    plot: str = field(default="", metadata={"help": "--eval: the figure, accuracy vs speedup, depth profile and depth per "
+                                                    "family (default: speedup.png in the checkpoint's folder)"})
     batch_size: int = field(default=64, metadata={"help": "batch size of evaluation and of the batched timing"})
     timing_samples: int = field(default=256, metadata={"help": "questions timed per measurement (half of them at batch 1)"})
     repeats: int = field(default=5, metadata={"help": "timing rounds; the median is reported"})
@@ -466,7 +476,7 @@ def build_report(free, splits: dict, split_name: str, cfg: InferConfig) -> dict:
               "oracle": dict(zip(("avg_layers", "layer_speedup"), layer_speedup(free, oracle, probs["seq_len"])))}
     costs = unit_costs(free, val, torch.arange(min(32, len(val))), cfg.repeats) if cfg.timing else \
         flop_costs(free, val_probs["seq_len"])
-    risk = cfg.risk or ("harm" if free.cfg.label_fraction > 0 else "disagree")
+    risk = cfg.risk if cfg.risk != "auto" else ("harm" if free.cfg.label_fraction > 0 else "disagree")
     cal = calibrate(free, val, val_probs, cfg.rule, costs, cfg.max_drop, cfg.calibration, cfg.delta, risk)
     report["calibrated"] = calibrated_point(free, split, probs, cal, profile["final"], timing_ids, cfg)
     if cfg.calibration == "guaranteed":                    # the rule without a guarantee, for what it costs
@@ -591,29 +601,86 @@ def plot_report(r: dict, path: str) -> None:
 # ----------------------------------------------------------------------------------------------------
 # The command line
 # ----------------------------------------------------------------------------------------------------
+SHIPPED_EXITS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "backbones", "shapes-default-free.pt")
+
+
+def default_checkpoint() -> str:
+    """No --ckpt: train.py's output (out/ckpt.pt) if there is one, else the exits the repo ships."""
+    return "out/ckpt.pt" if os.path.isfile("out/ckpt.pt") else SHIPPED_EXITS
+
+
+def read_question(tokenizer, cfg: InferConfig, image_size: int) -> tuple[dict, list[str]]:
+    """The model's inputs for --image and --question (image (1, 3, H, W) in [0, 1], tokens and mask (1, T)),
+    and notes on what the model will not see as given: words no training question had, a question cut
+    to the tokens the model reads, an image unlike the ones it was trained on."""
+    if not os.path.isfile(cfg.image):
+        raise DataError(f"--image {cfg.image}: file not found")
+    image = load_image(cfg.image, image_size).float()[None] / 255.0           # (1, 3, H, W)
+    tokens, text_mask = encode_questions(tokenizer, [cfg.question])            # (1, T)
+    notes = []
+    unseen = unseen_words(tokenizer, cfg.question)
+    if unseen:
+        notes.append(f"no training question had the words {', '.join(unseen)}: the answer cannot rest on what they mean")
+    if tokenizer.encode(cfg.question).overflowing:
+        kept = tokenizer.decode(tokens[0].tolist(), skip_special_tokens=True).replace(" ##", "")
+        notes.append(f"the question is longer than the {tokens.shape[1]} tokens the model reads; it reads: \"{kept}\"")
+    with Image.open(cfg.image) as im:
+        mode, size = im.mode, im.size
+    if mode != "RGB" or size != (image_size, image_size):
+        notes.append(f"the image is {size[0]} x {size[1]} {mode}; the model sees it as {image_size} x {image_size} RGB "
+                     f"(it was trained on pictures like those of data.py --scene)")
+    return {"images": image, "tokens": tokens, "text_mask": text_mask}, notes
+
+
 @torch.no_grad()
-def answer_one(free, tokenizer, answers: list[str], image_size: int, cfg: InferConfig, threshold: float,
+def answer_one(free, answers: list[str], inputs: dict, rule: str, threshold: float,
                exits: list[int] | None = None) -> dict:
-    """Answer one question about one image file with early exit (evaluating the exits `exits`, default all)."""
-    if not cfg.question.strip():
-        raise DataError("--question is empty")
-    image = load_image(cfg.image, image_size).float()[None] / 255.0          # (1, 3, H, W)
-    tokens, text_mask = encode_questions(tokenizer, [cfg.question])           # (1, T)
+    """Answer one question with early exit (evaluating the exits `exits`, default all): the answer, its
+    probability, the exit it left at (K = the final layer) and where that is, in words."""
     device = next(free.parameters()).device
-    out = early_exit_predict(free, image.to(device), tokens.to(device), text_mask.to(device), rule=cfg.rule,
-                             threshold=threshold, exits=exits)
+    out = early_exit_predict(free, **to_device(inputs, device), rule=rule, threshold=threshold, exits=exits)
     k, L = out["exit"].item(), free.backbone.depth
     where = f"exit {k + 1} of {free.num_exits} (after layer {free.exit_layers[k]} of {L})" if k < free.num_exits \
         else f"the final layer ({L} of {L})"
-    return {"answer": answers[out["pred"].item()], "confidence": out["confidence"].item(), "exit": k, "where": where,
-            "unseen": unseen_words(tokenizer, cfg.question)}
+    return {"answer": answers[out["pred"].item()], "confidence": out["confidence"].item(), "exit": k, "where": where}
+
+
+@torch.no_grad()
+def explain(free, answers: list[str], inputs: dict, rule: str, threshold: float, exits: list[int] | None) -> list[str]:
+    """Why the question left where it did, exit by exit: each exit's answer and the rule's measure against
+    the threshold, whether this operating point evaluates that exit, and the final layer's answer."""
+    device, spec = next(free.parameters()).device, RULES[rule]
+    out = free.all_outputs(**to_device(inputs, device))
+    sign = ">=" if spec.high else "<="
+    lines = [f"exit by exit (rule {rule}: a question leaves at the first exit where {spec.what} {sign} {threshold:g}):"]
+    last, streak, left = None, torch.zeros(1), False
+    for k, logits in enumerate(out["exits"]):
+        name = f"  exit {k + 1} (after layer {free.exit_layers[k]}):"
+        probs = logits.float().softmax(dim=1)                                  # (1, A)
+        conf, pred = probs.max(dim=1)
+        if exits is not None and k not in exits:
+            lines.append(f"{name:<26} {answers[pred.item()]:<10} not evaluated at this operating point")
+            continue
+        streak = torch.ones(1) if last is None or pred != last else streak + 1
+        last, measure = pred, spec.measure(conf, probs, streak).item()
+        fires = bool(spec.fires(conf, probs, streak, threshold))
+        verdict = "(not run: the question had left)" if left else ("leaves here" if fires else "goes on")
+        mark = sign if fires else {">=": "<", "<=": ">"}[sign]
+        lines.append(f"{name:<26} {answers[pred.item()]:<10} {measure:.3f} {mark} {threshold:g}  {verdict}")
+        left = left or fires
+    conf, pred = out["final"].float().softmax(dim=1).max(dim=1)
+    lines.append(f"  {'final layer:':<24} {answers[pred.item()]:<10} {conf.item():.3f}"
+                 + ("" if left else "  answers (no exit fired)"))
+    return lines
 
 
 def unseen_words(tokenizer, question: str) -> list[str]:
-    """The question's words that are no word of the tokenizer's vocabulary: the training questions never
-    had them (the tokenizer still splits them into known characters, so the model answers regardless)."""
+    """The question's words (once each, punctuation left out) that are no word of the tokenizer's vocabulary:
+    the training questions never had them (the tokenizer still splits them into known characters, so the
+    model answers regardless)."""
     words = tokenizer.pre_tokenizer.pre_tokenize_str(tokenizer.normalizer.normalize_str(question))
-    return [w for w, _ in words if tokenizer.token_to_id(w) is None]
+    unseen = [w for w, _ in words if any(c.isalnum() for c in w) and tokenizer.token_to_id(w) is None]
+    return list(dict.fromkeys(unseen))
 
 
 def check_infer_config(cfg: InferConfig) -> None:
@@ -630,8 +697,16 @@ def check_infer_config(cfg: InferConfig) -> None:
         kind = "a whole number" if spec.whole else "a number"
         raise DataError(f"--threshold {t:g}: {cfg.rule} takes {kind} from {spec.bounds[0]:g} to {spec.bounds[1]:g} "
                         f"(or -1: the calibrated one)")
-    if bool(cfg.image) != bool(cfg.question):
-        raise DataError("--image and --question go together: give both")
+    if cfg.image and not cfg.question.strip():
+        raise DataError("--image needs a question: give --question with the text to answer (it is empty)")
+    if cfg.question and not cfg.image:
+        raise DataError("--question needs --image, the picture it asks about")
+    if cfg.eval and cfg.image:
+        raise DataError("--eval reports on a whole split and --image answers one question: give one of them")
+    if cfg.explain and not cfg.image:
+        raise DataError("--explain goes with --image and --question")
+    if not (cfg.eval or cfg.image):
+        raise DataError("nothing to do: give --eval, or --image and --question")
 
 
 def load_free(cfg: InferConfig):
@@ -666,30 +741,44 @@ def main(argv=None) -> None:
     cfg = config_from_args(InferConfig, p.parse_args(argv))
     try:
         check_infer_config(cfg)
-        if not (cfg.eval or cfg.image):
-            raise DataError("nothing to do: give --eval, or --image and --question")
         torch.set_num_threads(pick_threads(cfg.threads)[0])
+        if not cfg.ckpt:
+            cfg.ckpt = default_checkpoint()
+            print(f"checkpoint: {os.path.relpath(cfg.ckpt)} (--ckpt to choose)")
         free, tokenizer, answers, dcfg, state = load_free(cfg)
         free.to(pick_device(cfg.device))
         if cfg.eval:
-            splits, _, _ = load_data(dcfg, tokenizer, answers, only=tuple({"val", cfg.split}))
-            report = build_report(free, splits, cfg.split, cfg)
-            print_report(report, free)
-            for path, write in ((cfg.json, save_atomic), (cfg.plot, lambda p, r: plot_report(r, p))):
-                if path:
-                    write(path, report)
-                    print(f"wrote {path}")
+            report_command(free, tokenizer, answers, dcfg, cfg)
         else:
-            threshold, exits, how = pick_threshold(free, cfg, state.get("calibrated") or {})
-            out = answer_one(free, tokenizer, answers, state["model_config"]["image_size"], cfg, threshold, exits)
-            print(f"answer: {out['answer']}  (confidence {out['confidence']:.3f}; left at {out['where']}; rule "
-                  f"{cfg.rule}, {how})")
-            if out["unseen"]:
-                print(f"note: no training question had the words {', '.join(out['unseen'])}: the answer cannot rest on "
-                      f"what they mean")
+            answer_command(free, tokenizer, answers, state, cfg)
     except DataError as e:
         print(f"error: {e}", file=sys.stderr)
         raise SystemExit(2)
+
+
+def report_command(free, tokenizer, answers: list[str], dcfg, cfg: InferConfig) -> None:
+    """--eval: the report on --split, printed and written beside the checkpoint (or to --json / --plot)."""
+    splits, _, _ = load_data(dcfg, tokenizer, answers, only=tuple({"val", cfg.split}))
+    report = build_report(free, splits, cfg.split, cfg)
+    print_report(report, free)
+    folder = os.path.dirname(os.path.abspath(cfg.ckpt))
+    json_path, plot_path = cfg.json or os.path.join(folder, "report.json"), cfg.plot or os.path.join(folder, "speedup.png")
+    save_atomic(json_path, report)
+    plot_report(report, plot_path)
+    print(f"wrote {os.path.relpath(json_path)} and {os.path.relpath(plot_path)}")
+
+
+def answer_command(free, tokenizer, answers: list[str], state: dict, cfg: InferConfig) -> None:
+    """--image and --question: the answer, where it left and how the threshold was chosen (--explain: why)."""
+    threshold, exits, how = pick_threshold(free, cfg, state.get("calibrated") or {})
+    inputs, notes = read_question(tokenizer, cfg, state["model_config"]["image_size"])
+    out = answer_one(free, answers, inputs, cfg.rule, threshold, exits)
+    print(f"answer: {out['answer']}  (confidence {out['confidence']:.3f}; left at {out['where']}; rule "
+          f"{cfg.rule}, {how})")
+    if cfg.explain:
+        print("\n".join(explain(free, answers, inputs, cfg.rule, threshold, exits)))
+    for note in notes:
+        print(f"note: {note}")
 
 
 if __name__ == "__main__":

@@ -23,11 +23,9 @@ import os
 from dataclasses import dataclass, field
 from functools import partial
 
-import timm
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-from timm.layers import HybridEmbed
 
 
 @dataclass
@@ -95,6 +93,8 @@ def conv_stem(patch_size: int, width: int) -> nn.Module:
 def make_vit(cfg: ModelConfig) -> nn.Module:
     """The image encoder, a timm ViT without a head: the built-in small one (conv stem, random init), or the
     timm model --vit names (random init, --vit-weights, or timm's download with --vit-pretrained)."""
+    import timm                 # here, not at the top: its import takes seconds that -h and a bad flag need not wait
+    from timm.layers import HybridEmbed
     if cfg.vit:
         pretrained = cfg.vit_pretrained or bool(cfg.vit_weights)
         overlay = dict(pretrained_cfg_overlay=dict(file=cfg.vit_weights)) if cfg.vit_weights else {}
@@ -110,6 +110,7 @@ def make_vit(cfg: ModelConfig) -> nn.Module:
 def describe_timm_vit(name: str) -> dict:
     """What the pipeline needs to know of timm ViT `name`, from timm itself (a randomly initialised instance:
     nothing is downloaded): input size, patch size, width, and its data config's normalisation and resize."""
+    import timm
     vit = timm.create_model(name, pretrained=False, num_classes=0)
     data = timm.data.resolve_data_config({}, model=vit)
     return {"image_size": data["input_size"][-1], "patch_size": vit.patch_embed.patch_size[0], "vit_dim": vit.embed_dim,

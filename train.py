@@ -23,7 +23,6 @@ from collections import defaultdict
 from dataclasses import asdict, dataclass, field
 
 import numpy as np
-import timm
 import torch
 import torch.distributed as dist
 import torch.nn as nn
@@ -51,8 +50,10 @@ class TrainConfig:
     warmup_steps: int = field(default=300, metadata={"help": "stage-1 linear warm-up steps before the cosine decay"})
     grad_clip: float = field(default=1.0, metadata={"help": "stage-1 gradient-norm clip (0 = off)"})
     aux_weight: float = field(default=1.0, metadata={"help": "weight of stage 1's pixel-label loss (shapes data: ViT "
-                                                             "tokens predict the colour and shape under them; 0 = off, "
-                                                             "then the label-free aids are on, see LABEL_FREE)"})
+                                                             "tokens predict the colour and shape under them); 0 = off, "
+                                                             "and then two label-free aids teach the encoder instead (an "
+                                                             "answer head on its tokens, and each token reconstructing "
+                                                             "its patch)"})
     scene_weight: float = field(default=1.0, metadata={"help": "weight of stage 1's scene-fact loss (shapes data: "
                                                                  "the language model's [CLS] predicts the facts each "
                                                                  "answer is computed from, see SceneHeads; 0 = off)"})
@@ -84,6 +85,8 @@ PRESETS = {
     "base": dict(train_images=20000, val_images=1000, test_images=1000, dim=256, depth=12, heads=8, vit_dim=128,
                  vit_depth=2, epochs=12, batch_size=128, lr=5e-4, warmup_steps=1000),  # a bigger model, for a GPU
 }
+PRESET_USE = {"tiny": "a first look, seconds on a CPU", "default": "a 2-core CPU or a laptop GPU",
+              "base": "a bigger model, for a GPU"}
 SHIPPED_BACKBONE = "backbones/shapes-default.pt"   # the trained stage-1 backbone the repo ships (README)
 EVAL_BATCH = 256
 
@@ -95,7 +98,10 @@ def parse_args(argv=None):
     preset = pre.parse_known_args(argv)[0].preset
     p = Parser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--preset", default="default", choices=list(PRESETS),
-                   help="named defaults: tiny (seconds on a CPU), default (a 2-core CPU or a laptop GPU), base (a GPU)")
+                   help="named defaults: default (a 2-core CPU or a laptop GPU); " +
+                        "; ".join(f"{name} ({PRESET_USE[name]}) changes " + ", ".join(f"--{k.replace('_', '-')} {v}"
+                                  for k, v in PRESETS[name].items()) for name in PRESETS if PRESETS[name]) +
+                        ". The defaults shown below are those of the preset given")
     for cls in (DataConfig, ModelConfig, TrainConfig, ExitConfig):
         add_config_args(p, cls, PRESETS[preset])
     args = p.parse_args(argv)
@@ -732,6 +738,7 @@ def resume_state(tcfg: TrainConfig, dcfg: DataConfig, mcfg: ModelConfig, ecfg: E
 def adopt_timm_encoder(dcfg: DataConfig, mcfg: ModelConfig) -> None:
     """--vit NAME: the input size, patch size, width, normalisation, resize and crop come from timm's own
     description of the model; with --vit-weights, the file must fit it. ValueError naming the flag otherwise."""
+    import timm                                     # here: its import takes seconds a bad flag need not wait
     if not timm.is_model(mcfg.vit):
         raise ValueError(f"--vit {mcfg.vit}: not a timm model name (python -c \"import timm; print(timm.list_models('vit*'))\")")
     enc = describe_timm_vit(mcfg.vit)

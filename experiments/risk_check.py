@@ -64,7 +64,8 @@ def main(argv=None) -> None:
     p.add_argument("--splits", type=int, default=200, help="random calibration / held-out splits")
     p.add_argument("--max-drop", type=float, default=1.0, help="the promised accuracy drop, in points")
     p.add_argument("--delta", type=float, default=0.1, help="the guaranteed rule's failure probability")
-    p.add_argument("--risk", default="", choices=["", *infer.RISKS], help="the loss bounded ('' = as the report picks)")
+    p.add_argument("--risk", default="auto", choices=["auto", *infer.RISKS], help="the loss bounded (auto: as the "
+                   "report picks)")
     p.add_argument("--rule", default="maxprob", choices=list(infer.RULES), help="exit rule")
     p.add_argument("--threads", type=int, default=2, help="CPU threads for torch")
     p.add_argument("--device", default="auto", choices=["auto", "cuda", "mps", "cpu"],
@@ -81,7 +82,7 @@ def main(argv=None) -> None:
     free = infer.inference_copy(free.to(device))
     pool, probs = pooled(free, splits, 256)
     costs = infer.unit_costs(free, splits["val"], torch.arange(32), repeats=5)
-    risk = args.risk or ("harm" if free.cfg.label_fraction > 0 else "disagree")
+    risk = args.risk if args.risk != "auto" else ("harm" if free.cfg.label_fraction > 0 else "disagree")
     subset = lambda ids: {"final": probs["final"][ids], "exits": probs["exits"][:, ids], "seq_len": probs["seq_len"]}
     results = {"guaranteed": [], "empirical": []}
     for r in tqdm(range(args.splits), desc="re-splits", disable=None):

@@ -255,7 +255,61 @@ def test_a_missing_image_is_one_line_and_exit_2(report, tmp_path, capsys):
     with pytest.raises(SystemExit) as e:
         infer.main(["--ckpt", str(out / "ckpt.pt"), "--image", str(tmp_path / "nope.png"), "--question", "what?"])
     err = capsys.readouterr().err
-    assert e.value.code == 2 and err.startswith("error: ") and "nope.png" in err and err.count("\n") == 1, err
+    assert e.value.code == 2 and err == f"error: --image {tmp_path / 'nope.png'}: file not found\n", err
+
+
+def test_explain_shows_every_exit_against_its_threshold(report, tmp_path, capsys):
+    """--explain: one line per exit with its answer and the rule's measure against the threshold, the exit
+    the question left at marked as the answer line says, and the final layer's answer."""
+    out, _ = report
+    image, _, qas = data.make_image_with_questions(np.random.default_rng(5), ["query_color"])
+    Image.fromarray(image).save(tmp_path / "img.png")
+    for threshold, leaves in (("0", True), ("1", False)):
+        capsys.readouterr()
+        infer.main(["--ckpt", str(out / "ckpt.pt"), "--image", str(tmp_path / "img.png"), "--question", qas[0][1],
+                    "--threshold", threshold, "--explain", "--threads", "1"])
+        lines = capsys.readouterr().out.splitlines()
+        exit_line = next(l for l in lines if l.strip().startswith("exit 1 (after layer 2)"))
+        assert ("leaves here" in exit_line) == leaves and ("goes on" in exit_line) == (not leaves), lines
+        assert (">= " + threshold if leaves else "< " + threshold) in exit_line
+        assert any(l.strip().startswith("final layer:") for l in lines)
+        assert ("left at exit 1 of 1" in lines[0]) == leaves, lines[0]
+    capsys.readouterr()
+    infer.main(["--ckpt", str(out / "ckpt.pt"), "--image", str(tmp_path / "img.png"), "--question", qas[0][1],
+                "--rule", "entropy", "--threshold", "0.5", "--explain", "--threads", "1"])
+    printed = capsys.readouterr().out
+    assert "entropy / log A <= 0.5" in printed
+
+
+def test_notes_name_unseen_words_once_and_a_cut_question(report, tmp_path, capsys):
+    """Words no training question had are named once each, punctuation left out; a question longer than
+    the model reads is said to be cut, with what it reads."""
+    out, _ = report
+    image, _, _ = data.make_image_with_questions(np.random.default_rng(5), ["query_color"])
+    Image.fromarray(image).save(tmp_path / "img.png")
+    question = "zzz, and zzz and " + "what color is the circle " * 6 + "?"
+    infer.main(["--ckpt", str(out / "ckpt.pt"), "--image", str(tmp_path / "img.png"), "--question", question,
+                "--threads", "1"])
+    printed = capsys.readouterr().out
+    assert "no training question had the words zzz, and:" in printed
+    assert "longer than the 24 tokens the model reads" in printed
+
+
+def test_eval_writes_its_report_beside_the_checkpoint(report, tmp_path):
+    out, _ = report
+    ckpt = tmp_path / "ckpt.pt"
+    ckpt.write_bytes((out / "ckpt.pt").read_bytes())
+    infer.main(["--ckpt", str(ckpt), "--eval", "--no-timing", "--threads", "1", "--rule", "patience"])
+    assert json.loads((tmp_path / "report.json").read_text())["split"] == "test"
+    assert (tmp_path / "speedup.png").stat().st_size > 1000
+
+
+def test_without_ckpt_the_run_in_out_or_else_the_shipped_exits(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    assert infer.default_checkpoint() == infer.SHIPPED_EXITS and os.path.isfile(infer.SHIPPED_EXITS)
+    (tmp_path / "out").mkdir()
+    (tmp_path / "out" / "ckpt.pt").write_bytes(b"")
+    assert infer.default_checkpoint() == "out/ckpt.pt"
 
 
 # ---------------------------------------------------------------- the analyses, on hand-made inputs
@@ -359,7 +413,11 @@ def test_infer_errors_are_one_line(backbone, tmp_path, capsys):
              (["--ckpt", str(backbone), "--eval", "--calibration", "lucky"], "invalid choice: 'lucky'"),
              (["--ckpt", str(tmp_path / "broken" / "ckpt.pt"), "--eval"], "--ckpt"),
              (["--ckpt", str(backbone), "--eval", "--threshold", "-3"], "--threshold -3"),
-             (["--ckpt", str(backbone), "--image", "x.png"], "--image and --question go together")]
+             (["--ckpt", str(backbone), "--image", "x.png"], "--image needs a question"),
+             (["--ckpt", str(backbone), "--image", "x.png", "--question", " "], "--image needs a question"),
+             (["--ckpt", str(backbone), "--question", "what?"], "--question needs --image"),
+             (["--ckpt", str(backbone), "--eval", "--image", "x.png", "--question", "what?"], "give one of them"),
+             (["--ckpt", str(backbone), "--eval", "--explain"], "--explain goes with --image")]
     for args, message in cases:
         with pytest.raises(SystemExit) as e:
             infer.main(args)

@@ -217,7 +217,7 @@ def test_feature_matching_is_zero_when_the_exit_matches_the_final_layer():
 def test_rules_and_adversarial_terms_are_one_table_entry_each(monkeypatch):
     """A new exit rule is one entry of free_min.RULES: the early-exit forward and the simulation use it."""
     import infer
-    rule = free_min.ExitRule(lambda conf, probs, streak, t: probs[:, 1] >= t, lambda K: [0.5], 0.5, (0, 1))
+    rule = free_min.ExitRule(lambda conf, probs, streak: probs[:, 1], True, lambda K: [0.5], 0.5, (0, 1), "p(answer 1)")
     monkeypatch.setitem(free_min.RULES, "second", rule)              # leave when answer 1 is likely enough
     free = make_free(exit_layers="1,2,3,4")
     images, tokens, mask = inputs(12, seed=3)
