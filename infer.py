@@ -413,10 +413,23 @@ def calibrate(free, val, val_probs: dict, rule: str, costs: dict, max_drop: floa
                 best = {"threshold": t, "exit_layers": [free.exit_layers[k] for k in exits], "predicted_speedup": speedup,
                         **measured}
     setting = {"rule": rule, "calibration": calibration, "risk": risk, "max_drop": max_drop, "delta": delta,
-               "calibration_questions": len(val), "cost_model": costs}
+               "calibration_questions": len(val), "exit_sets": len(sets), "cost_model": costs}
     if best is None or best["predicted_speedup"] <= 1.0:        # none, or none faster than the full model
         return setting | {"threshold": None}
     return setting | best
+
+
+def questions_to_certify(eps: float, delta: float) -> int:
+    """The fewest calibration questions with which even a point that changes no answer (risk 0 on all of
+    them) is certified to risk <= eps at level delta: below it, Learn-then-Test can certify nothing."""
+    n = 1
+    while hb_pvalue(0.0, n, eps) > delta:
+        n *= 2
+    low, high = n // 2, n
+    while high - low > 1:
+        mid = (low + high) // 2
+        low, high = (mid, high) if hb_pvalue(0.0, mid, eps) > delta else (low, mid)
+    return high
 
 
 def promise(c: dict) -> str:
@@ -469,6 +482,7 @@ def build_report(free, splits: dict, split_name: str, cfg: InferConfig) -> dict:
     timing_ids = torch.randperm(len(split), generator=torch.Generator().manual_seed(0))[:cfg.timing_samples]
     oracle = oracle_exits(probs)
     report = {"split": split_name, "samples": len(split), "device": str(next(free.parameters()).device),
+              "batch_size": cfg.batch_size,
               "threads": torch.get_num_threads(), "full": {"accuracy": profile["final"], "layers": free.backbone.depth},
               "exits": profile["exits"],
               "mid_crisis": {"free_exits": mid_crisis(profile), "raw_readout": mid_crisis(profile, "raw_accuracy")},
@@ -503,21 +517,41 @@ def print_report(r: dict, free) -> None:
     print(f"overthinking: {o['fixable_pct']:.2f}% of questions are right at some exit but wrong at the final layer; "
           f"{o['early_right_pct_of_final_right']:.1f}% of those the final layer gets right were already right at an exit")
     timed = "wallclock_speedup" in r["sweep"][0]
+    print("sweep, every exit evaluated (layers: language-model layers run, on average; layer x: the paper's view, "
+          f"{free.backbone.depth} / (layers run + exits evaluated x an exit's cost in layers)" +
+          (f"; clock x: measured wall-clock speedup, batches of {r['batch_size']})" if timed else ")"))
     print(f"{'rule':<9}{'thr':>7}{'acc %':>8}{'layers':>8}{'layer x':>9}" + (f"{'clock x':>9}" if timed else ""))
     for s in r["sweep"]:
         print(f"{s['rule']:<9}{s['threshold']:>7g}{s['accuracy']:>8.2f}{s['avg_layers']:>8.2f}{s['layer_speedup']:>9.2f}" +
               (f"{s['wallclock_speedup']:>9.2f}" if timed else ""))
+    if timed:
+        print(timing_noise(r["sweep"], free.backbone.depth))
     print(f"oracle (every question leaves at the earliest exit that gives the final layer's answer): "
           f"{r['oracle']['avg_layers']:.2f} layers, layer speedup {r['oracle']['layer_speedup']:.2f}x")
     print(format_calibrated(r["calibrated"], r.get("empirical")))
     print_per_family(r)
 
 
+def timing_noise(sweep: list[dict], depth: int) -> str:
+    """What the clock column is worth here: where no question leaves early, early exit does the full model's
+    work, so its speedup there is timing noise alone."""
+    idle = [s["wallclock_speedup"] for s in sweep if s["avg_layers"] >= depth - 1e-9]
+    if not idle:
+        return "(every threshold lets some question leave early, so the noise of the clock column is not seen here)"
+    spread = f"{min(idle):.2f}-{max(idle):.2f}x"
+    if max(idle) / min(idle) > 1.25 or abs(math.log(max(idle))) > 0.2 or abs(math.log(min(idle))) > 0.2:
+        return (f"warning: where no question leaves early the clock reads {spread} (it should read 1.00x): timing is "
+                f"noisy here (other work on this machine, or too few --timing-samples); trust the layer column")
+    return f"where no question leaves early the clock reads {spread} (1.00x would be no noise)"
+
+
 def print_per_family(r: dict) -> None:
     """The per-family table: accuracy at every exit and at the final layer; at the calibrated point, the
     mean layers run, the accuracy and where the questions leave."""
     layers = [e["layer"] for e in r["exits"]]
-    print("per family (accuracy % with every question leaving at the exit; at the calibrated point):")
+    point = "at the calibrated point" if r["calibrated"]["threshold"] is not None else \
+        "no calibrated point, so its columns stay empty"
+    print(f"per family (accuracy % with every question leaving at the exit; {point}):")
     print(f"  {'family':<13}" + "".join(f"{'L' + str(l):>7}" for l in layers) + f"{'final':>7}  | {'layers':>6} {'acc':>6}  leave at")
     for fam, d in r["per_family"].items():
         row = f"  {fam:<13}" + "".join(f"{a:>7.1f}" for a in d["exits"]) + f"{d['final']:>7.1f}  |"
@@ -529,7 +563,13 @@ def print_per_family(r: dict) -> None:
 def format_calibrated(c: dict, plain: dict | None = None) -> str:
     """The calibrated point, its promise and (plain: the empirical rule's point) what the promise costs."""
     if c["threshold"] is None:
-        return f"calibrated ({c['calibration']}, {c['risk']}): no threshold {c['rule']} keeps the promise on val"
+        line = f"calibrated ({c['calibration']}, {c['risk']}): no threshold {c['rule']} keeps the promise on val"
+        need = questions_to_certify(c["max_drop"] / 100, c["delta"] / c.get("exit_sets", 1))
+        if c["calibration"] == "guaranteed" and c["calibration_questions"] < need:
+            line += (f": with {c['calibration_questions']} calibration questions not even a point that changes no "
+                     f"answer can be certified to a drop <= {points(c['max_drop'])} (that takes {need}; more "
+                     f"--val-images, or a larger --max-drop)")
+        return line + "; every question runs the full model"
     line = (f"calibrated on val ({c['calibration']}, risk {c['risk']}; {c['rule']} threshold {c['threshold']:g}, exits "
             f"after layers {','.join(map(str, c['exit_layers']))}): accuracy {c['accuracy']:.2f}% (drop "
             f"{c['accuracy_drop']:+.2f} pts), {c['avg_layers']:.2f} layers, layer speedup {c['layer_speedup']:.2f}x"
@@ -558,41 +598,53 @@ def plot_per_family(ax, r: dict, layers: list[int]) -> None:
     """Per family: accuracy at each exit and the final layer (lines), and the calibrated point's mean layers
     run and accuracy (a star on the family's line colour): where depth matters and who goes deep."""
     depth = r["full"].get("layers", layers[-1] + 2)
+    starred = False
     for fam, d in r["per_family"].items():
         line, = ax.plot(layers + [depth], d["exits"] + [d["final"]], "o-", ms=3, label=fam)
         if "avg_layers" in d:
             ax.plot([d["avg_layers"]], [d["accuracy"]], "*", ms=12, color=line.get_color())
-    ax.set(xlabel="language-model layer (stars: the calibrated point's mean layers run)", ylabel="accuracy (%)",
-           title="per family")
-    ax.legend(fontsize=7)
+            starred = True
+    stars = " (stars: the calibrated point's mean layers run)" if starred else ""
+    ax.set(xlabel="language-model layer" + stars, ylabel="accuracy (%)", title="per family: where depth matters")
+    ax.legend(fontsize=7, loc="lower right")
 
 
 def plot_report(r: dict, path: str) -> None:
-    """Accuracy vs speedup per rule (the calibrated point marked) and exit accuracy vs depth."""
+    """Accuracy vs speedup per rule (the calibrated point and the promised limit marked), exit accuracy vs
+    depth, and the same per family."""
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
-    fig, (ax1, ax2, ax3) = plt.subplots(1, 3, figsize=(16, 4.2))
+    from matplotlib.ticker import MaxNLocator
+    fig, (ax1, ax2, ax3) = plt.subplots(1, 3, figsize=(16, 4.4))
     timed = "wallclock_speedup" in r["sweep"][0]
     key = "wallclock_speedup" if timed else "layer_speedup"            # measured if timed, else the layer view
     for rule in RULES:
         rows = sorted((s for s in r["sweep"] if s["rule"] == rule), key=lambda s: s[key])
         ax1.plot([s[key] for s in rows], [s["accuracy"] for s in rows], "o-", ms=3, label=rule)
-    ax1.plot([1.0], [r["full"]["accuracy"]], "ks", label="full model")
-    c = r["calibrated"]
+    full, c = r["full"]["accuracy"], r["calibrated"]
+    ax1.plot([1.0], [full], "ks", label="full model")
+    ax1.axhline(full - c["max_drop"], color="grey", ls="--", lw=1, label=f"the {points(c['max_drop'])} limit")
     if c["threshold"] is not None:
         ax1.plot([c["wallclock_speedup_batched" if timed else "layer_speedup"]], [c["accuracy"]], "r*", ms=14,
                  label=f"calibrated ({c['rule']})")
-    ax1.set(xlabel=f"wall-clock speedup (batched, {r['device']})" if timed else "layer speedup", ylabel="accuracy (%)",
-            title="accuracy vs speedup")
-    ax1.legend()
+    lowest = min(s["accuracy"] for s in r["sweep"])
+    ax1.set_ylim(min(lowest, full - 5) - 1, max(full, max(s["accuracy"] for s in r["sweep"])) + 1)
+    ax1.set(xlabel=f"wall-clock speedup (batches of {r.get('batch_size', '?')}, {r['device']})" if timed else
+            "layer speedup", ylabel="accuracy (%)", title="accuracy vs speedup")
+    ax1.legend(fontsize=8, loc="lower left")
     layers = [e["layer"] for e in r["exits"]]
     ax2.plot(layers, [e["accuracy"] for e in r["exits"]], "o-", label="FREE exits")
     ax2.plot(layers, [e["raw_accuracy"] for e in r["exits"]], "x--", label="raw readout (no exit layer)")
-    ax2.axhline(r["full"]["accuracy"], color="k", ls=":", label="final layer")
+    ax2.axhline(full, color="k", ls=":", label="final layer")
+    shown = [full] + [e[k] for e in r["exits"] for k in ("accuracy", "raw_accuracy")]
+    middle, half = (max(shown) + min(shown)) / 2, max(6.0, (max(shown) - min(shown)) / 2 + 2)
+    ax2.set_ylim(middle - half, middle + half)                 # at least 12 points: rounding noise stays flat
     ax2.set(xlabel="language-model layer", ylabel="accuracy (%)", title="depth profile")
-    ax2.legend()
+    ax2.legend(fontsize=8, loc="lower right")
     plot_per_family(ax3, r, layers)
+    for ax in (ax2, ax3):
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)

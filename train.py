@@ -80,7 +80,7 @@ class TrainConfig:
 # Named presets: overrides of the dataclass defaults (default = the dataclass defaults).
 PRESETS = {
     "tiny": dict(train_images=300, val_images=40, test_images=40, dim=64, depth=4, heads=2, epochs=4, batch_size=32,
-                 warmup_steps=20, lr=2e-3, exit_epochs=2, final_eval=False),          # seconds, for a first look
+                 warmup_steps=20, lr=2e-3, exit_epochs=2),                            # a first look, in a minute
     "default": dict(),                                                                # a 2-core CPU or a laptop GPU
     "base": dict(train_images=20000, val_images=1000, test_images=1000, dim=256, depth=12, heads=8, vit_dim=128,
                  vit_depth=2, epochs=12, batch_size=128, lr=5e-4, warmup_steps=1000),  # a bigger model, for a GPU

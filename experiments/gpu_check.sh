@@ -13,8 +13,8 @@ limit=${2:-540}
 cd "$(dirname "$0")/.."
 mkdir -p "$out"
 if [ "${DRY_RUN:-0}" = 1 ]; then
-    device=cpu; main=(--preset tiny); tiny=(--preset tiny --train-images 40 --val-images 8 --test-images 8 --epochs 1)
-    report=(--timing-samples 8 --repeats 1 --split val)
+    device=cpu; tiny=(--preset tiny --train-images 40 --val-images 8 --test-images 8 --epochs 1 --exit-epochs 1)
+    main=("${tiny[@]}"); report=(--timing-samples 4 --repeats 1 --split val)
 else
     device=cuda; main=(); tiny=(--preset tiny); report=()
 fi

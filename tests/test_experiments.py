@@ -1,6 +1,7 @@
 """experiments/compare.py: the comparison table, checked by hand on made-up runs."""
 import json
 import os
+import subprocess
 import sys
 from dataclasses import asdict
 
@@ -10,7 +11,8 @@ import torch
 import data
 import free_min
 
-sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "experiments"))
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, os.path.join(ROOT, "experiments"))
 import compare  # noqa: E402
 
 
@@ -123,3 +125,16 @@ def test_object_patches_put_one_object_in_each_visual_token():
         first = x[i, 0, 0]                                            # object 0: colour, shape one-hot, then x
         assert first[:6].argmax() == objs[0][0] and first[6:10].argmax() == objs[0][1]
         assert abs(float(first[10]) - (objs[0][2] / 32 - 1)) < 1e-2
+
+
+def test_the_gpu_check_runs_its_three_steps_in_its_cpu_dry_run(tmp_path):
+    """experiments/gpu_check.sh with DRY_RUN=1: the main command, torchrun (one process, gloo here) and the
+    shipped exits' report each run to the end on the CPU with tiny settings, and the summary says so."""
+    proc = subprocess.run(["bash", "experiments/gpu_check.sh", str(tmp_path), "300"], cwd=ROOT, capture_output=True,
+                          text=True, timeout=400, env=dict(os.environ, DRY_RUN="1"))
+    assert proc.returncode == 0, proc.stderr
+    summary = (tmp_path / "summary.txt").read_text().splitlines()
+    assert [line.split(":")[0] for line in summary] == ["main", "torchrun", "report"]
+    assert all(": exit 0," in line for line in summary), summary
+    assert json.loads((tmp_path / "report.json").read_text())["device"] == "cpu"
+    assert (tmp_path / "main" / "report.json").is_file() and (tmp_path / "torchrun" / "ckpt.pt").is_file()
