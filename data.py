@@ -447,17 +447,27 @@ def make_image_with_questions(rng, families: list[str], image_size: int = 64):
                                                                for f, (q, a, facts) in qas]
 
 
+def family_plan(n_images: int, questions_per_image: int, seed: int, weights: dict | None = None) -> list[list[str]]:
+    """The family of every question slot: rotating over FAMILIES, so that each is ~1/6 of the questions; or,
+    with weights (family -> weight), each drawn in proportion to them (a family may then be asked twice
+    about one image)."""
+    if weights is None:
+        return [[FAMILIES[(i * questions_per_image + j) % len(FAMILIES)] for j in range(questions_per_image)]
+                for i in range(n_images)]
+    p = np.array([weights[f] for f in FAMILIES], dtype=np.float64)
+    drawn = np.random.default_rng([seed, 1]).choice(len(FAMILIES), size=(n_images, questions_per_image), p=p / p.sum())
+    return [[FAMILIES[k] for k in row] for row in drawn]
+
+
 def generate_shapes_split(n_images: int, questions_per_image: int, seed: int, image_size: int = 64,
-                          first_image_id: int = 0):
-    """A split of the shapes set. Families rotate over question slots so each is ~1/6 of the questions.
-    Returns images uint8 (n, H, W, 3), a list of question records and pixel labels uint8 (n, 2, H, W)."""
+                          first_image_id: int = 0, family_weights: dict | None = None):
+    """A split of the shapes set, its question families as family_plan makes them. Returns images uint8
+    (n, H, W, 3), a list of question records and pixel labels uint8 (n, 2, H, W)."""
     rng = np.random.default_rng(seed)
     images = np.empty((n_images, image_size, image_size, 3), dtype=np.uint8)
     labels = np.empty((n_images, 2, image_size, image_size), dtype=np.uint8)
     records = []
-    for i in range(n_images):
-        start = (i * questions_per_image) % len(FAMILIES)
-        fams = [FAMILIES[(start + j) % len(FAMILIES)] for j in range(questions_per_image)]
+    for i, fams in enumerate(family_plan(n_images, questions_per_image, seed, family_weights)):
         images[i], objs, qas = make_image_with_questions(rng, fams, image_size)
         labels[i] = scene_labels(objs, image_size)
         image_id = first_image_id + i
@@ -482,36 +492,44 @@ def shapes_splits(cfg: DataConfig, only: tuple[str, ...] = ("train", "val", "tes
     return splits
 
 
-def fresh_scenes(cfg: DataConfig, epoch: int):
+def fresh_scenes(cfg: DataConfig, epoch: int, family_weights: dict | None = None):
     """The raw shapes train split of epoch `epoch` >= 1 (generate_shapes_split's output): as many new scenes
     as --train-images (seed data_seed * 1000 + 2 + epoch, where epoch 0 uses + 0 and val and test + 1 and
     + 2). The generator is unlimited, so no epoch repeats another's images, and the model cannot learn the
     training scenes by heart."""
     return generate_shapes_split(cfg.train_images, cfg.questions_per_image, cfg.data_seed * 1000 + 2 + epoch,
-                                 cfg.image_size, 1)
+                                 cfg.image_size, 1, family_weights)
 
 
-def fresh_train_split(cfg: DataConfig, epoch: int, tokenizer: Tokenizer, answers: list[str]) -> "Split":
+def fresh_train_split(cfg: DataConfig, epoch: int, tokenizer: Tokenizer, answers: list[str],
+                      family_weights: dict | None = None) -> "Split":
     """The shapes train split of epoch `epoch` >= 1 (fresh_scenes), tokenized."""
-    return make_split(*fresh_scenes(cfg, epoch), tokenizer, {a: i for i, a in enumerate(answers)})
+    return make_split(*fresh_scenes(cfg, epoch, family_weights), tokenizer, {a: i for i, a in enumerate(answers)})
 
 
 class TrainScenes:
     """The train split of every epoch of stage 1 on shapes data: epoch 0's is `first`, each later one is
     fresh_train_split's, drawn in a background process while the epoch before it trains (drawing 6,000
-    scenes takes seconds during which a GPU would wait). Call it with the epoch; close() when done."""
+    scenes takes seconds during which a GPU would wait). Call it with the epoch; close() when done.
+    `weights` (family -> weight, or None: families in turn) is what the epochs not yet started are drawn
+    with; `drawn_with` records, per epoch started, the weights it was drawn with."""
 
-    def __init__(self, cfg: DataConfig, first: "Split", tokenizer: Tokenizer, answers: list[str], epochs: int):
+    def __init__(self, cfg: DataConfig, first: "Split", tokenizer: Tokenizer, answers: list[str], epochs: int,
+                 background: bool = True):
         self.cfg, self.first, self.tokenizer, self.epochs = cfg, first, tokenizer, epochs
         self.answer_to_idx = {a: i for i, a in enumerate(answers)}
+        self.weights, self.drawn_with = None, {}
         self.pending = {}                                            # epoch -> future of fresh_scenes(cfg, epoch)
-        # spawn: a fresh interpreter, which shares no threads or locks with the training process
-        self.pool = ProcessPoolExecutor(max_workers=1, mp_context=multiprocessing.get_context("spawn"))
+        # spawn: a fresh interpreter, which shares no threads or locks with the training process (background
+        # False: drawn here, in this process, when asked for; for code that changes the generator in place)
+        self.pool = ProcessPoolExecutor(max_workers=1, mp_context=multiprocessing.get_context("spawn")) \
+            if background else None
 
     def start(self, epoch: int) -> None:
         """Begin drawing epoch `epoch`'s scenes in the background (if it is a later epoch of this run)."""
         if 1 <= epoch < self.epochs and epoch not in self.pending:
-            self.pending[epoch] = self.pool.submit(fresh_scenes, self.cfg, epoch)
+            weights = self.drawn_with.setdefault(epoch, self.weights)
+            self.pending[epoch] = self.pool.submit(fresh_scenes, self.cfg, epoch, weights) if self.pool else None
 
     def __call__(self, epoch: int) -> "Split":
         """Epoch `epoch`'s train split (waiting for its scenes only if they are not drawn yet); the next
@@ -520,10 +538,21 @@ class TrainScenes:
         self.start(epoch + 1)
         if epoch == 0:
             return self.first
-        return make_split(*self.pending.pop(epoch).result(), self.tokenizer, self.answer_to_idx)
+        future = self.pending.pop(epoch)
+        scenes = future.result() if future else fresh_scenes(self.cfg, epoch, self.drawn_with[epoch])
+        return make_split(*scenes, self.tokenizer, self.answer_to_idx)
+
+    def progress(self, epoch: int) -> dict:
+        """After epoch `epoch`: what a resumed run needs to draw the next epochs as this one does."""
+        return {"weights": self.weights, "next": self.drawn_with.get(epoch + 1)}
+
+    def resume(self, progress: dict, epoch: int) -> None:
+        """Continue from progress(epoch - 1) of an interrupted run, at epoch `epoch`."""
+        self.weights, self.drawn_with[epoch] = progress["weights"], progress["next"]
 
     def close(self) -> None:
-        self.pool.shutdown(wait=False, cancel_futures=True)
+        if self.pool:
+            self.pool.shutdown(wait=False, cancel_futures=True)
 
 
 def write_vqa_format(cfg: DataConfig, out_dir: str) -> None:

@@ -31,7 +31,7 @@ from tokenizers import Tokenizer
 from tqdm import tqdm
 
 import infer
-from data import (COLORS, FACTS, SHAPES, DataConfig, DataError, Parser, TrainScenes, add_config_args, batches,
+from data import (COLORS, FACTS, FAMILIES, SHAPES, DataConfig, DataError, Parser, TrainScenes, add_config_args, batches,
                   check_data_config, config_from_args, fact_classes, load_data, majority_baseline, pick_device,
                   pick_threads, save_atomic, to_device)
 from free_min import (FREE, METHODS, ExitConfig, build_from_checkpoint, check_exit_config, discriminator_loss,
@@ -61,6 +61,11 @@ class TrainConfig:
                                                              "layer: the model chooses where it computes them) or "
                                                              "middle (the reference and the counts after layer L/2, the "
                                                              "target after 3L/4)", "choices": ["final", "late", "middle"]})
+    sample_families: str = field(default="uniform", metadata={"help": "shapes data, stage 1: uniform (every family "
+                                                                    "asked as often) or by-error (each epoch's scenes "
+                                                                    "ask each family in proportion to its training "
+                                                                    "error, see family_weights)",
+                                                            "choices": ["uniform", "by-error"]})
     seed: int = field(default=0, metadata={"help": "seed of initialisation, batch order and labelled fraction"})
     device: str = field(default="auto", metadata={"help": "auto (cuda, then mps, then cpu), cuda, mps or cpu",
                                                   "choices": ["auto", "cuda", "mps", "cpu"]})
@@ -402,12 +407,33 @@ def backbone_step(model: VLM, heads: dict, opt, scaler, split, ids, tcfg: TrainC
     return loss.item(), logits.detach()
 
 
+# Spend the steps where the learning is (--sample-families by-error): the easy families are learned in a
+# third of stage 1, and after that their questions teach little. Each later epoch's scenes then ask every
+# family in proportion to its error on the training questions of the epoch before (the floor keeps the
+# learned ones from being forgotten). The training questions, not val: no choice is made on val here.
+FAMILY_FLOOR = 0.05
+
+
+def family_weights(per_family_accuracy: dict[str, float], families: list[str]) -> dict[str, float]:
+    """Family -> sampling weight: its error rate plus FAMILY_FLOOR (1 + floor for a family not yet seen)."""
+    return {f: 1 - per_family_accuracy.get(f, 0.0) / 100 + FAMILY_FLOOR for f in families}
+
+
+def family_accuracy(split, ids: torch.Tensor, scores: torch.Tensor) -> dict[str, list[float]]:
+    """Per family of questions `ids`: [sum of scores, count], for an epoch's running per-family accuracy."""
+    sums = defaultdict(lambda: [0.0, 0.0])
+    for i, s in zip(ids.tolist(), scores.tolist()):
+        fam = sums[split.records[i]["family"]]
+        fam[0], fam[1] = fam[0] + s, fam[1] + 1
+    return sums
+
+
 def train_backbone(model: VLM, splits: dict, tcfg: TrainConfig, device, dtype, save, state: dict | None,
-                   train_split=None) -> None:
-    """Stage 1: the whole VLM (and its auxiliary heads) on the train split of each epoch (train_split(epoch),
-    default: splits['train'] every epoch); val accuracy per family and a checkpoint (save(epoch, step, opt,
-    scaler, heads)) after every epoch. `state` continues an interrupted run."""
-    train_split = train_split or (lambda epoch: splits["train"])
+                   scenes=None) -> None:
+    """Stage 1: the whole VLM (and its auxiliary heads) on the train split of each epoch (scenes(epoch), a
+    data.TrainScenes; None: splits['train'] every epoch); val accuracy per family and a checkpoint (save(epoch,
+    step, opt, scaler, heads)) after every epoch. `state` continues an interrupted run."""
+    train_split = scenes or (lambda epoch: splits["train"])
     train = splits["train"]
     trainable = torch.nonzero(train.trainable()).squeeze(1)                 # questions with an answer to learn
     heads = {name: (w, h.to(device)) for name, (w, h) in aux_heads(model, train, tcfg).items()}
@@ -423,23 +449,33 @@ def train_backbone(model: VLM, splits: dict, tcfg: TrainConfig, device, dtype, s
         trainable = torch.nonzero(train.trainable()).squeeze(1)
         bar = progress_bar(list(batches(len(trainable), tcfg.batch_size, shuffle=True)), f"backbone {epoch + 1}/{tcfg.epochs}")
         loss_sum = hit_sum = seen = 0
+        by_family = defaultdict(lambda: [0.0, 0.0])
         for ids in bar:
             for group in opt.param_groups:
                 group["lr"] = get_lr(step, total_steps, tcfg) * group.get("lr_scale", 1.0)
             ids, weight = shard(trainable[ids])                         # all of the batch in one process
             loss, logits = backbone_step(model, heads, opt, scaler, train, ids, tcfg, device, dtype, weight)
             step, seen, loss_sum = step + 1, seen + len(ids), loss_sum + loss * len(ids)
-            hit_sum += train.score(ids, logits.argmax(dim=1).cpu()).sum().item()
+            scores = train.score(ids, logits.argmax(dim=1).cpu())
+            hit_sum += scores.sum().item()
+            for fam, (s, n) in family_accuracy(train, ids, scores).items():
+                by_family[fam][0], by_family[fam][1] = by_family[fam][0] + s, by_family[fam][1] + n
             clock.tick()
             bar.set_postfix(loss=f"{loss_sum / seen:.3f}", acc=f"{100 * hit_sum / seen:.1f}%")
         loss_sum, hit_sum, seen = all_sum([loss_sum, hit_sum, seen])
+        if tcfg.sample_families == "by-error" and scenes is not None:
+            names = sorted(by_family)
+            totals = all_sum([x for f in names for x in by_family[f]])
+            accuracy = {f: 100 * totals[2 * i] / totals[2 * i + 1] for i, f in enumerate(names)}
+            scenes.weights = family_weights(accuracy, list(FAMILIES))
         if is_main():
             res = evaluate(model, splits["val"], device)
             print(f"epoch {epoch + 1}/{tcfg.epochs}  loss {loss_sum / seen:.3f}  train acc {100 * hit_sum / seen:.1f}%  "
                   f"val acc {res['accuracy']:.1f}%  ({clock.elapsed():.0f}s)")
             log_json(tcfg.out, {"stage": "backbone", "epoch": epoch + 1, "step": step, "train_loss": loss_sum / seen,
                                 "train_accuracy": 100 * hit_sum / seen, "val_accuracy": res["accuracy"],
-                                "val_per_family": res["per_family"], "time_s": round(clock.elapsed(), 1)})
+                                "val_per_family": res["per_family"], "time_s": round(clock.elapsed(), 1),
+                                "family_weights": scenes.weights if scenes is not None else None})
             save(epoch, step, opt, scaler, heads)
         wait_for_main()
 
@@ -685,7 +721,8 @@ def export_checkpoint(path: str, ckpt: str) -> None:
     """A run's checkpoint, small enough to ship (how backbones/ is made): fp16 weights (loaded back in fp32),
     the configs, tokenizer, answers, the backbone's test accuracy (tests/test_shipped_backbone.py checks that it is
     still reached) and, after stage 2, the exits and their calibrated point; no optimizer or RNG state."""
-    state = {k: v for k, v in load_checkpoint(ckpt).items() if k not in ("optimizer", "scaler", "rng", "aux", "step", "epoch")}
+    state = {k: v for k, v in load_checkpoint(ckpt).items() if k not in ("optimizer", "scaler", "rng", "aux", "step", "epoch",
+                                                                          "scenes")}
     for key in ("model", "exits"):
         if key in state:
             state[key] = {k: v.half() if v.is_floating_point() else v for k, v in state[key].items()}
@@ -695,7 +732,7 @@ def export_checkpoint(path: str, ckpt: str) -> None:
 
 # Flags whose change would make a resumed run follow another schedule than the one it started.
 SCHEDULE = {"backbone": ("epochs", "batch_size", "lr", "weight_decay", "warmup_steps", "grad_clip", "aux_weight",
-                         "scene_weight", "scene_at", "seed"),
+                         "scene_weight", "scene_at", "sample_families", "seed"),
             "exits": ("batch_size", "seed")}
 DERIVED = ("vocab_size", "num_answers", "max_text_len", "image_size", "pixel_mean", "pixel_std", "patch_size",
            "vit_dim", "crop_pct", "interpolation")   # set from the data or the encoder, not by the flags
@@ -811,13 +848,17 @@ def run_backbone(splits, tokenizer, answers, dcfg, mcfg, tcfg, device, dtype, st
         cache_patches(model, splits, device, dtype)
     ckpt = os.path.join(tcfg.out, "ckpt.pt")
 
+    # shapes data: new training scenes every epoch (data.TrainScenes), which cannot be learned by heart
+    scenes = TrainScenes(dcfg, splits["train"], tokenizer, answers, tcfg.epochs) if dcfg.data == "shapes" else None
+    if scenes is not None and (state or {}).get("scenes"):
+        scenes.resume(state["scenes"], state["epoch"] + 1)
+
     def save(epoch, step, opt, scaler, heads):
         save_atomic(ckpt, {"model": model.state_dict(), "model_config": asdict(mcfg), "data_config": asdict(dcfg),
                            "train_config": asdict(tcfg), "answers": answers, "tokenizer": tokenizer.to_str(),
                            "optimizer": opt.state_dict(), "scaler": scaler.state_dict(), "step": step, "epoch": epoch,
-                           "rng": rng_state(), "aux": {k: h.state_dict() for k, (_, h) in heads.items()}})
-    # shapes data: new training scenes every epoch (data.TrainScenes), which cannot be learned by heart
-    scenes = TrainScenes(dcfg, splits["train"], tokenizer, answers, tcfg.epochs) if dcfg.data == "shapes" else None
+                           "rng": rng_state(), "aux": {k: h.state_dict() for k, (_, h) in heads.items()},
+                           "scenes": None if scenes is None else scenes.progress(epoch)})
     try:
         train_backbone(model, splits, tcfg, device, dtype, save, state, scenes)
     except FloatingPointError as e:

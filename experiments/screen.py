@@ -86,6 +86,18 @@ def object_patches(split, patch_size: int, width: int, merge: int = 2):
     return split
 
 
+class SeenScenes(data.TrainScenes):
+    """The train split of every epoch, seen through `see` (an oracle's perception, or as it is)."""
+
+    def __init__(self, see, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.see = see
+
+    def __call__(self, epoch: int):
+        split = super().__call__(epoch)
+        return split if epoch == 0 else self.see(split)
+
+
 def blind_score(objs: list, question: str, answer: str) -> float:
     """The expected score on one `relate` question of a model that sees every object's colour and shape but
     not where it is: it names the asked attribute of one of the objects other than the reference, at random."""
@@ -146,15 +158,16 @@ def proxy_run(seed: int, out: str, flags: list[str], oracle: str, pos_std: float
     if pos_std:     # the question's and the image's position embeddings at this scale (the core: std 0.02)
         for pos in (model.text_pos, model.visual_pos):
             torch.nn.init.normal_(pos, std=pos_std)
-    fresh = lambda epoch: splits["train"] if epoch == 0 else data.fresh_train_split(dcfg, epoch, tok, answers)
+    see = lambda split: split
     if oracle:
         see = {"patches": lambda split: oracle_patches(split, mcfg.patch_size, mcfg.vit_dim),
                "objects": lambda split: object_patches(split, mcfg.patch_size, mcfg.vit_dim, mcfg.merge)}[oracle]
         splits = {name: see(split) for name, split in splits.items()}
-        fresh = (lambda f: lambda epoch: see(f(epoch)))(fresh)
+    # drawn in this process: the generator is changed in place here (screen), which a worker would not see
+    scenes = SeenScenes(see, dcfg, splits["train"], tok, answers, tcfg.epochs, background=False)
     heads = {}
     keep_heads = lambda epoch, step, opt, scaler, trained: heads.update(trained)     # in place of a checkpoint
-    train.train_backbone(model, splits, tcfg, device, dtype, keep_heads, None, fresh)
+    train.train_backbone(model, splits, tcfg, device, dtype, keep_heads, None, scenes)
     res = train.evaluate(model, splits["val"], device)
     facts = fact_accuracy(model, heads["scene"][1], splits["val"], device) if "scene" in heads else {}
     return {"accuracy": res["per_family"], "majority": data.majority_baseline(splits["train"], splits["val"]),

@@ -113,3 +113,26 @@ def test_threads_default_to_the_cores_other_work_leaves_free(monkeypatch):
         threads, why = data.pick_threads(0)
         assert threads == expected and "2 cores" in why
     assert data.pick_threads(3) == (3, "--threads")
+
+
+def test_weighted_epochs_draw_the_families_asked_for_and_resume_alike():
+    """With weights, an epoch's questions follow them (relate 9 : 1 for every other family); a run resumed
+    from TrainScenes.progress draws the next epochs exactly as the uninterrupted one does."""
+    cfg = data.DataConfig(train_images=60, val_images=1, test_images=1)
+    splits, tok, answers = data.load_data(cfg)
+    heavy = dict.fromkeys(data.FAMILIES, 1.0) | {"relate": 9.0}
+    drawn = data.fresh_train_split(cfg, 1, tok, answers, heavy).families
+    assert drawn.count("relate") / len(drawn) > 0.45
+    one = data.TrainScenes(cfg, splits["train"], tok, answers, epochs=4, background=False)
+    one(0)
+    one.weights = heavy                                  # learned after epoch 0: epoch 2 is drawn with it
+    splits_one = [one(1), one(2)]
+    saved = one.progress(1)
+    other = data.TrainScenes(cfg, splits["train"], tok, answers, epochs=4, background=False)
+    other.resume(saved, 2)
+    assert other(2).records == splits_one[1].records and one.drawn_with[1] is None
+
+
+def test_family_weights_follow_the_training_error():
+    weights = train.family_weights({"exist": 100.0, "relate": 50.0}, ["exist", "relate", "count"])
+    assert weights == {"exist": train.FAMILY_FLOOR, "relate": 0.5 + train.FAMILY_FLOOR, "count": 1 + train.FAMILY_FLOOR}

@@ -255,12 +255,13 @@ def test_same_seed_same_weights_on_cpu(tmp_path):
     assert all(torch.equal(a[k], b[k]) for k in a)
 
 
-@pytest.mark.parametrize("aux", [["--aux-weight", "1"], ["--aux-weight", "0", "--scene-weight", "0"]],
-                         ids=["pixel-labels", "label-free"])
+@pytest.mark.parametrize("aux", [["--aux-weight", "1", "--sample-families", "by-error"],
+                                 ["--aux-weight", "0", "--scene-weight", "0"]], ids=["pixel-labels", "label-free"])
 def test_resume_after_interruption_matches_uninterrupted_run(tmp_path, monkeypatch, aux):
     """Interrupted after epoch 2 and resumed: the same weights as a run that never stopped, with the pixel-label
-    and scene heads or (--aux-weight 0 --scene-weight 0) the label-free heads that turn on then (their
-    optimizer state and weights travel in the checkpoint)."""
+    and scene heads and families sampled by their error, or (--aux-weight 0 --scene-weight 0) the label-free
+    heads that turn on then (their optimizer state and weights, and the scenes' weights, travel in the
+    checkpoint)."""
     args = MICRO + ["--epochs", "3"] + aux
     train.main(args + ["--out", str(tmp_path / "full")])
 
@@ -287,6 +288,8 @@ def test_resume_after_interruption_matches_uninterrupted_run(tmp_path, monkeypat
     assert all(torch.equal(full["model"][k], resumed["model"][k]) for k in full["model"])
     epochs = [json.loads(l)["epoch"] for l in open(tmp_path / "resumed" / "log.jsonl") if "val_accuracy" in l]
     assert epochs == [1, 2, 3]
+    weights = [json.loads(l)["family_weights"] for l in open(tmp_path / "resumed" / "log.jsonl") if "val_accuracy" in l]
+    assert all(w is not None for w in weights) == (aux[1] == "1")
 
 
 def test_resume_refuses_a_different_model(tmp_path):
