@@ -42,8 +42,8 @@ from model import VLM, ModelConfig, check_model_config, describe_timm_vit, make_
 @dataclass
 class TrainConfig:
     out: str = field(default="out", metadata={"help": "output folder (ckpt.pt, log.jsonl, report.json, speedup.png)"})
-    epochs: int = field(default=30, metadata={"help": "stage-1 epochs: a model trained from scratch needs this many "
-                                                      "to learn past the answer priors"})
+    epochs: int = field(default=60, metadata={"help": "stage-1 epochs: a model trained from scratch needs this many "
+                                                      "to learn the relational families (22,500 steps of 64)"})
     batch_size: int = field(default=64, metadata={"help": "training batch size (both stages)"})
     lr: float = field(default=1e-3, metadata={"help": "stage-1 peak AdamW learning rate"})
     weight_decay: float = field(default=0.05, metadata={"help": "stage-1 AdamW weight decay"})
@@ -61,7 +61,7 @@ class TrainConfig:
                                                              "layer: the model chooses where it computes them) or "
                                                              "middle (the reference and the counts after layer L/2, the "
                                                              "target after 3L/4)", "choices": ["final", "late", "middle"]})
-    sample_families: str = field(default="uniform", metadata={"help": "shapes data, stage 1: uniform (every family "
+    sample_families: str = field(default="by-error", metadata={"help": "shapes data, stage 1: uniform (every family "
                                                                     "asked as often) or by-error (each epoch's scenes "
                                                                     "ask each family in proportion to its training "
                                                                     "error, see family_weights)",
