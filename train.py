@@ -57,10 +57,6 @@ class TrainConfig:
     scene_weight: float = field(default=1.0, metadata={"help": "weight of stage 1's scene-fact loss (shapes data: "
                                                                  "the language model's [CLS] predicts the facts each "
                                                                  "answer is computed from, see SceneHeads; 0 = off)"})
-    scene_at: str = field(default="final", metadata={"help": "where the scene facts are read: final (all after the last "
-                                                             "layer: the model chooses where it computes them) or "
-                                                             "middle (the reference and the counts after layer L/2, the "
-                                                             "target after 3L/4)", "choices": ["final", "late", "middle"]})
     sample_families: str = field(default="by-error", metadata={"help": "shapes data, stage 1: uniform (every family "
                                                                     "asked as often) or by-error (each epoch's scenes "
                                                                     "ask each family in proportion to its training "
@@ -312,36 +308,27 @@ class AnswerShortcut(nn.Module):
 # fewer circles than squares?") are answered from intermediate facts: where the reference and the target
 # are, how many there are of each group. From answers alone a small transformer finds these only after
 # millions of questions (RESULTS.md); a pretrained BLIP-2 arrives knowing them. SceneHeads reads the facts
-# (data.FACTS) off the [CLS] feature and adds their cross-entropy to stage 1's loss. Where they are read is
-# a choice with a consequence: read after the last layer (--scene-at final, the default) they do not say
-# where in depth the model computes them; read after middle layers they make it finish them there.
-def scene_layers(placement: str, depth: int) -> dict[str, int]:
-    """Fact name -> the layer (1-based) after which SceneHeads reads it."""
-    if placement == "final":
-        return {name: depth for name in FACTS}
-    if placement == "late":
-        return {name: max(1, depth - 1) for name in FACTS}
-    middle, late = max(1, depth // 2), max(1, 3 * depth // 4)
-    return {"reference": middle, "target": late, "first_count": middle, "second_count": middle}
-
-
+# (data.FACTS) off the final layer's [CLS] feature h_L, beside the answer, and adds their cross-entropy to
+# stage 1's loss. Where they are read is a choice with a consequence: read after a middle layer, they would
+# make the model finish the relation there, and so decide where hard questions can first be answered. Read
+# after the last layer, they say nothing of where in depth it is computed: that is left to the model (and
+# read after middle layers they were also learned far slower, RESULTS.md).
 class SceneHeads(nn.Module):
-    """Linear read-outs of each scene fact (data.FACTS) from the [CLS] feature after its layer."""
+    """Linear read-outs of each scene fact (data.FACTS) from the final layer's [CLS] feature h_L."""
 
-    def __init__(self, dim: int, layers: dict[str, int]):
+    def __init__(self, dim: int):
         super().__init__()
-        self.layers = layers
         self.heads = nn.ModuleDict({name: nn.Linear(dim, fact_classes(name)) for name in FACTS})
 
-    def logits(self, states: list[torch.Tensor]) -> dict[str, torch.Tensor]:
-        """states h_0..h_L (each (B, S, D)) -> fact name -> logits (B, classes)."""
-        return {name: head(states[self.layers[name]][:, 0].float()) for name, head in self.heads.items()}
+    def logits(self, h_cls: torch.Tensor) -> dict[str, torch.Tensor]:
+        """h_L[CLS] (B, D) -> fact name -> logits (B, classes)."""
+        return {name: head(h_cls.float()) for name, head in self.heads.items()}
 
     def loss(self, patches: torch.Tensor, batch: dict) -> torch.Tensor:
         """batch['states'] h_0..h_L, batch['facts'] (B, len(FACTS)) with -1 = absent -> summed cross-entropy,
         each fact averaged over the questions that have it."""
         total = batch["facts"].new_zeros((), dtype=torch.float32)
-        for j, (name, logits) in enumerate(self.logits(batch["states"]).items()):
+        for j, (name, logits) in enumerate(self.logits(batch["states"][-1][:, 0]).items()):
             target = batch["facts"][:, j]                                            # (B,)
             has = target >= 0
             if has.any():
@@ -362,7 +349,7 @@ def aux_heads(model: VLM, split, tcfg: TrainConfig) -> dict:
         heads = {"shortcut": (LABEL_FREE["shortcut"], AnswerShortcut(dv, cfg.vocab_size, cfg.num_answers)),
                  "decoder": (LABEL_FREE["decoder"], PatchDecoder(dv, cfg.patch_size))}
     if split.facts is not None and tcfg.scene_weight > 0:
-        heads["scene"] = (tcfg.scene_weight, SceneHeads(cfg.dim, scene_layers(tcfg.scene_at, cfg.depth)))
+        heads["scene"] = (tcfg.scene_weight, SceneHeads(cfg.dim))
     return heads
 
 
@@ -464,9 +451,8 @@ def train_backbone(model: VLM, splits: dict, tcfg: TrainConfig, device, dtype, s
             bar.set_postfix(loss=f"{loss_sum / seen:.3f}", acc=f"{100 * hit_sum / seen:.1f}%")
         loss_sum, hit_sum, seen = all_sum([loss_sum, hit_sum, seen])
         if tcfg.sample_families == "by-error" and scenes is not None:
-            names = sorted(by_family)
-            totals = all_sum([x for f in names for x in by_family[f]])
-            accuracy = {f: 100 * totals[2 * i] / totals[2 * i + 1] for i, f in enumerate(names)}
+            totals = all_sum([x for f in FAMILIES for x in by_family[f]])       # the same list in every process
+            accuracy = {f: 100 * totals[2 * i] / totals[2 * i + 1] for i, f in enumerate(FAMILIES) if totals[2 * i + 1]}
             scenes.weights = family_weights(accuracy, list(FAMILIES))
         if is_main():
             res = evaluate(model, splits["val"], device)
@@ -732,7 +718,7 @@ def export_checkpoint(path: str, ckpt: str) -> None:
 
 # Flags whose change would make a resumed run follow another schedule than the one it started.
 SCHEDULE = {"backbone": ("epochs", "batch_size", "lr", "weight_decay", "warmup_steps", "grad_clip", "aux_weight",
-                         "scene_weight", "scene_at", "sample_families", "seed"),
+                         "scene_weight", "sample_families", "seed"),
             "exits": ("batch_size", "seed")}
 DERIVED = ("vocab_size", "num_answers", "max_text_len", "image_size", "pixel_mean", "pixel_std", "patch_size",
            "vit_dim", "crop_pct", "interpolation")   # set from the data or the encoder, not by the flags

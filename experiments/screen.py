@@ -182,7 +182,7 @@ def fact_accuracy(model: VLM, scene: "train.SceneHeads", split, device) -> dict[
     hits, counts = torch.zeros(len(data.FACTS)), torch.zeros(len(data.FACTS))
     for ids in data.batches(len(split), train.EVAL_BATCH):
         states, _ = model.hidden_states(**data.to_device(split.batch(ids), device))
-        preds = torch.stack([z.argmax(dim=1).cpu() for z in scene.logits(states).values()], dim=1)   # (B, F)
+        preds = torch.stack([z.argmax(dim=1).cpu() for z in scene.logits(states[-1][:, 0]).values()], dim=1)
         has = split.facts[ids] >= 0                                                                  # (B, F)
         hits += ((preds == split.facts[ids]) & has).sum(dim=0)
         counts += has.sum(dim=0)
