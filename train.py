@@ -362,7 +362,13 @@ def stage1_optimizer(model: VLM, heads: dict, tcfg: TrainConfig) -> torch.optim.
         slow = {id(p) for m in (model.vit.blocks, model.vit.norm) for p in m.parameters()}
         groups = [{"params": [p for p in params if id(p) not in slow]},
                   {"params": [p for p in params if id(p) in slow], "lr_scale": LABEL_FREE["vit_blocks_lr"]}]
-    return torch.optim.AdamW(groups, lr=tcfg.lr, weight_decay=tcfg.weight_decay, betas=(0.9, 0.98))
+    return torch.optim.AdamW(groups, lr=tcfg.lr, weight_decay=tcfg.weight_decay, betas=(0.9, 0.98),
+                             fused=on_gpu(params))
+
+
+def on_gpu(params) -> bool:
+    """Whether AdamW may use its fused CUDA kernel: one launch for all parameters instead of several each."""
+    return all(p.is_cuda for p in params)
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -602,8 +608,9 @@ def train_exits(free: FREE, states: dict, splits: dict, tcfg: TrainConfig, devic
     ecfg, train = free.cfg, splits["train"]
     labelled = labelled_mask(len(train), ecfg.label_fraction, tcfg.seed)
     pool = torch.nonzero(labelled & train.trainable()).squeeze(1) if ecfg.exit_method == "ce" else torch.arange(len(train))
-    opt_g = torch.optim.AdamW(free.exits.parameters(), lr=ecfg.exit_lr, weight_decay=0.01)
-    opt_d = torch.optim.AdamW(free.disc.parameters(), lr=ecfg.disc_lr, betas=(0.5, 0.999), weight_decay=0.0)
+    fused = on_gpu(free.exits.parameters())
+    opt_g = torch.optim.AdamW(free.exits.parameters(), lr=ecfg.exit_lr, weight_decay=0.01, fused=fused)
+    opt_d = torch.optim.AdamW(free.disc.parameters(), lr=ecfg.disc_lr, betas=(0.5, 0.999), weight_decay=0.0, fused=fused)
     scaler, order = torch.amp.GradScaler(device.type, enabled=dtype == torch.float16), torch.Generator().manual_seed(tcfg.seed)
     first_epoch = 0 if progress is None else resume_exits(progress, opt_g, opt_d, scaler, order)
     for epoch in range(first_epoch, ecfg.exit_epochs):
