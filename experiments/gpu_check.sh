@@ -33,7 +33,7 @@ step() {   # step NAME COMMAND...: run in the background, its output and wall ti
 }
 step main python train.py "${main[@]}" --device "$device" --threads 2 --out "$out/main"
 step torchrun python -m torch.distributed.run --standalone --nproc_per_node=1 train.py "${tiny[@]}" \
-    --device "$device" --threads 2 --out "$out/torchrun"
+    --no-final-eval --device "$device" --threads 2 --out "$out/torchrun"
 step report python infer.py --ckpt backbones/shapes-default-free.pt --eval "${report[@]}" --device "$device" \
     --threads 2 --json "$out/report.json" --plot "$out/report.png"
 wait
