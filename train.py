@@ -325,14 +325,15 @@ class SceneHeads(nn.Module):
         return {name: head(h_cls.float()) for name, head in self.heads.items()}
 
     def loss(self, patches: torch.Tensor, batch: dict) -> torch.Tensor:
-        """batch['states'] h_0..h_L, batch['facts'] (B, len(FACTS)) with -1 = absent -> summed cross-entropy,
-        each fact averaged over the questions that have it."""
-        total = batch["facts"].new_zeros((), dtype=torch.float32)
+        """batch['states'] h_0..h_L, batch['facts'] (B, len(FACTS)) with -1 = absent -> the mean over the
+        batch of each question's summed cross-entropy over the facts it has (0 for a question with none), so
+        that a question's facts weigh beside its answer as they would if every question had facts (averaged
+        over the few questions that have them, they drowned the answers' gradient, RESULTS.md)."""
+        facts = batch["facts"]                                                       # (B, F)
+        total = facts.new_zeros((), dtype=torch.float32)
         for j, (name, logits) in enumerate(self.logits(batch["states"][-1][:, 0]).items()):
-            target = batch["facts"][:, j]                                            # (B,)
-            has = target >= 0
-            if has.any():
-                total = total + F.cross_entropy(logits[has], target[has])
+            per_question = F.cross_entropy(logits, facts[:, j].clamp(min=0), reduction="none")   # (B,)
+            total = total + (per_question * (facts[:, j] >= 0)).sum() / len(facts)
         return total
 
 

@@ -91,8 +91,8 @@ def test_auxiliary_heads_follow_the_pixel_labels_and_scene_facts():
 
 
 def test_scene_facts_are_read_off_the_last_layer_for_the_questions_that_have_them():
-    """The scene loss reads h_L's [CLS] alone, counts only the questions that have each fact, and is zero
-    for a batch that has none."""
+    """The scene loss reads h_L's [CLS] alone: the batch mean of each question's summed cross-entropy over
+    the facts it has (none for a question without facts), zero for a batch that has none."""
     torch.manual_seed(0)
     scene = train.SceneHeads(16)
     states = [torch.randn(3, 5, 16, requires_grad=True) for _ in range(9)]              # h_0..h_8
@@ -101,7 +101,7 @@ def test_scene_facts_are_read_off_the_last_layer_for_the_questions_that_have_the
     logits = scene.logits(states[-1][:, 0])
     expected = (torch.nn.functional.cross_entropy(logits["reference"][:1], facts[:1, 0])
                 + torch.nn.functional.cross_entropy(logits["target"][:1], facts[:1, 1])
-                + torch.nn.functional.cross_entropy(logits["first_count"][1:2], facts[1:2, 2]))
+                + torch.nn.functional.cross_entropy(logits["first_count"][1:2], facts[1:2, 2])) / 3   # 3 questions
     assert torch.allclose(loss, expected)
     loss.backward()
     assert [i for i, h in enumerate(states) if h.grad is not None] == [8]
