@@ -24,8 +24,11 @@ import multiprocessing
 import os
 import re
 import sys
+import threading
+import time
 from collections import Counter
 from concurrent.futures import ProcessPoolExecutor
+from concurrent.futures.process import BrokenProcessPool
 from dataclasses import dataclass, field, fields
 
 import numpy as np
@@ -429,10 +432,14 @@ def fact_classes(name: str) -> int:
     return FACTS[name] or FACT_GRID ** 2
 
 
+def fact_cell(o: Obj, image_size: int) -> int:
+    """The FACT_GRID x FACT_GRID cell of an object's centre, row-major."""
+    return int(o.y * FACT_GRID / image_size) * FACT_GRID + int(o.x * FACT_GRID / image_size)
+
+
 def scene_facts(facts: dict, image_size: int) -> dict[str, int]:
     """A generator's facts as class indices: an object becomes the cell of its centre."""
-    cell = lambda o: int(o.y * FACT_GRID / image_size) * FACT_GRID + int(o.x * FACT_GRID / image_size)
-    return {name: cell(v) if isinstance(v, Obj) else int(v) for name, v in facts.items()}
+    return {name: fact_cell(v, image_size) if isinstance(v, Obj) else int(v) for name, v in facts.items()}
 
 
 def make_image_with_questions(rng, families: list[str], image_size: int = 64):
@@ -501,15 +508,20 @@ def fresh_scenes(cfg: DataConfig, epoch: int, family_weights: dict | None = None
                                  cfg.image_size, 1, family_weights)
 
 
-def fresh_train_split(cfg: DataConfig, epoch: int, tokenizer: Tokenizer, answers: list[str],
-                      family_weights: dict | None = None) -> "Split":
-    """The shapes train split of epoch `epoch` >= 1 (fresh_scenes), tokenized."""
-    return make_split(*fresh_scenes(cfg, epoch, family_weights), tokenizer, {a: i for i, a in enumerate(answers)})
+def exit_with_parent(parent: int) -> None:
+    """In a drawing process: end when the process that started it, `parent`, ends (killed, or crashed, even
+    before this one finished starting), instead of living on as an orphan that holds its output open."""
+
+    def watch():
+        while os.getppid() == parent:
+            time.sleep(1)
+        os._exit(0)
+    threading.Thread(target=watch, daemon=True).start()
 
 
 class TrainScenes:
     """The train split of every epoch of stage 1 on shapes data: epoch 0's is `first`, each later one is
-    fresh_train_split's, drawn in a background process while the epoch before it trains (drawing 6,000
+    fresh_scenes', drawn in a background process while the epoch before it trains (drawing 6,000
     scenes takes seconds during which a GPU would wait). Call it with the epoch; close() when done.
     `weights` (family -> weight, or None: families in turn) is what the epochs not yet started are drawn
     with; `drawn_with` records, per epoch started, the weights it was drawn with."""
@@ -520,10 +532,11 @@ class TrainScenes:
         self.answer_to_idx = {a: i for i, a in enumerate(answers)}
         self.weights, self.drawn_with = None, {}
         self.pending = {}                                            # epoch -> future of fresh_scenes(cfg, epoch)
-        # spawn: a fresh interpreter, which shares no threads or locks with the training process (background
-        # False: drawn here, in this process, when asked for; for code that changes the generator in place)
-        self.pool = ProcessPoolExecutor(max_workers=1, mp_context=multiprocessing.get_context("spawn")) \
-            if background else None
+        # spawn: a fresh interpreter, which shares no threads or locks with the training process (it imports
+        # the launching script again, so a script calling train.main needs `if __name__ == "__main__":`).
+        # background False: drawn here, in this process, when asked for (for code that changes the generator)
+        self.pool = ProcessPoolExecutor(max_workers=1, mp_context=multiprocessing.get_context("spawn"),
+                                        initializer=exit_with_parent, initargs=(os.getpid(),)) if background else None
 
     def start(self, epoch: int) -> None:
         """Begin drawing epoch `epoch`'s scenes in the background (if it is a later epoch of this run)."""
@@ -539,7 +552,11 @@ class TrainScenes:
         if epoch == 0:
             return self.first
         future = self.pending.pop(epoch)
-        scenes = future.result() if future else fresh_scenes(self.cfg, epoch, self.drawn_with[epoch])
+        try:
+            scenes = future.result() if future else fresh_scenes(self.cfg, epoch, self.drawn_with[epoch])
+        except BrokenProcessPool:                        # the drawing process died (killed, out of memory)
+            print(f"note: the process drawing epoch {epoch + 1}'s scenes died; they are drawn here instead")
+            scenes = fresh_scenes(self.cfg, epoch, self.drawn_with[epoch])
         return make_split(*scenes, self.tokenizer, self.answer_to_idx)
 
     def progress(self, epoch: int) -> dict:
@@ -802,16 +819,11 @@ class Split:
         return (self.answer_score[ids] * hit).sum(dim=1)
 
 
-def copy_may_overlap(tensor: torch.Tensor, device: torch.device) -> bool:
-    """Whether a copy of `tensor` to `device` may run asynchronously (non_blocking): only from pinned host
-    memory to a CUDA GPU. From pageable memory it buys nothing on CUDA, and on Apple GPUs it can read memory
-    that is freed before the copy runs (pytorch/pytorch#189690)."""
-    return device.type == "cuda" and tensor.device.type == "cpu" and tensor.is_pinned()
-
-
 def to_device(batch: dict, device: torch.device) -> dict:
-    """Move a batch of model inputs to `device` (absent inputs stay None)."""
-    return {k: None if v is None else v.to(device, non_blocking=copy_may_overlap(v, device)) for k, v in batch.items()}
+    """Move a batch of model inputs to `device` (absent inputs stay None). The copies are synchronous: a batch
+    is made fresh in pageable memory, from which an asynchronous copy buys nothing on CUDA and, on Apple
+    GPUs, can read memory freed before the copy runs (pytorch/pytorch#189690)."""
+    return {k: None if v is None else v.to(device) for k, v in batch.items()}
 
 
 def fact_table(records: list[dict]) -> torch.Tensor | None:
@@ -915,12 +927,15 @@ def pick_device(choice: str) -> torch.device:
 
 
 def pick_threads(requested: int) -> tuple[int, str]:
-    """--threads: the number asked for, or for 0, the cores that other work leaves free (the cores this
-    process may use minus the 1-minute load average, rounded), at least 1. Why: small models on a CPU with
+    """--threads: the number asked for; for 0, what OMP_NUM_THREADS says if it is set, else the cores that
+    other work leaves free (the cores this process may use minus the 1-minute load average, rounded), at
+    least 1. Why: small models on a CPU with
     every core already busy run several times slower with a thread per core than with fewer (RESULTS.md).
     Returns the number and the reason, to print."""
     if requested > 0:
         return requested, "--threads"
+    if "OMP_NUM_THREADS" in os.environ:                     # set by the user, or by torchrun for its processes
+        return torch.get_num_threads(), "OMP_NUM_THREADS"
     cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
     load = os.getloadavg()[0] if hasattr(os, "getloadavg") else 0.0
     free = max(1, min(cores, round(cores - load)))

@@ -67,9 +67,9 @@ class InferConfig:
                                                         "trained with labels, else disagree",
                                                 "choices": ["auto", *RISKS]})
     json: str = field(default="", metadata={"help": "--eval: the report's JSON file (default: report.json in the "
-                                                    "checkpoint's folder)"})
+                                                    "checkpoint's folder; report_SPLIT.json for another --split)"})
     plot: str = field(default="", metadata={"help": "--eval: the figure, accuracy vs speedup, depth profile and depth per "
-                                                    "family (default: speedup.png in the checkpoint's folder)"})
+                                                    "family (default: speedup.png beside report.json)"})
     batch_size: int = field(default=64, metadata={"help": "batch size of evaluation and of the batched timing"})
     timing_samples: int = field(default=256, metadata={"help": "questions timed per measurement (half of them at batch 1)"})
     repeats: int = field(default=5, metadata={"help": "timing rounds; the median is reported"})
@@ -813,11 +813,21 @@ def report_command(free, tokenizer, answers: list[str], dcfg, cfg: InferConfig) 
     splits, _, _ = load_data(dcfg, tokenizer, answers, only=tuple({"val", cfg.split}))
     report = build_report(free, splits, cfg.split, cfg)
     print_report(report, free)
-    folder = os.path.dirname(os.path.abspath(cfg.ckpt))
-    json_path, plot_path = cfg.json or os.path.join(folder, "report.json"), cfg.plot or os.path.join(folder, "speedup.png")
-    save_atomic(json_path, report)
-    plot_report(report, plot_path)
+    json_path, plot_path = report_paths(cfg)
+    try:
+        save_atomic(json_path, report)
+        plot_report(report, plot_path)
+    except OSError as e:
+        raise DataError(f"cannot write the report ({e.strerror}: {e.filename}); choose the files with --json and --plot")
     print(f"wrote {os.path.relpath(json_path)} and {os.path.relpath(plot_path)}")
+
+
+def report_paths(cfg: InferConfig) -> tuple[str, str]:
+    """--json and --plot, or beside the checkpoint: report.json and speedup.png for the test split (the names
+    train.py gives the same report), report_SPLIT.json and speedup_SPLIT.png for another split."""
+    folder, tail = os.path.dirname(os.path.abspath(cfg.ckpt)), "" if cfg.split == "test" else f"_{cfg.split}"
+    return (cfg.json or os.path.join(folder, f"report{tail}.json"),
+            cfg.plot or os.path.join(folder, f"speedup{tail}.png"))
 
 
 def answer_command(free, tokenizer, answers: list[str], state: dict, cfg: InferConfig) -> None:

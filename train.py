@@ -1,7 +1,7 @@
 """The two training stages of free-min.
 
     python train.py                     # stage 1 (backbone), stage 2 (FREE exits), then the early-exit report
-    python train.py --preset tiny       # the same in seconds
+    python train.py --preset tiny       # the same on a tiny model, in a minute
     python train.py --stage exits --backbone backbones/shapes-default.pt     # stage 2 on the shipped backbone
     python train.py --resume            # continue an interrupted run in --out
     python train.py --data vqa2 --vqa-questions Q.json --vqa-annotations A.json --vqa-images DIR
@@ -78,15 +78,15 @@ class TrainConfig:
                                                       "exits and their calibrated point): how backbones/ is made"})
 
 
-# Named presets: overrides of the dataclass defaults (default = the dataclass defaults).
+# Named presets: overrides of the dataclass defaults (default = the dataclass defaults), and what each is for.
 PRESETS = {
     "tiny": dict(train_images=300, val_images=40, test_images=40, dim=64, depth=4, heads=2, epochs=4, batch_size=32,
-                 warmup_steps=20, lr=2e-3, exit_epochs=2),                            # a first look, in a minute
-    "default": dict(),                                                                # a 2-core CPU or a laptop GPU
+                 warmup_steps=20, lr=2e-3, exit_epochs=2),
+    "default": dict(),
     "base": dict(train_images=20000, val_images=1000, test_images=1000, dim=256, depth=12, heads=8, vit_dim=128,
-                 vit_depth=2, epochs=12, batch_size=128, lr=5e-4, warmup_steps=1000),  # a bigger model, for a GPU
+                 vit_depth=2, epochs=12, batch_size=128, lr=5e-4, warmup_steps=1000),
 }
-PRESET_USE = {"tiny": "a first look, seconds on a CPU", "default": "a 2-core CPU or a laptop GPU",
+PRESET_USE = {"tiny": "a first look, a minute on a CPU", "default": "a 2-core CPU or a laptop GPU",
               "base": "a bigger model, for a GPU"}
 SHIPPED_BACKBONE = "backbones/shapes-default.pt"   # the trained stage-1 backbone the repo ships (README)
 EVAL_BATCH = 256
@@ -413,13 +413,18 @@ def family_weights(per_family_accuracy: dict[str, float], families: list[str]) -
     return {f: 1 - per_family_accuracy.get(f, 0.0) / 100 + FAMILY_FLOOR for f in families}
 
 
-def family_accuracy(split, ids: torch.Tensor, scores: torch.Tensor) -> dict[str, list[float]]:
-    """Per family of questions `ids`: [sum of scores, count], for an epoch's running per-family accuracy."""
-    sums = defaultdict(lambda: [0.0, 0.0])
+def add_family_scores(by_family: dict, split, ids: torch.Tensor, scores: torch.Tensor) -> None:
+    """Add the scores of questions `ids` to by_family: family -> [sum of scores, questions]."""
     for i, s in zip(ids.tolist(), scores.tolist()):
-        fam = sums[split.records[i]["family"]]
+        fam = by_family[split.records[i]["family"]]
         fam[0], fam[1] = fam[0] + s, fam[1] + 1
-    return sums
+
+
+def family_accuracy(by_family: dict) -> dict[str, float]:
+    """Family -> accuracy (%) over all processes, from each process's by_family (the same list of families
+    in every process, for all_sum)."""
+    totals = all_sum([x for f in FAMILIES for x in by_family[f]])                # [sum, n] per family
+    return {f: 100 * totals[2 * i] / totals[2 * i + 1] for i, f in enumerate(FAMILIES) if totals[2 * i + 1]}
 
 
 def train_backbone(model: VLM, splits: dict, tcfg: TrainConfig, device, dtype, save, state: dict | None,
@@ -452,25 +457,27 @@ def train_backbone(model: VLM, splits: dict, tcfg: TrainConfig, device, dtype, s
             step, seen, loss_sum = step + 1, seen + len(ids), loss_sum + loss * len(ids)
             scores = train.score(ids, logits.argmax(dim=1).cpu())
             hit_sum += scores.sum().item()
-            for fam, (s, n) in family_accuracy(train, ids, scores).items():
-                by_family[fam][0], by_family[fam][1] = by_family[fam][0] + s, by_family[fam][1] + n
+            add_family_scores(by_family, train, ids, scores)
             clock.tick()
             bar.set_postfix(loss=f"{loss_sum / seen:.3f}", acc=f"{100 * hit_sum / seen:.1f}%")
-        loss_sum, hit_sum, seen = all_sum([loss_sum, hit_sum, seen])
         if tcfg.sample_families == "by-error" and scenes is not None:
-            totals = all_sum([x for f in FAMILIES for x in by_family[f]])       # the same list in every process
-            accuracy = {f: 100 * totals[2 * i] / totals[2 * i + 1] for i, f in enumerate(FAMILIES) if totals[2 * i + 1]}
-            scenes.weights = family_weights(accuracy, list(FAMILIES))
+            scenes.weights = family_weights(family_accuracy(by_family), list(FAMILIES))
+        sums = all_sum([loss_sum, hit_sum, seen])                      # every process, before process 0 alone
         if is_main():
-            res = evaluate(model, splits["val"], device)
-            print(f"epoch {epoch + 1}/{tcfg.epochs}  loss {loss_sum / seen:.3f}  train acc {100 * hit_sum / seen:.1f}%  "
-                  f"val acc {res['accuracy']:.1f}%  ({clock.elapsed():.0f}s)")
-            log_json(tcfg.out, {"stage": "backbone", "epoch": epoch + 1, "step": step, "train_loss": loss_sum / seen,
-                                "train_accuracy": 100 * hit_sum / seen, "val_accuracy": res["accuracy"],
-                                "val_per_family": res["per_family"], "time_s": round(clock.elapsed(), 1),
-                                "family_weights": scenes.weights if scenes is not None else None})
+            log_backbone_epoch(model, splits["val"], tcfg, {"epoch": epoch + 1, "step": step, "time_s": clock.elapsed(),
+                               "family_weights": getattr(scenes, "weights", None)}, sums)
             save(epoch, step, opt, scaler, heads)
         wait_for_main()
+
+
+def log_backbone_epoch(model: VLM, val, tcfg: TrainConfig, record: dict, sums: list[float]) -> None:
+    """After a stage-1 epoch: its training loss and accuracy (sums: loss, score, questions over every process)
+    and the val accuracy per family, printed and logged with `record` (epoch, step, time, family weights)."""
+    res, (loss_sum, hit_sum, seen) = evaluate(model, val, next(model.parameters()).device), sums
+    print(f"epoch {record['epoch']}/{tcfg.epochs}  loss {loss_sum / seen:.3f}  train acc {100 * hit_sum / seen:.1f}%  "
+          f"val acc {res['accuracy']:.1f}%  ({record['time_s']:.0f}s)")
+    log_json(tcfg.out, {"stage": "backbone"} | record | {"train_loss": loss_sum / seen, "time_s": round(record["time_s"], 1),
+             "train_accuracy": 100 * hit_sum / seen, "val_accuracy": res["accuracy"], "val_per_family": res["per_family"]})
 
 
 class StepClock:
@@ -728,6 +735,7 @@ def export_checkpoint(path: str, ckpt: str) -> None:
 SCHEDULE = {"backbone": ("epochs", "batch_size", "lr", "weight_decay", "warmup_steps", "grad_clip", "aux_weight",
                          "scene_weight", "sample_families", "seed"),
             "exits": ("batch_size", "seed")}
+BEFORE_SCENE_FACTS = {"scene_weight": 0.0, "sample_families": "uniform"}   # what older checkpoints trained with
 DERIVED = ("vocab_size", "num_answers", "max_text_len", "image_size", "pixel_mean", "pixel_std", "patch_size",
            "vit_dim", "crop_pct", "interpolation")   # set from the data or the encoder, not by the flags
 
@@ -762,7 +770,8 @@ def resume_state(tcfg: TrainConfig, dcfg: DataConfig, mcfg: ModelConfig, ecfg: E
                         f"to train exits on it)")
     for name, cfg in (("data_config", dcfg), ("model_config", mcfg)):
         refuse_changes(path, state[name], asdict(cfg), [k for k in state[name] if k not in DERIVED], "data or model settings")
-    refuse_changes(path, state["train_config"], asdict(tcfg), SCHEDULE["backbone"], "training settings")
+    made_with = BEFORE_SCENE_FACTS | state["train_config"]      # a run from before these flags ran without them
+    refuse_changes(path, made_with, asdict(tcfg), SCHEDULE["backbone"], "training settings")
     return state
 
 

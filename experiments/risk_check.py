@@ -58,6 +58,17 @@ def held_out(free, pool: Pool, probs: dict, cal: dict, costs: dict) -> dict:
             "layer_speedup": infer.layer_speedup(free, sim, probs["seq_len"])[1]}
 
 
+def print_table(results: dict, max_drop: float) -> None:
+    """Per rule: how often the held-out drop broke the limit, the mean drop, and the mean speedups."""
+    print("| calibration | held-out drop > max drop | mean held-out drop (pts) | predicted speedup | layer speedup |")
+    print("|---|---|---|---|---|")
+    for mode, rows in results.items():
+        drops = [x["drop"] for x in rows]
+        share = sum(d > max_drop for d in drops) / len(drops)
+        print(f"| {mode} | {100 * share:.1f} % | {statistics.mean(drops):+.2f} ± {statistics.pstdev(drops):.2f} | "
+              f"{statistics.mean(x['speedup'] for x in rows):.2f}x | {statistics.mean(x['layer_speedup'] for x in rows):.2f}x |")
+
+
 def main(argv=None) -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--ckpt", required=True, help="a checkpoint with exits (train.py)")
@@ -95,13 +106,7 @@ def main(argv=None) -> None:
     print(f"{args.splits} random halves of {len(pool)} val + test questions; rule {args.rule}, risk {risk}, "
           f"max drop {args.max_drop:g} points, delta {args.delta:g}; costs measured at batch 1: " +
           ", ".join(f"{k} {1e3 * v:.2f} ms" for k, v in costs.items() if k != "unit"))
-    print("| calibration | held-out drop > max drop | mean held-out drop (pts) | predicted speedup | layer speedup |")
-    print("|---|---|---|---|---|")
-    for mode, rows in results.items():
-        drops = [x["drop"] for x in rows]
-        share = sum(d > args.max_drop for d in drops) / len(drops)
-        print(f"| {mode} | {100 * share:.1f} % | {statistics.mean(drops):+.2f} ± {statistics.pstdev(drops):.2f} | "
-              f"{statistics.mean(x['speedup'] for x in rows):.2f}x | {statistics.mean(x['layer_speedup'] for x in rows):.2f}x |")
+    print_table(results, args.max_drop)
 
 
 if __name__ == "__main__":

@@ -1,6 +1,9 @@
 """The device paths a CPU can check: where collectives' tensors live, which copies may overlap, which GPUs
 get bf16, resuming with fewer GPUs, one accuracy for one model, and the scenes of the next epoch drawn while
 the current one trains."""
+import os
+import subprocess
+import sys
 import time
 
 import torch
@@ -19,19 +22,17 @@ def test_collectives_use_the_device_their_backend_serves(monkeypatch):
     assert train.collective_device("gloo") == torch.device("cpu")
 
 
-def test_only_pinned_host_memory_is_copied_asynchronously():
-    """non_blocking only from pinned host memory to CUDA: never from pageable memory, never to mps or cpu."""
-    pageable = torch.zeros(4)
-    for device in ("cuda", "mps", "cpu"):
-        assert not data.copy_may_overlap(pageable, torch.device(device))
+def test_batches_are_copied_to_the_device_synchronously():
+    """to_device never asks for an asynchronous copy: batches are made in pageable memory, from which a
+    non_blocking copy buys nothing on CUDA and can read freed memory on Apple GPUs."""
+    asked = []
 
-    class Pinned:
-        device = torch.device("cpu")
-
-        def is_pinned(self):
-            return True
-    assert data.copy_may_overlap(Pinned(), torch.device("cuda"))
-    assert not data.copy_may_overlap(Pinned(), torch.device("mps"))
+    class Recorder:
+        def to(self, device, **kwargs):
+            asked.append(kwargs)
+            return self
+    data.to_device({"images": Recorder(), "tokens": Recorder(), "patches": None}, torch.device("cuda"))
+    assert asked == [{}, {}]
 
 
 def test_gpus_that_would_emulate_bf16_get_fp16(monkeypatch):
@@ -78,10 +79,15 @@ def test_stage1_evaluation_and_the_report_give_one_accuracy():
     assert infer.build_report(free, splits, "test", cfg)["full"]["accuracy"] == recorded
 
 
+def fresh_split(cfg, epoch, tok, answers, weights=None):
+    """Epoch `epoch`'s train split, drawn in this process."""
+    return data.make_split(*data.fresh_scenes(cfg, epoch, weights), tok, {a: i for i, a in enumerate(answers)})
+
+
 def test_the_next_epochs_scenes_are_drawn_while_this_one_trains():
     """TrainScenes: epoch 0 is the split given; asking for epoch e starts epoch e + 1 in the background, so that
     it is ready when its turn comes (the epoch after next is never waited for), and it equals what
-    fresh_train_split draws in this process."""
+    data.fresh_scenes draws in this process."""
     cfg = data.DataConfig(train_images=30, val_images=1, test_images=1)
     splits, tok, answers = data.load_data(cfg, only=("train", "val", "test"))
     scenes = data.TrainScenes(cfg, splits["train"], tok, answers, epochs=3)
@@ -98,7 +104,7 @@ def test_the_next_epochs_scenes_are_drawn_while_this_one_trains():
     finally:
         scenes.close()
     for epoch, split in ((1, first), (2, second)):
-        direct = data.fresh_train_split(cfg, epoch, tok, answers)
+        direct = fresh_split(cfg, epoch, tok, answers)
         assert torch.equal(split.images, direct.images) and torch.equal(split.tokens, direct.tokens)
         assert torch.equal(split.facts, direct.facts) and split.records == direct.records
     assert not torch.equal(first.images, second.images)
@@ -106,13 +112,16 @@ def test_the_next_epochs_scenes_are_drawn_while_this_one_trains():
 
 def test_threads_default_to_the_cores_other_work_leaves_free(monkeypatch):
     """--threads 0 on 2 cores: 2 when the machine is idle, 1 when another job holds a core (or both:
-    never 0); a number given is taken as it is."""
+    never 0); a number given is taken as it is, and so is OMP_NUM_THREADS (torchrun sets it)."""
+    monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
     monkeypatch.setattr(data.os, "sched_getaffinity", lambda pid: {0, 1}, raising=False)
     for load, expected in ((0.1, 2), (1.0, 1), (2.7, 1)):
         monkeypatch.setattr(data.os, "getloadavg", lambda load=load: (load, load, load))
         threads, why = data.pick_threads(0)
         assert threads == expected and "2 cores" in why
     assert data.pick_threads(3) == (3, "--threads")
+    monkeypatch.setenv("OMP_NUM_THREADS", "1")
+    assert data.pick_threads(0) == (torch.get_num_threads(), "OMP_NUM_THREADS")
 
 
 def test_weighted_epochs_draw_the_families_asked_for_and_resume_alike():
@@ -121,7 +130,7 @@ def test_weighted_epochs_draw_the_families_asked_for_and_resume_alike():
     cfg = data.DataConfig(train_images=60, val_images=1, test_images=1)
     splits, tok, answers = data.load_data(cfg)
     heavy = dict.fromkeys(data.FAMILIES, 1.0) | {"relate": 9.0}
-    drawn = data.fresh_train_split(cfg, 1, tok, answers, heavy).families
+    drawn = fresh_split(cfg, 1, tok, answers, heavy).families
     assert drawn.count("relate") / len(drawn) > 0.45
     one = data.TrainScenes(cfg, splits["train"], tok, answers, epochs=4, background=False)
     one(0)
@@ -136,3 +145,34 @@ def test_weighted_epochs_draw_the_families_asked_for_and_resume_alike():
 def test_family_weights_follow_the_training_error():
     weights = train.family_weights({"exist": 100.0, "relate": 50.0}, ["exist", "relate", "count"])
     assert weights == {"exist": train.FAMILY_FLOOR, "relate": 0.5 + train.FAMILY_FLOOR, "count": 1 + train.FAMILY_FLOOR}
+
+
+PARENT = """import sys, time, data
+if __name__ == "__main__":
+    cfg = data.DataConfig(train_images=4, val_images=1, test_images=1)
+    splits, tok, answers = data.load_data(cfg)
+    scenes = data.TrainScenes(cfg, splits["train"], tok, answers, epochs=3)
+    scenes(0)                                            # starts the process that draws epoch 1
+    print(*scenes.pool._processes, flush=True)
+    time.sleep(120)
+"""
+
+
+def test_the_drawing_process_ends_when_the_training_process_is_killed(tmp_path):
+    """A training run killed outright (no clean-up) leaves no process drawing scenes behind."""
+    (tmp_path / "parent.py").write_text(PARENT)
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    parent = subprocess.Popen([sys.executable, str(tmp_path / "parent.py")], cwd=root, text=True,
+                              stdout=subprocess.PIPE, env=dict(os.environ, PYTHONPATH=root, OMP_NUM_THREADS="1"))
+    worker = int(parent.stdout.readline())
+    parent.kill()
+    parent.wait()
+    deadline = time.time() + 30
+    while time.time() < deadline:
+        try:
+            os.kill(worker, 0)                           # still there?
+        except ProcessLookupError:
+            return
+        time.sleep(0.2)
+    os.kill(worker, 9)
+    raise AssertionError("the drawing process outlived the training process")

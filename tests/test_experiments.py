@@ -128,14 +128,14 @@ def test_object_patches_put_one_object_in_each_visual_token():
 
 
 def test_the_gpu_check_runs_its_three_steps_in_its_cpu_dry_run(tmp_path):
-    """experiments/gpu_check.sh with DRY_RUN=1: the main command, torchrun (one process, gloo here) and the
-    shipped exits' report each run to the end on the CPU with tiny settings, and the summary says so."""
+    """experiments/gpu_check.sh with DRY_RUN=1: torchrun (one process, gloo here), the shipped exits' report
+    and the main command each run to the end on the CPU with tiny settings, and the summary says so."""
     proc = subprocess.run(["bash", "experiments/gpu_check.sh", str(tmp_path), "300"], cwd=ROOT, capture_output=True,
                           text=True, timeout=400, env=dict(os.environ, DRY_RUN="1"))
     assert proc.returncode == 0, proc.stderr
     summary = (tmp_path / "summary.txt").read_text().splitlines()
-    assert [line.split(":")[0] for line in summary] == ["main", "torchrun", "report"]
+    assert [line.split(":")[0] for line in summary] == ["torchrun", "report", "main"]
     assert all(": exit 0," in line for line in summary), summary
     assert json.loads((tmp_path / "report.json").read_text())["device"] == "cpu"
-    assert (tmp_path / "main" / "report.json").is_file()
+    assert (tmp_path / "main" / "ckpt.pt").is_file()
     assert "exits" in torch.load(tmp_path / "torchrun" / "ckpt.pt", weights_only=False)

@@ -12,14 +12,16 @@ import train
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 MICRO = ["--preset", "tiny", "--train-images", "40", "--val-images", "8", "--test-images", "8", "--threads", "1",
          "--batch-size", "16", "--epochs", "2"]
-# a launcher that stops after the first checkpoint is written, as an interrupted run would
+# a launcher that stops after the first checkpoint is written, as an interrupted run would (the main guard, as
+# in train.py: the process that draws the next scenes imports the launching script again)
 CRASH_AFTER_FIRST_SAVE = """import sys, train
 real = train.save_atomic
 def save_then_stop(path, state):
     real(path, state)
     raise SystemExit("stopped after the first checkpoint")
-train.save_atomic = save_then_stop
-train.main(sys.argv[1:])
+if __name__ == "__main__":
+    train.save_atomic = save_then_stop
+    train.main(sys.argv[1:])
 """
 
 
@@ -52,7 +54,9 @@ def test_stage1_under_torchrun_follows_the_single_process_run(runs):
         assert b["train_loss"] == pytest.approx(a["train_loss"], rel=1e-3)
     assert sorted(os.listdir(runs / "two")) == ["ckpt.pt", "log.jsonl"]
     a, b = (torch.load(runs / name / "ckpt.pt", weights_only=False)["model"] for name in ("one", "two"))
-    assert max((a[k].float() - b[k].float()).abs().max().item() for k in a) < 0.05
+    gap = {k: (a[k].float() - b[k].float()).abs().max().item() for k in a}
+    assert max(v for k, v in gap.items() if "running_" not in k) < 0.02                  # the weights
+    assert max(v for k, v in gap.items() if "running_" in k) < 0.1     # process 0's BatchNorm statistics
 
 
 def test_a_torchrun_checkpoint_resumes_in_one_process_and_the_other_way_round(runs, tmp_path):

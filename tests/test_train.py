@@ -253,12 +253,13 @@ def test_same_seed_same_weights_on_cpu(tmp_path):
 
 
 @pytest.mark.parametrize("aux", [["--aux-weight", "1", "--sample-families", "by-error"],
-                                 ["--aux-weight", "0", "--scene-weight", "0"]], ids=["pixel-labels", "label-free"])
+                                 ["--aux-weight", "0", "--scene-weight", "0", "--sample-families", "uniform"]],
+                         ids=["pixel-labels", "label-free"])
 def test_resume_after_interruption_matches_uninterrupted_run(tmp_path, monkeypatch, aux):
     """Interrupted after epoch 2 and resumed: the same weights as a run that never stopped, with the pixel-label
-    and scene heads and families sampled by their error, or (--aux-weight 0 --scene-weight 0) the label-free
-    heads that turn on then (their optimizer state and weights, and the scenes' weights, travel in the
-    checkpoint)."""
+    and scene heads and families sampled by their error, or (--aux-weight 0 --scene-weight 0, families in
+    turn) the label-free heads that turn on then (their optimizer state and weights, and the scenes'
+    weights, travel in the checkpoint)."""
     args = MICRO + ["--epochs", "3"] + aux
     train.main(args + ["--out", str(tmp_path / "full")])
 
@@ -334,8 +335,8 @@ VQA = ["--data", "vqa2", "--vqa-questions", os.path.join(FIXTURE, "questions.jso
     (["--epochs", "0"], "--epochs must be > 0"),
     (["--lr", "-1"], "--lr must be > 0"),
     (["--aux-weight", "-1"], "--aux-weight must be >= 0"),
-    (["--adv-loss", "wgan"], "--adv-loss wgan: choose from gan, fm"),
-    (["--exit-method", "pabee"], "--exit-method pabee: choose from free, kd, ce"),
+    (["--adv-loss", "wgan"], "--adv-loss: invalid choice: 'wgan'"),
+    (["--exit-method", "pabee"], "--exit-method: invalid choice: 'pabee'"),
     (["--vit-pretrained"], "--vit-pretrained and --vit-weights go with --vit NAME"),
     (["--temperature", "0"], "--temperature must be > 0"),
     (["--questions-per-image", "9"], "--questions-per-image must be between 1 and 6"),
