@@ -101,3 +101,23 @@ def test_several_exit_sets_share_delta():
     p = infer.hb_pvalue(losses(one["threshold"]).mean().item(), 2000, EPS)
     assert p <= DELTA and (p > DELTA / 3) == (two["threshold"] != one["threshold"])
     assert two["threshold"] is None or two["p_value"] <= DELTA / 3
+
+
+def test_the_questions_a_guarantee_needs_and_what_the_report_says_without_them():
+    """A point that changes no answer is certified to risk <= eps at level delta from n questions once
+    (1 - eps)^n <= delta: 230 for 1 point at 0.1. With fewer, the report says so instead of a bare 'none'."""
+    assert infer.questions_to_certify(0.01, 0.1) == 230 == math.ceil(math.log(0.1) / math.log(0.99))
+    none = {"threshold": None, "calibration": "guaranteed", "risk": "harm", "rule": "maxprob", "max_drop": 1.0,
+            "delta": 0.1, "calibration_questions": 160, "exit_sets": 3}
+    line = infer.format_calibrated(none)
+    assert "with 160 calibration questions" in line and "takes 339" in line and "full model" in line
+    assert "takes" not in infer.format_calibrated(none | {"calibration_questions": 5000})
+
+
+def test_the_clock_column_is_flagged_where_it_is_noise():
+    """Where no question leaves early, early exit does the full model's work: a clock far from 1.00x there is
+    timing noise, and the report says to trust the layer column."""
+    row = lambda layers, clock: {"avg_layers": layers, "wallclock_speedup": clock}
+    assert "warning" in infer.timing_noise([row(8, 0.7), row(8, 1.3), row(2, 3.0)], 8)
+    assert "warning" not in infer.timing_noise([row(8, 0.97), row(8, 1.04), row(2, 3.0)], 8)
+    assert "not seen" in infer.timing_noise([row(2, 3.0)], 8)

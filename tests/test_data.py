@@ -9,6 +9,7 @@ from collections import Counter
 import numpy as np
 import pytest
 import torch
+from PIL import Image
 
 import data
 from data import DataConfig, DataError
@@ -381,3 +382,14 @@ def test_scene_command_draws_a_scene_and_prints_its_questions_and_answers(tmp_pa
     with pytest.raises(SystemExit) as e:
         data.main([])
     assert e.value.code == 2
+
+
+def test_scene_command_writes_an_enlarged_copy_and_names_a_missing_folder(tmp_path, capsys):
+    data.main(["--scene", str(tmp_path / "s.png"), "--seed", "3"])
+    small, large = Image.open(tmp_path / "s.png"), Image.open(tmp_path / "s_x4.png")
+    assert large.size == (4 * small.size[0], 4 * small.size[1])
+    assert np.array_equal(np.array(large)[::4, ::4], np.array(small))              # the same pixels, bigger
+    with pytest.raises(SystemExit) as e:
+        data.main(["--scene", str(tmp_path / "nope" / "s.png")])
+    missing = tmp_path / "nope"
+    assert e.value.code == 2 and capsys.readouterr().err == f"error: --scene {missing / 's.png'}: folder {missing} not found\n"

@@ -281,6 +281,27 @@ def test_explain_shows_every_exit_against_its_threshold(report, tmp_path, capsys
     assert "entropy / log A <= 0.5" in printed
 
 
+def test_explain_marks_the_exits_an_operating_point_skips():
+    """At a point that evaluates exit 2 alone, exit 1 is shown with its answer but 'not evaluated'; at a
+    point that evaluates none (calibration found none), the final layer answers."""
+    free = tiny_free()
+    inputs = {"images": torch.rand(1, 3, 32, 32), "tokens": torch.tensor([[2, 5, 3]]),
+              "text_mask": torch.ones(1, 3, dtype=torch.bool)}
+    answers = [f"a{i}" for i in range(free.backbone.cfg.num_answers)]
+    lines = infer.explain(free, answers, inputs, "maxprob", 0.0, [1])
+    assert "not evaluated" in lines[1] and "leaves here" in lines[2] and lines[-1].strip().startswith("final layer:")
+    lines = infer.explain(free, answers, inputs, "maxprob", 0.0, [])
+    assert all("not evaluated" in line for line in lines[1:3]) and "answers (no exit fired)" in lines[-1]
+
+
+def test_an_image_unlike_the_training_ones_gets_a_note(report, tmp_path, capsys):
+    out, _ = report
+    Image.fromarray(np.full((100, 150), 128, dtype=np.uint8)).save(tmp_path / "grey.png")      # grayscale, 150 x 100
+    infer.main(["--ckpt", str(out / "ckpt.pt"), "--image", str(tmp_path / "grey.png"), "--question", "what color is the circle?",
+                "--threads", "1"])
+    assert "note: the image is 150 x 100 L; the model sees it as 64 x 64 RGB" in capsys.readouterr().out
+
+
 def test_notes_name_unseen_words_once_and_a_cut_question(report, tmp_path, capsys):
     """Words no training question had are named once each, punctuation left out; a question longer than
     the model reads is said to be cut, with what it reads."""

@@ -318,6 +318,25 @@ def test_resume_refuses_a_changed_schedule(tmp_path, capsys):
     assert (tmp_path / "ckpt.pt").read_bytes() == before
 
 
+def test_a_run_from_before_scene_facts_resumes_only_as_it_was_trained(tmp_path, capsys):
+    """A stage-1 checkpoint written before --scene-weight and --sample-families existed trained without them:
+    resuming it with today's defaults is refused in one line naming both; with the old values it resumes."""
+    old = MICRO + ["--scene-weight", "0", "--sample-families", "uniform", "--out", str(tmp_path)]
+    train.main(old + ["--epochs", "1"])                       # one epoch of a three-epoch run, then stopped
+    state = torch.load(tmp_path / "ckpt.pt", weights_only=False)
+    for key in ("scene_weight", "sample_families"):
+        del state["train_config"][key]
+    state["train_config"]["epochs"] = 3
+    torch.save(state, tmp_path / "ckpt.pt")
+    with pytest.raises(SystemExit) as e:
+        train.main(MICRO + ["--epochs", "3", "--out", str(tmp_path), "--resume"])
+    err = capsys.readouterr().err
+    assert e.value.code == 2 and err.count("\n") == 1
+    assert "--scene-weight 0.0 -> 1.0" in err and "--sample-families 'uniform' -> 'by-error'" in err, err
+    train.main(old + ["--epochs", "3", "--resume"])
+    assert torch.load(tmp_path / "ckpt.pt", weights_only=False)["epoch"] == 2
+
+
 FIXTURE = os.path.join(ROOT, "tests", "fixtures", "vqa")
 VQA = ["--data", "vqa2", "--vqa-questions", os.path.join(FIXTURE, "questions.json"), "--vqa-annotations",
        os.path.join(FIXTURE, "annotations.json"), "--vqa-images", os.path.join(FIXTURE, "images"), "--image-size", "32"]
