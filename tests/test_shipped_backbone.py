@@ -1,6 +1,7 @@
 """The backbone the repo ships (backbones/): it loads with today's model.py and still reaches the accuracy
 it was exported with. This fails the day a change to model.py or data.py breaks the file."""
 import os
+import re
 import subprocess
 import sys
 
@@ -40,7 +41,9 @@ def test_token_probe_reads_colour_and_shape_from_the_shipped_encoder_but_not_fro
     def probe(*flags):
         out = subprocess.run([sys.executable, "experiments/probe_tokens.py", SHIPPED, "--images", "120", "--threads", "1",
                               *flags], cwd=ROOT, capture_output=True, text=True, timeout=300, check=True).stdout
-        return {line.split(":")[0]: float(line.split(":")[1].split("%")[0]) for line in out.splitlines()}
+        read = re.findall(r"^(\w+): ([\d.]+) % of object tokens read right", out, flags=re.M)
+        assert len(read) == 2, out                                          # colour and shape, one line each
+        return {name: float(acc) for name, acc in read}
     trained, random = probe(), probe("--random")
     assert trained["colour"] > 95 and trained["shape"] > 95, trained
     assert random["shape"] < 60, random
