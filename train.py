@@ -54,14 +54,12 @@ class TrainConfig:
                                                              "and then two label-free aids teach the encoder instead (an "
                                                              "answer head on its tokens, and each token reconstructing "
                                                              "its patch)"})
-    scene_weight: float = field(default=1.0, metadata={"help": "weight of stage 1's scene-fact loss (shapes data: "
-                                                                 "the language model's [CLS] predicts the facts each "
-                                                                 "answer is computed from, see SceneHeads; 0 = off)"})
-    sample_families: str = field(default="by-error", metadata={"help": "shapes data, stage 1: uniform (every family "
-                                                                    "asked as often) or by-error (each epoch's scenes "
-                                                                    "ask each family in proportion to its training "
-                                                                    "error, see family_weights)",
-                                                            "choices": ["uniform", "by-error"]})
+    scene_weight: float = field(default=1.0, metadata={
+        "help": "weight of stage 1's scene-fact loss (shapes data: the language model's [CLS] predicts the facts each "
+                "answer is computed from, see SceneHeads; 0 = off)"})
+    sample_families: str = field(default="by-error", metadata={
+        "help": "shapes data, stage 1: uniform (every family asked as often) or by-error (each epoch's scenes ask each "
+                "family in proportion to its training error, see family_weights)", "choices": ["uniform", "by-error"]})
     seed: int = field(default=0, metadata={"help": "seed of initialisation, batch order and labelled fraction"})
     device: str = field(default="auto", metadata={"help": "auto (cuda, then mps, then cpu), cuda, mps or cpu",
                                                   "choices": ["auto", "cuda", "mps", "cpu"]})
