@@ -18,8 +18,9 @@ mkdir -p "$out"
 if [ "${DRY_RUN:-0}" = 1 ]; then
     device=cpu; tiny=(--preset tiny --train-images 40 --val-images 8 --test-images 8 --epochs 1 --exit-epochs 1)
     main=("${tiny[@]}" --no-final-eval); report=(--timing-samples 4 --repeats 1 --split val)
+    threads=1      # tiny steps on a CPU that may be shared: a second thread would only wait on the first
 else
-    device=cuda; tiny=(--preset tiny); main=(); report=()
+    device=cuda; tiny=(--preset tiny); main=(); report=(); threads=2
 fi
 python - "$device" > "$out/machine.txt" 2>&1 <<'EOF'
 import sys, torch
@@ -39,8 +40,8 @@ step() {   # step NAME COMMAND...: run it within what is left of the limit; its 
 }
 : > "$out/summary.txt"
 step torchrun python -m torch.distributed.run --standalone --nproc_per_node=1 train.py "${tiny[@]}" \
-    --no-final-eval --device "$device" --threads 2 --out "$out/torchrun"
+    --no-final-eval --device "$device" --threads "$threads" --out "$out/torchrun"
 step report python infer.py --ckpt backbones/shapes-default-free.pt --eval "${report[@]}" --device "$device" \
-    --threads 2 --json "$out/report.json" --plot "$out/report.png"
-step main python train.py "${main[@]}" --device "$device" --threads 2 --out "$out/main"
+    --threads "$threads" --json "$out/report.json" --plot "$out/report.png"
+step main python train.py "${main[@]}" --device "$device" --threads "$threads" --out "$out/main"
 cat "$out/summary.txt"
