@@ -929,8 +929,8 @@ def pick_device(choice: str) -> torch.device:
 def pick_threads(requested: int) -> tuple[int, str]:
     """--threads: the number asked for; for 0, what OMP_NUM_THREADS says if it is set, else the cores that
     other work leaves free (the cores this process may use minus the 1-minute load average, rounded), at
-    least 1. Why: small models on a CPU with
-    every core already busy run several times slower with a thread per core than with fewer (RESULTS.md).
+    least 1. Why: small models on a CPU with every core already busy run several times slower with a thread
+    per core than with fewer (RESULTS.md).
     Returns the number and the reason, to print."""
     if requested > 0:
         return requested, "--threads"

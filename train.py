@@ -659,18 +659,19 @@ def print_depth_profile(profile: dict, split_name: str) -> None:
     print(f"  final layer         : {profile['final']:5.1f}%")
 
 
-def final_report(free: FREE, splits: dict, tcfg: TrainConfig, ckpt_path: str) -> None:
+def final_report(free: FREE, splits: dict, ckpt_path: str) -> None:
     """infer.py's early-exit report on the test split, run and timed where the model trained; its calibrated
     point (rule, threshold, exits) is stored in the checkpoint for infer.py --image."""
-    icfg = infer.InferConfig(json=os.path.join(tcfg.out, "report.json"), plot=os.path.join(tcfg.out, "speedup.png"))
+    icfg = infer.InferConfig(ckpt=ckpt_path)
+    json_path, plot_path = infer.report_paths(icfg)                   # report.json and speedup.png beside it
     report = infer.build_report(free, splits, "test", icfg)
     infer.print_report(report, free)
-    save_atomic(icfg.json, report)
-    infer.plot_report(report, icfg.plot)
+    save_atomic(json_path, report)
+    infer.plot_report(report, plot_path)
     calibrated = {k: report["calibrated"].get(k) for k in ("rule", "threshold", "exit_layers", "calibration", "risk",
                                                             "max_drop", "delta")}
     save_atomic(ckpt_path, load_checkpoint(ckpt_path) | {"calibrated": calibrated})
-    print(f"wrote {icfg.json} and {icfg.plot}")
+    print(f"wrote {os.path.relpath(json_path)} and {os.path.relpath(plot_path)}")
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -911,7 +912,7 @@ def report_exits(free: FREE, splits: dict, tcfg: TrainConfig) -> None:
     log_json(tcfg.out, {"stage": "exits", "split": "test", "method": free.cfg.exit_method,
                         "label_fraction": free.cfg.label_fraction, "test_final": test["final"], "test_exits": test["exits"]})
     if tcfg.final_eval:
-        final_report(free, splits, tcfg, os.path.join(tcfg.out, "ckpt.pt"))
+        final_report(free, splits, os.path.join(tcfg.out, "ckpt.pt"))
     if tcfg.export:
         export_checkpoint(tcfg.export, os.path.join(tcfg.out, "ckpt.pt"))
 
