@@ -1,5 +1,5 @@
 """Data for free-min: the built-in `shapes` VQA set, a real VQA v2 loader, the tokenizer, the answer
-vocabulary and the official VQA accuracy (and, at the end, the command-line plumbing train.py and infer.py share).
+vocabulary, the official VQA accuracy, and a user's own image and question (infer.py --image).
 
 The paper evaluates FREE on VQAv2 (and other VL tasks) with a frozen BLIP-2. We train a miniature VLM from
 scratch, so we also need data a laptop can learn in minutes:
@@ -29,7 +29,7 @@ import time
 from collections import Counter
 from concurrent.futures import ProcessPoolExecutor
 from concurrent.futures.process import BrokenProcessPool
-from dataclasses import dataclass, field, fields
+from dataclasses import dataclass, field
 
 import numpy as np
 import torch
@@ -37,9 +37,12 @@ import torch.nn.functional as F
 from tokenizers import Tokenizer, models, normalizers, pre_tokenizers, processors
 from PIL import Image, UnidentifiedImageError
 
+from runtime import Parser, UsageError
 
-class DataError(Exception):
-    """Bad input data or flags. The scripts print it as one line and exit with status 2."""
+
+class DataError(UsageError):
+    """Bad input data, or a flag that asks for data that cannot be made. The scripts print it as one line
+    and exit with status 2."""
 
 
 @dataclass
@@ -378,7 +381,7 @@ def _q_compare(objs, rng):
     return text, "yes" if want_yes else "no", {"first_count": groups[a], "second_count": groups[b]}
 
 
-def _reference_names(objs):
+def reference_names(objs):
     """Objects that a short phrase names uniquely: [(phrase, object)]."""
     refs = []
     colors, shapes = _unique(objs, "color"), _unique(objs, "shape")
@@ -394,7 +397,7 @@ def _reference_names(objs):
 
 
 def _q_relate(objs, rng):
-    refs = _reference_names(objs)
+    refs = reference_names(objs)
     if not refs:
         return None
     name, ref = refs[rng.integers(len(refs))]
@@ -414,7 +417,7 @@ def _q_relate(objs, rng):
     return text, target.shape, facts
 
 
-_GENERATORS = {"exist": _q_exist, "query_color": _q_query_color, "query_shape": _q_query_shape,
+GENERATORS = {"exist": _q_exist, "query_color": _q_query_color, "query_shape": _q_query_shape,
                "count": _q_count, "compare": _q_compare, "relate": _q_relate}
 
 
@@ -447,7 +450,7 @@ def make_image_with_questions(rng, families: list[str], image_size: int = 64):
     Returns (image uint8 (H, W, 3), objects, [(family, question, answer, scene facts)])."""
     while True:
         objs = make_scene(rng, image_size)
-        qas = [(f, _GENERATORS[f](objs, rng)) for f in families]
+        qas = [(f, GENERATORS[f](objs, rng)) for f in families]
         texts = [qa[0] for _, qa in qas if qa is not None]
         if all(qa is not None for _, qa in qas) and len(set(texts)) == len(texts):
             return render_scene(objs, rng, image_size), objs, [(f, q, a, scene_facts(facts, image_size))
@@ -819,13 +822,6 @@ class Split:
         return (self.answer_score[ids] * hit).sum(dim=1)
 
 
-def to_device(batch: dict, device: torch.device) -> dict:
-    """Move a batch of model inputs to `device` (absent inputs stay None). The copies are synchronous: a batch
-    is made fresh in pageable memory, from which an asynchronous copy buys nothing on CUDA and, on Apple
-    GPUs, can read memory freed before the copy runs (pytorch/pytorch#189690)."""
-    return {k: None if v is None else v.to(device) for k, v in batch.items()}
-
-
 def fact_table(records: list[dict]) -> torch.Tensor | None:
     """(n, len(FACTS)) long: the scene facts of each question (-1 where it has none of that kind), or None
     for data without scene facts (VQA v2)."""
@@ -884,83 +880,40 @@ def majority_baseline(train: Split, evaluated: Split) -> dict[str, float]:
 
 
 # ----------------------------------------------------------------------------------------------------
-# Plumbing shared by train.py and infer.py: flags from config dataclasses, the device, safe writes
+# A user's own question about an image file (infer.py --image --question)
 # ----------------------------------------------------------------------------------------------------
-class Parser(argparse.ArgumentParser):
-    """argparse that reports a bad flag in one line and exits 2, without the (long) usage text."""
-
-    def error(self, message):
-        self.exit(2, f"error: {message} (see {self.prog} -h)\n")
-
-
-def add_config_args(parser, cfg_class, defaults: dict | None = None) -> None:
-    """Add --field-name for each field of a config dataclass (typed, with the field's help text and default).
-    Fields with metadata flag=False are derived from the data and have no flag."""
-    defaults = defaults or {}
-    group = parser.add_argument_group(cfg_class.__name__)
-    for f in fields(cfg_class):
-        if not f.metadata.get("flag", True):
-            continue
-        default = defaults.get(f.name, f.default)
-        kwargs = {"default": default, "help": f"{f.metadata.get('help', '')} (default: {default!r})", "dest": f.name}
-        if f.type in (bool, "bool"):
-            kwargs["action"] = argparse.BooleanOptionalAction
-        else:
-            kwargs["type"] = {"int": int, "float": float, "str": str}.get(f.type, f.type)
-            if "choices" in f.metadata:
-                kwargs["choices"] = f.metadata["choices"]
-        group.add_argument("--" + f.name.replace("_", "-"), **kwargs)
-
-
-def config_from_args(cfg_class, args):
-    """Build a config dataclass from parsed arguments (fields without a flag keep their default)."""
-    return cfg_class(**{f.name: getattr(args, f.name) for f in fields(cfg_class) if hasattr(args, f.name)})
+def read_question(tokenizer, image_path: str, question: str, image_size: int) -> tuple[dict, list[str]]:
+    """The model's inputs for --image and --question (image (1, 3, H, W) in [0, 1], tokens and mask
+    (1, T)), and notes on what the model will not see as given: words no training question had, a
+    question cut to the tokens the model reads, an image unlike the ones it was trained on."""
+    if not os.path.isfile(image_path):
+        raise DataError(f"--image {image_path}: file not found")
+    image = load_image(image_path, image_size).float()[None] / 255.0           # (1, 3, H, W)
+    tokens, text_mask = encode_questions(tokenizer, [question])                 # (1, T)
+    notes = []
+    unseen = unseen_words(tokenizer, question)
+    if unseen:
+        notes.append(f"no training question had the words {', '.join(unseen)}: the answer cannot rest "
+                     f"on what they mean")
+    if tokenizer.encode(question).overflowing:
+        kept = tokenizer.decode(tokens[0].tolist(), skip_special_tokens=True).replace(" ##", "")
+        notes.append(f"the question is longer than the {tokens.shape[1]} tokens the model reads; it "
+                     f"reads: \"{kept}\"")
+    with Image.open(image_path) as im:
+        mode, size = im.mode, im.size
+    if mode != "RGB" or size != (image_size, image_size):
+        notes.append(f"the image is {size[0]} x {size[1]} {mode}; the model sees it as {image_size} x "
+                     f"{image_size} RGB (it was trained on pictures like those of data.py --scene)")
+    return {"images": image, "tokens": tokens, "text_mask": text_mask}, notes
 
 
-def pick_device(choice: str) -> torch.device:
-    """--device: auto (cuda, then mps, then cpu) or the one named; DataError if torch does not see it."""
-    if choice == "auto":
-        choice = "cuda" if torch.cuda.is_available() else ("mps" if torch.backends.mps.is_available() else "cpu")
-    if (choice == "cuda" and not torch.cuda.is_available()) or (choice == "mps" and not torch.backends.mps.is_available()):
-        raise DataError(f"--device {choice}: torch sees no {choice.upper()} device here (use --device auto or cpu)")
-    return torch.device(choice)
-
-
-def pick_threads(requested: int) -> tuple[int, str]:
-    """--threads: the number asked for; for 0, what OMP_NUM_THREADS says if it is set, else the cores that
-    other work leaves free (the cores this process may use minus the 1-minute load average, rounded), at
-    least 1. Why: small models on a CPU with every core already busy run several times slower with a thread
-    per core than with fewer (RESULTS.md).
-    Returns the number and the reason, to print."""
-    if requested > 0:
-        return requested, "--threads"
-    if "OMP_NUM_THREADS" in os.environ:                     # set by the user, or by torchrun for its processes
-        return torch.get_num_threads(), "OMP_NUM_THREADS"
-    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
-    load = os.getloadavg()[0] if hasattr(os, "getloadavg") else 0.0
-    free = max(1, min(cores, round(cores - load)))
-    return free, f"{cores} cores, {load:.1f} of them busy with other work (load average); --threads N to choose"
-
-
-def synchronize(device: torch.device) -> None:
-    """Wait for the device's queued work (GPU calls return before they finish): a timer must see it done."""
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-    elif device.type == "mps":
-        torch.mps.synchronize()
-
-
-def save_atomic(path: str, obj) -> None:
-    """Write obj to path (JSON for a .json path, torch.save otherwise) through a temp file and a rename, so
-    that an interrupted write never leaves a half-written file in place of the old one."""
-    os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
-    tmp = path + ".tmp"
-    if path.endswith(".json"):
-        with open(tmp, "w") as f:
-            json.dump(obj, f, indent=1)
-    else:
-        torch.save(obj, tmp)
-    os.replace(tmp, path)
+def unseen_words(tokenizer, question: str) -> list[str]:
+    """The question's words (once each, punctuation left out) that are no word of the tokenizer's vocabulary:
+    the training questions never had them (the tokenizer still splits them into known characters, so the
+    model answers regardless)."""
+    words = tokenizer.pre_tokenizer.pre_tokenize_str(tokenizer.normalizer.normalize_str(question))
+    unseen = [w for w, _ in words if any(c.isalnum() for c in w) and tokenizer.token_to_id(w) is None]
+    return list(dict.fromkeys(unseen))
 
 
 def main(argv=None) -> None:

@@ -22,18 +22,15 @@ The backbone stays frozen throughout: stage 2 (train.py) trains G_k and D only.
 """
 import copy
 import math
-import os
 from collections import defaultdict
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 from typing import Callable
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-from tokenizers import Tokenizer
 
-from data import DataConfig, DataError
-from model import VLM, ModelConfig, soft_cross_entropy
+from model import VLM, soft_cross_entropy
 
 
 @dataclass
@@ -296,17 +293,20 @@ RULES = {
 
 
 @torch.no_grad()
-def early_exit_predict(free: FREE, images, tokens: torch.Tensor, text_mask: torch.Tensor, rule: str = "maxprob",
-                       threshold: float = 0.9, patches=None, exits: list[int] | None = None) -> dict:
+def early_exit_predict(free: FREE, inputs: dict, rule: str = "maxprob", threshold: float = 0.9,
+                       exits: list[int] | None = None) -> dict:
     """Run the language model layer by layer; after layer l_k evaluate exit k on the samples still running,
     answer those whose rule fires and *remove them from the batch*, so that the later layers run on fewer
     rows, and stop when all have left. One host sync per exit evaluated (to count who leaves).
+    inputs: the model's inputs (images or a frozen encoder's patches, tokens, text_mask; Split.batch).
     exits: indices of the exits to evaluate (default all; one not evaluated costs nothing).
     Returns 'pred' (B,) answer, 'exit' (B,) exit index (K = the final layer), 'confidence' (B,) the answer's
     probability, 'layers' (B,) language-model layers run."""
     bb, K, fires = free.backbone, free.num_exits, RULES[rule].fires
-    h, mask = bb.embed(images, tokens, text_mask, patches)            # (B, S, D), (B, 1, 1, S) or None
-    out = {"pred": tokens.new_empty(len(h)), "exit": tokens.new_full((len(h),), K), "confidence": h.new_empty(len(h))}
+    h, mask = bb.embed(**inputs)                                      # (B, S, D), (B, 1, 1, S) or None
+    tokens = inputs["tokens"]
+    out = {"pred": tokens.new_empty(len(h)), "exit": tokens.new_full((len(h),), K),
+           "confidence": h.new_empty(len(h))}
     rows = torch.arange(len(h), device=h.device)                      # the batch rows still running
     at_layer = {free.exit_layers[k]: k for k in (range(K) if exits is None else exits)}
     last = streak = None
@@ -338,36 +338,3 @@ def answered(free: FREE, out: dict, rows: torch.Tensor, pred, conf, k: int) -> d
     depth_of = torch.tensor(free.exit_layers + [free.backbone.depth], device=rows.device)
     out["layers"] = depth_of[out["exit"]]
     return out
-
-
-# ----------------------------------------------------------------------------------------------------
-# Checkpoints (written by train.py)
-# ----------------------------------------------------------------------------------------------------
-def load_checkpoint(path: str, flag: str = "") -> dict:
-    """Read a checkpoint; DataError naming the flag and file if it is missing, unreadable or not ours."""
-    where = f"{flag} {path}".strip()
-    if not os.path.isfile(path):
-        raise DataError(f"{where}: checkpoint not found")
-    try:
-        state = torch.load(path, map_location="cpu", weights_only=False)
-    except Exception as e:  # a truncated or foreign file: say which file, not a traceback
-        raise DataError(f"{where}: not a readable checkpoint ({e.__class__.__name__})")
-    if not isinstance(state, dict) or not {"model", "model_config", "data_config"} <= set(state):
-        raise DataError(f"{where}: not a free-min checkpoint (no backbone weights and configs in it)")
-    return state
-
-
-def build_from_checkpoint(state: dict):
-    """Rebuild what a checkpoint holds, in eval mode: (backbone VLM, FREE or None, tokenizer, answers, DataConfig)."""
-    cfg = ModelConfig(**state["model_config"])
-    # the weights come from the checkpoint: build without timm's download or the encoder's weights file
-    backbone = VLM(cfg=replace(cfg, vit_pretrained=False, vit_weights=""))
-    backbone.cfg = cfg
-    backbone.load_state_dict(state["model"])
-    backbone.eval()
-    free = None
-    if "exits" in state:
-        free = FREE(backbone, ExitConfig(**state["exit_config"]))
-        free.load_exits(state["exits"])
-        free.eval()
-    return backbone, free, Tokenizer.from_str(state["tokenizer"]), state["answers"], DataConfig(**state["data_config"])

@@ -20,8 +20,8 @@ from dataclasses import asdict
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
-from data import DataError                                  # noqa: E402
-from free_min import ExitConfig, load_checkpoint            # noqa: E402
+from free_min import ExitConfig                             # noqa: E402
+from runtime import CheckpointError, UsageError, load_checkpoint   # noqa: E402
 
 METHODS = {"free_gan": ["--exit-method", "free", "--adv-loss", "gan"], "free": ["--exit-method", "free"],
            "kd": ["--exit-method", "kd"], "ce": ["--exit-method", "ce"]}
@@ -46,14 +46,14 @@ def read_run(folder: str) -> dict:
     """A finished run: its exit config (ckpt.pt), test depth profile (log.jsonl) and report.json."""
     state = load_checkpoint(os.path.join(folder, "ckpt.pt"), "run")
     if "exit_config" not in state:
-        raise DataError(f"{folder}: holds a backbone but no exits")
+        raise CheckpointError(f"{folder}: holds a backbone but no exits")
     try:
         with open(os.path.join(folder, "log.jsonl")) as f:
             test = [r for r in map(json.loads, f) if r.get("split") == "test" and r.get("stage") == "exits"][-1]
         with open(os.path.join(folder, "report.json")) as f:
             report = json.load(f)
     except (OSError, ValueError, IndexError) as e:
-        raise DataError(f"{folder}: not a finished run ({e.__class__.__name__}: {e})")
+        raise CheckpointError(f"{folder}: not a finished run ({e.__class__.__name__}: {e})")
     return {"config": state["exit_config"], "test": test, "report": report}
 
 
@@ -128,7 +128,7 @@ def main(argv=None) -> None:
             folders.append(run(f"kd_s{seed}", args.out, args.backbone, METHODS["kd"] + ["--label-fraction", "0",
                                                                                           "--seed", str(seed)], args.threads))
         print(table(folders))
-    except DataError as e:
+    except UsageError as e:
         raise SystemExit(f"error: {e}")
 
 

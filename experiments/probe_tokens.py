@@ -3,7 +3,7 @@
     python experiments/probe_tokens.py CKPT [--images 400] [--threads 2] [--random]
 
 CKPT: a train.py checkpoint or an exported backbone (backbones/*.pt), of the built-in shapes data. Fits a
-linear read-out of every ViT token -> (colour, shape) under it (the targets of train.PatchProbe) on fresh
+linear read-out of every ViT token -> (colour, shape) under it (the targets of stand_ins.PatchProbe) on fresh
 shapes images, and prints its accuracy on the tokens that cover an object, on other fresh images, beside
 the share of the most common class. --random: the same architecture at its random initialisation.
 """
@@ -16,9 +16,10 @@ import torch.nn.functional as F
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import data                                                                   # noqa: E402
-from free_min import build_from_checkpoint, load_checkpoint                  # noqa: E402
+import runtime                                                                # noqa: E402
+from prepare import build_from_checkpoint                                     # noqa: E402
 from model import VLM                                                         # noqa: E402
-from train import PatchProbe                                                  # noqa: E402
+from stand_ins import PatchProbe                                              # noqa: E402
 
 
 def tokens_and_targets(model: VLM, split, n: int):
@@ -53,11 +54,11 @@ def main() -> None:
     p.add_argument("--device", default="auto", choices=["auto", "cuda", "mps", "cpu"],
                    help="where the encoder runs (auto: cuda, then mps, then cpu; the probe fits on the CPU)")
     args = p.parse_args()
-    torch.set_num_threads(data.pick_threads(args.threads)[0])
+    torch.set_num_threads(runtime.pick_threads(args.threads)[0])
     try:
-        model, _, tokenizer, answers, dcfg = build_from_checkpoint(load_checkpoint(args.ckpt, "CKPT"))
-        device = data.pick_device(args.device)
-    except data.DataError as e:
+        model, _, tokenizer, answers, dcfg = build_from_checkpoint(runtime.load_checkpoint(args.ckpt, "CKPT"))
+        device = runtime.pick_device(args.device)
+    except runtime.UsageError as e:
         raise SystemExit(f"error: {e}")
     if dcfg.data != "shapes":
         raise SystemExit(f"error: {args.ckpt} was trained on --data {dcfg.data}; the probe needs the shapes data's pixel labels")

@@ -20,7 +20,10 @@ from tqdm import tqdm
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import infer                                                       # noqa: E402
-from data import DataError, load_data, pick_device                 # noqa: E402
+import prepare                                                    # noqa: E402
+import report                                                     # noqa: E402
+import runtime                                                    # noqa: E402
+from data import load_data                                        # noqa: E402
 
 
 class Pool:
@@ -84,15 +87,15 @@ def main(argv=None) -> None:
     args = p.parse_args(argv)
     torch.set_num_threads(args.threads)
     try:
-        device = pick_device(args.device)
-        free, tokenizer, answers, dcfg, _ = infer.load_free(infer.InferConfig(ckpt=args.ckpt))
+        device = runtime.pick_device(args.device)
+        free, tokenizer, answers, dcfg, _ = prepare.load_free(infer.InferConfig(ckpt=args.ckpt))
         splits, _, _ = load_data(dcfg, tokenizer, answers, only=("val", "test"))
-    except DataError as e:
+    except runtime.UsageError as e:
         raise SystemExit(f"error: {e}")
     print(f"on {device}")
-    free = infer.inference_copy(free.to(device))
+    free = runtime.inference_copy(free.to(device))
     pool, probs = pooled(free, splits, 256)
-    costs = infer.unit_costs(free, splits["val"], torch.arange(32), repeats=5)
+    costs = report.unit_costs(free, splits["val"], torch.arange(32), repeats=5)
     risk = args.risk if args.risk != "auto" else ("harm" if free.cfg.label_fraction > 0 else "disagree")
     subset = lambda ids: {"final": probs["final"][ids], "exits": probs["exits"][:, ids], "seq_len": probs["seq_len"]}
     results = {"guaranteed": [], "empirical": []}
@@ -100,8 +103,8 @@ def main(argv=None) -> None:
         perm = torch.randperm(len(pool), generator=torch.Generator().manual_seed(r))
         cal_ids, held_ids = perm[:len(pool) // 2], perm[len(pool) // 2:]
         for mode, rows in results.items():
-            cal = infer.calibrate(free, pool.subset(cal_ids), subset(cal_ids), args.rule, costs, args.max_drop, mode,
-                                  args.delta, risk)
+            promise = infer.Promise(args.rule, args.max_drop, mode, args.delta, risk)
+            cal = infer.calibrate(free, pool.subset(cal_ids), subset(cal_ids), costs, promise)
             rows.append(held_out(free, pool.subset(held_ids), subset(held_ids), cal, costs))
     print(f"{args.splits} random halves of {len(pool)} val + test questions; rule {args.rule}, risk {risk}, "
           f"max drop {args.max_drop:g} points, delta {args.delta:g}; costs measured at batch 1: " +

@@ -19,6 +19,9 @@ import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import data                                                         # noqa: E402
+import prepare                                                      # noqa: E402
+import runtime                                                      # noqa: E402
+import stand_ins                                                    # noqa: E402
 import train                                                        # noqa: E402
 from model import VLM                                               # noqa: E402
 
@@ -102,7 +105,7 @@ def blind_score(objs: list, question: str, answer: str) -> float:
     """The expected score on one `relate` question of a model that sees every object's colour and shape but
     not where it is: it names the asked attribute of one of the objects other than the reference, at random."""
     name = re.search(r"(?:closest to|farthest from) the (.+?)(?: has|\?)", question).group(1)
-    ref = next(o for phrase, o in data._reference_names(objs) if phrase == name)
+    ref = next(o for phrase, o in data.reference_names(objs) if phrase == name)
     attr = "color" if "color" in question else "shape"
     others = [getattr(o, attr) for o in objs if o is not ref]
     return others.count(answer) / len(others)
@@ -114,13 +117,13 @@ def relate_without_positions(n_scenes: int = 3000, seed: int = 1) -> float:
     rng, scores = np.random.default_rng(seed), []
     for _ in range(n_scenes):
         objs = data.make_scene(rng)
-        qa = data._q_relate(objs, rng)
+        qa = data.GENERATORS["relate"](objs, rng)
         if qa is not None:
             scores.append(blind_score(objs, *qa[:2]))
     return 100.0 * sum(scores) / len(scores)
 
 
-ASK_COMPARE = data._GENERATORS["compare"]
+ASK_COMPARE = data.GENERATORS["compare"]
 
 
 def more_only(objs, rng):
@@ -132,28 +135,27 @@ def more_only(objs, rng):
 def screen(families: list[str], steps: int, seed: int, out: str, flags: list[str], oracle: str = "",
            pos_std: float = 0.0, only_more: bool = False) -> dict:
     """One proxy run: val accuracy per family (%) after `steps` steps, and each family's majority answer."""
-    saved = list(data.FAMILIES), dict(data._GENERATORS)
+    saved = list(data.FAMILIES), dict(data.GENERATORS)
     data.FAMILIES[:] = families                                     # the generator asks these families only
     if only_more:
-        data._GENERATORS["compare"] = more_only
+        data.GENERATORS["compare"] = more_only
     try:
         return proxy_run(seed, out, flags, oracle, pos_std, steps)
     finally:
         data.FAMILIES[:] = saved[0]
-        data._GENERATORS.update(saved[1])
+        data.GENERATORS.update(saved[1])
 
 
 def proxy_run(seed: int, out: str, flags: list[str], oracle: str, pos_std: float, steps: int) -> dict:
     _, dcfg, mcfg, tcfg, ecfg = train.parse_args(flags + ["--seed", str(seed), "--out", out, "--stage", "backbone"])
-    train.validate(dcfg, mcfg, tcfg, ecfg)                          # the flags checked and completed as train.py does
-    torch.set_num_threads(tcfg.threads or torch.get_num_threads())
+    prepare.validate(dcfg, mcfg, tcfg, ecfg)                        # the flags checked and completed as train.py does
+    runtime.setup(tcfg.device, tcfg.threads)                        # threads, device and dtype, as train.py sets them
     torch.manual_seed(seed)
     os.makedirs(out, exist_ok=True)
     splits, tok, answers = data.load_data(dcfg, only=("train", "val"))
     mcfg.vocab_size, mcfg.num_answers = tok.get_vocab_size(), len(answers)
     tcfg.epochs = math.ceil(steps / math.ceil(len(splits["train"]) / tcfg.batch_size))
-    device = data.pick_device(tcfg.device)
-    dtype, _ = train.pick_dtype(device)
+    device = runtime.RUN["device"]
     model = VLM(cfg=mcfg).to(device)
     if pos_std:     # the question's and the image's position embeddings at this scale (the core: std 0.02)
         for pos in (model.text_pos, model.visual_pos):
@@ -167,7 +169,7 @@ def proxy_run(seed: int, out: str, flags: list[str], oracle: str, pos_std: float
     scenes = SeenScenes(see, dcfg, splits["train"], tok, answers, tcfg.epochs, background=False)
     heads = {}
     keep_heads = lambda epoch, step, opt, scaler, trained: heads.update(trained)     # in place of a checkpoint
-    train.train_backbone(model, splits, tcfg, device, dtype, keep_heads, None, scenes)
+    train.train_backbone(model, splits, tcfg, keep_heads, None, scenes)
     res = train.evaluate(model, splits["val"], device)
     facts = fact_accuracy(model, heads["scene"][1], splits["val"], device) if "scene" in heads else {}
     return {"accuracy": res["per_family"], "majority": data.majority_baseline(splits["train"], splits["val"]),
@@ -175,13 +177,13 @@ def proxy_run(seed: int, out: str, flags: list[str], oracle: str, pos_std: float
 
 
 @torch.no_grad()
-def fact_accuracy(model: VLM, scene: "train.SceneHeads", split, device) -> dict[str, float]:
+def fact_accuracy(model: VLM, scene: "stand_ins.SceneHeads", split, device) -> dict[str, float]:
     """How often the trained SceneHeads read each scene fact right on `split` (%), over the questions that
     have it. The `reference` cell says whether positions reach the language model at all."""
     model.eval()
     hits, counts = torch.zeros(len(data.FACTS)), torch.zeros(len(data.FACTS))
     for ids in data.batches(len(split), train.EVAL_BATCH):
-        states, _ = model.hidden_states(**data.to_device(split.batch(ids), device))
+        states, _ = model.hidden_states(**runtime.to_device(split.batch(ids), device))
         preds = torch.stack([z.argmax(dim=1).cpu() for z in scene.logits(states[-1][:, 0]).values()], dim=1)
         has = split.facts[ids] >= 0                                                                  # (B, F)
         hits += ((preds == split.facts[ids]) & has).sum(dim=0)
@@ -207,7 +209,7 @@ def main() -> None:
         results = [screen(args.families, args.steps, s, os.path.join(args.out, f"seed{s}"), flags, args.oracle,
                           args.pos_std, args.only_more)
                    for s in args.seeds]
-    except data.DataError as e:                                     # a bad train.py flag: one line, no traceback
+    except runtime.UsageError as e:                                     # a bad train.py flag: one line, no traceback
         raise SystemExit(f"error: {e}")
     if "relate" in args.families:
         print(f"relate without positions (see relate_without_positions): {relate_without_positions():.1f}%")

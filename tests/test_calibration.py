@@ -7,6 +7,7 @@ import pytest
 import torch
 
 import infer
+import report
 from test_exits_and_report import GoldSplit
 from test_free_min import make_free
 
@@ -33,15 +34,15 @@ def true_risk(t: float) -> float:
 def test_hb_pvalue_on_hand_computed_cases():
     # no loss in 100 questions, eps 0.05: Hoeffding exp(-100 log(1/0.95)) = 0.95^100 = 0.005921 beats
     # Bentkus e * 0.95^100 = 0.016095
-    assert infer.hb_pvalue(0.0, 100, 0.05) == pytest.approx(0.95 ** 100, rel=1e-9)
+    assert report.hb_pvalue(0.0, 100, 0.05) == pytest.approx(0.95 ** 100, rel=1e-9)
     # 30 losses in 1000, eps 0.05: Hoeffding exp(-1000 (0.03 ln 0.6 + 0.97 ln(0.97/0.95))) = 0.00757; Bentkus
     # e * P(Bin(1000, 0.05) <= 30), the binomial sum computed here with exact integers
     bentkus = math.e * float(Fraction(sum(math.comb(1000, i) * 5 ** i * 95 ** (1000 - i) for i in range(31)), 100 ** 1000))
     hoeffding = math.exp(-1000 * (0.03 * math.log(0.6) + 0.97 * math.log(0.97 / 0.95)))
     assert hoeffding == pytest.approx(0.007570, rel=1e-3) and bentkus < hoeffding
-    assert infer.hb_pvalue(0.03, 1000, 0.05) == pytest.approx(bentkus, rel=1e-6)
-    assert infer.hb_pvalue(0.05, 1000, 0.05) == infer.hb_pvalue(0.2, 1000, 0.05) == 1.0     # no evidence at all
-    assert infer.binomial_cdf(3, 10, 0.5) == pytest.approx(176 / 1024, rel=1e-12)
+    assert report.hb_pvalue(0.03, 1000, 0.05) == pytest.approx(bentkus, rel=1e-6)
+    assert report.hb_pvalue(0.05, 1000, 0.05) == report.hb_pvalue(0.2, 1000, 0.05) == 1.0     # no evidence at all
+    assert report.binomial_cdf(3, 10, 0.5) == pytest.approx(176 / 1024, rel=1e-12)
 
 
 def test_guaranteed_rule_keeps_its_promise_and_the_empirical_rule_does_not():
@@ -53,7 +54,7 @@ def test_guaranteed_rule_keeps_its_promise_and_the_empirical_rule_does_not():
     for seed in range(200):
         val, probs = synthetic(2000, seed)
         for mode in violated:
-            cal = infer.calibrate(free, val, probs, "maxprob", FLOPS, 100 * EPS, mode, DELTA, "harm")
+            cal = infer.calibrate(free, val, probs, FLOPS, infer.Promise("maxprob", 100 * EPS, mode, DELTA, "harm"))
             violated[mode] += cal["threshold"] is not None and true_risk(cal["threshold"]) > EPS
     assert violated["guaranteed"] / 200 <= DELTA                          # expected about 0: HB is conservative
     assert violated["empirical"] / 200 > 0.15                             # about 30 %: t = 0.9 passes by luck
@@ -63,7 +64,7 @@ def test_calibration_is_monotone_in_eps_and_delta():
     """A looser promise (larger eps or delta) never picks a more conservative point."""
     free = make_free(exit_layers="2")
     val, probs = synthetic(2000, seed=7)
-    pick = lambda eps, delta: infer.calibrate(free, val, probs, "maxprob", FLOPS, 100 * eps, "guaranteed", delta, "harm")
+    pick = lambda eps, delta: infer.calibrate(free, val, probs, FLOPS, infer.Promise("maxprob", 100 * eps, "guaranteed", delta, "harm"))
     by_eps = [pick(eps, DELTA) for eps in (0.005, 0.01, 0.02, 0.04, 0.08)]
     by_delta = [pick(0.08, delta) for delta in (0.001, 0.01, 0.05, 0.1, 0.3)]
     for points in (by_eps, by_delta):
@@ -81,24 +82,25 @@ def test_disagree_reads_no_label_and_harm_does():
         def score(self, ids, pred):
             raise AssertionError("a label was read")
 
-    blind = infer.calibrate(free, NoLabels(val.gold), probs, "maxprob", FLOPS, 2.0, "guaranteed", DELTA, "disagree")
+    blind = infer.calibrate(free, NoLabels(val.gold), probs, FLOPS, infer.Promise("maxprob", 2.0, "guaranteed", DELTA, "disagree"))
     assert blind["threshold"] is not None
-    assert blind == infer.calibrate(free, GoldSplit(torch.randint(0, 2, (2000,))), probs, "maxprob", FLOPS, 2.0,
-                                    "guaranteed", DELTA, "disagree")
+    assert blind == infer.calibrate(free, GoldSplit(torch.randint(0, 2, (2000,))), probs, FLOPS,
+                                    infer.Promise("maxprob", 2.0, "guaranteed", DELTA, "disagree"))
     for mode, risk in (("guaranteed", "harm"), ("empirical", "harm")):
         with pytest.raises(AssertionError, match="a label was read"):
-            infer.calibrate(free, NoLabels(val.gold), probs, "maxprob", FLOPS, 2.0, mode, DELTA, risk)
+            infer.calibrate(free, NoLabels(val.gold), probs, FLOPS, infer.Promise("maxprob", 2.0, mode, DELTA, risk))
 
 
 def test_several_exit_sets_share_delta():
     """With two exits (three sets of exits to search) each set is tested at delta / 3: a threshold whose
     p-value lies between delta / 3 and delta is certified with one exit and not with two identical ones."""
     val, probs = synthetic(2000, seed=11)
-    one = infer.calibrate(make_free(exit_layers="2"), val, probs, "maxprob", FLOPS, 2.0, "guaranteed", DELTA, "harm")
+    one = infer.calibrate(make_free(exit_layers="2"), val, probs, FLOPS, infer.Promise("maxprob", 2.0, "guaranteed", DELTA, "harm"))
     two_probs = {"exits": probs["exits"].expand(2, -1, -1), "final": probs["final"]}
-    two = infer.calibrate(make_free(exit_layers="2,4"), val, two_probs, "maxprob", FLOPS, 2.0, "guaranteed", DELTA, "harm")
+    two = infer.calibrate(make_free(exit_layers="2,4"), val, two_probs, FLOPS,
+                          infer.Promise("maxprob", 2.0, "guaranteed", DELTA, "harm"))
     losses = lambda t: infer.risk_losses(val, probs["final"].argmax(1), infer.simulate(probs, "maxprob", t)["pred"], "harm")
-    p = infer.hb_pvalue(losses(one["threshold"]).mean().item(), 2000, EPS)
+    p = report.hb_pvalue(losses(one["threshold"]).mean().item(), 2000, EPS)
     assert p <= DELTA and (p > DELTA / 3) == (two["threshold"] != one["threshold"])
     assert two["threshold"] is None or two["p_value"] <= DELTA / 3
 
@@ -106,18 +108,18 @@ def test_several_exit_sets_share_delta():
 def test_the_questions_a_guarantee_needs_and_what_the_report_says_without_them():
     """A point that changes no answer is certified to risk <= eps at level delta from n questions once
     (1 - eps)^n <= delta: 230 for 1 point at 0.1. With fewer, the report says so instead of a bare 'none'."""
-    assert infer.questions_to_certify(0.01, 0.1) == 230 == math.ceil(math.log(0.1) / math.log(0.99))
+    assert report.questions_to_certify(0.01, 0.1) == 230 == math.ceil(math.log(0.1) / math.log(0.99))
     none = {"threshold": None, "calibration": "guaranteed", "risk": "harm", "rule": "maxprob", "max_drop": 1.0,
             "delta": 0.1, "calibration_questions": 160, "exit_sets": 3}
-    line = infer.format_calibrated(none)
+    line = report.format_calibrated(none)
     assert "with 160 calibration questions" in line and "takes 339" in line and "full model" in line
-    assert "takes" not in infer.format_calibrated(none | {"calibration_questions": 5000})
+    assert "takes" not in report.format_calibrated(none | {"calibration_questions": 5000})
 
 
 def test_the_clock_column_is_flagged_where_it_is_noise():
     """Where no question leaves early, early exit does the full model's work: a clock far from 1.00x there is
     timing noise, and the report says to trust the layer column."""
     row = lambda layers, clock: {"avg_layers": layers, "wallclock_speedup": clock}
-    assert "warning" in infer.timing_noise([row(8, 0.7), row(8, 1.3), row(2, 3.0)], 8)
-    assert "warning" not in infer.timing_noise([row(8, 0.97), row(8, 1.04), row(2, 3.0)], 8)
-    assert "not seen" in infer.timing_noise([row(2, 3.0)], 8)
+    assert "warning" in report.timing_noise([row(8, 0.7), row(8, 1.3), row(2, 3.0)], 8)
+    assert "warning" not in report.timing_noise([row(8, 0.97), row(8, 1.04), row(2, 3.0)], 8)
+    assert "not seen" in report.timing_noise([row(2, 3.0)], 8)

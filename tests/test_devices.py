@@ -11,6 +11,7 @@ import torch
 import data
 import infer
 import train
+import runtime
 from free_min import FREE, ExitConfig
 from model import VLM
 
@@ -18,8 +19,8 @@ from model import VLM
 def test_collectives_use_the_device_their_backend_serves(monkeypatch):
     """NCCL all-reduces CUDA tensors only (this process's GPU), gloo CPU ones: all_sum's tensor follows."""
     monkeypatch.setattr(torch.cuda, "current_device", lambda: 3)
-    assert train.collective_device("nccl") == torch.device("cuda", 3)
-    assert train.collective_device("gloo") == torch.device("cpu")
+    assert runtime.collective_device("nccl") == torch.device("cuda", 3)
+    assert runtime.collective_device("gloo") == torch.device("cpu")
 
 
 def test_batches_are_copied_to_the_device_synchronously():
@@ -31,7 +32,7 @@ def test_batches_are_copied_to_the_device_synchronously():
         def to(self, device, **kwargs):
             asked.append(kwargs)
             return self
-    data.to_device({"images": Recorder(), "tokens": Recorder(), "patches": None}, torch.device("cuda"))
+    runtime.to_device({"images": Recorder(), "tokens": Recorder(), "patches": None}, torch.device("cuda"))
     assert asked == [{}, {}]
 
 
@@ -41,18 +42,18 @@ def test_gpus_that_would_emulate_bf16_get_fp16(monkeypatch):
     for native, expected in ((False, torch.float16), (True, torch.bfloat16)):
         monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda including_emulation=True, n=native:
                             n or including_emulation)
-        assert train.pick_dtype(torch.device("cuda"))[0] == expected
-    assert train.pick_dtype(torch.device("cpu"))[0] == torch.float32
+        assert runtime.pick_dtype(torch.device("cuda"))[0] == expected
+    assert runtime.pick_dtype(torch.device("cpu"))[0] == torch.float32
 
 
 def test_resume_on_a_machine_with_fewer_gpus():
     """A checkpoint saved with the RNG states of 2 GPUs resumes on a machine with none (this CPU): the
     states of the GPUs it has are restored, the CPU's exactly."""
     torch.manual_seed(5)
-    state = train.rng_state() | {"cuda": [torch.zeros(16, dtype=torch.uint8)] * 2}
+    state = runtime.rng_state() | {"cuda": [torch.zeros(16, dtype=torch.uint8)] * 2}
     expected = torch.rand(3)
     torch.manual_seed(6)
-    train.set_rng_state(state)
+    runtime.set_rng_state(state)
     assert torch.equal(torch.rand(3), expected)
 
 
@@ -114,14 +115,14 @@ def test_threads_default_to_the_cores_other_work_leaves_free(monkeypatch):
     """--threads 0 on 2 cores: 2 when the machine is idle, 1 when another job holds a core (or both:
     never 0); a number given is taken as it is, and so is OMP_NUM_THREADS (torchrun sets it)."""
     monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
-    monkeypatch.setattr(data.os, "sched_getaffinity", lambda pid: {0, 1}, raising=False)
+    monkeypatch.setattr(runtime.os, "sched_getaffinity", lambda pid: {0, 1}, raising=False)
     for load, expected in ((0.1, 2), (1.0, 1), (2.7, 1)):
-        monkeypatch.setattr(data.os, "getloadavg", lambda load=load: (load, load, load))
-        threads, why = data.pick_threads(0)
+        monkeypatch.setattr(runtime.os, "getloadavg", lambda load=load: (load, load, load))
+        threads, why = runtime.pick_threads(0)
         assert threads == expected and "2 cores" in why
-    assert data.pick_threads(3) == (3, "--threads")
+    assert runtime.pick_threads(3) == (3, "--threads")
     monkeypatch.setenv("OMP_NUM_THREADS", "1")
-    assert data.pick_threads(0) == (torch.get_num_threads(), "OMP_NUM_THREADS")
+    assert runtime.pick_threads(0) == (torch.get_num_threads(), "OMP_NUM_THREADS")
 
 
 def test_weighted_epochs_draw_the_families_asked_for_and_resume_alike():

@@ -12,8 +12,11 @@ from PIL import Image
 import data
 import infer
 import train
+import runtime
+from report import flop_costs, layer_costs
 import free_min
-from free_min import build_from_checkpoint, early_exit_predict
+from free_min import early_exit_predict
+from prepare import build_from_checkpoint
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SMALL = ["--preset", "tiny", "--train-images", "120", "--val-images", "20", "--test-images", "20", "--threads", "1"]
@@ -119,7 +122,7 @@ def test_stage2_checkpoint_holds_only_its_own_run(backbone, tmp_path):
 def test_stage2_resumes_after_a_crash_and_matches_an_uninterrupted_run(backbone, tmp_path, monkeypatch):
     args = ["--exit-method", "free", "--exit-epochs", "3"]
     full = exits_run(backbone, tmp_path / "full", *args)
-    real_save = train.save_atomic
+    real_save = runtime.save_atomic
 
     def save_then_crash(path, state):
         real_save(path, state)
@@ -142,7 +145,8 @@ def test_stage2_resumes_after_a_crash_and_matches_an_uninterrupted_run(backbone,
 def test_fp16_stage2_goes_through_the_grad_scaler_outside_autocast(backbone, tmp_path, monkeypatch):
     """The path of a GPU without bf16 (fp16 autocast + grad scaler), run on the CPU, which supports both:
     every optimizer step goes through the scaler, and backward/step run outside autocast."""
-    monkeypatch.setattr(train, "pick_dtype", lambda device: (torch.float16, "fp16 (test)"))
+    monkeypatch.setattr(runtime, "pick_dtype", lambda device: (torch.float16, "fp16 (test)"))
+    monkeypatch.setitem(runtime.RUN, "dtype", torch.float32)                # restored after the test
     steps = []
     real_step = torch.amp.GradScaler.step
 
@@ -216,7 +220,7 @@ def test_sweep_simulation_matches_the_real_early_exit_forward(report):
     probs = infer.collect(free, test, 64)
     for rule, thr in [("maxprob", 0.7), ("entropy", 0.3), ("patience", 1)]:
         sim = infer.simulate(probs, rule, thr)
-        real = early_exit_predict(free, **test.batch(torch.arange(len(test))), rule=rule, threshold=thr)
+        real = early_exit_predict(free, test.batch(torch.arange(len(test))), rule=rule, threshold=thr)
         assert torch.equal(sim["exit"], real["exit"]) and torch.equal(sim["pred"], real["pred"])
 
 
@@ -227,10 +231,11 @@ def test_timing_interleaves_full_and_early_exit_batch_by_batch(report, monkeypat
     _, free, tok, answers, dcfg = build_from_checkpoint(torch.load(out / "ckpt.pt", weights_only=False))
     test = data.load_data(dcfg, tok, answers, only=("test",))[0]["test"]
     calls, real_early, real_full = [], infer.early_exit_predict, type(free.backbone).forward
-    monkeypatch.setattr(infer, "early_exit_predict", lambda *a, **kw: calls.append(("early", len(kw["tokens"]))) or real_early(*a, **kw))
+    monkeypatch.setattr(infer, "early_exit_predict", lambda *a, **kw: calls.append(("early", len(a[1]["tokens"]))) or real_early(*a, **kw))
     monkeypatch.setattr(type(free.backbone), "forward",
                         lambda self, *a, **kw: calls.append(("full", len(kw["tokens"]))) or real_full(self, *a, **kw))
-    t = infer.time_speedup(free, test, torch.arange(10), 4, "maxprob", 0.5, repeats=3)
+    t = infer.time_speedup(free, infer.timing_batches(free, test, torch.arange(10), 4), {"rule": "maxprob", "threshold": 0.5},
+                           repeats=3)
     assert len(calls) == 2 * 3 * (1 + 3)                     # 2 models x 3 batches (4, 4, 2) x (warm-up + 3 rounds)
     pairs = [calls[i:i + 2] for i in range(0, len(calls), 2)]
     assert all({p[0][0], p[1][0]} == {"full", "early"} and p[0][1] == p[1][1] for p in pairs)   # same batch, both models
@@ -363,7 +368,7 @@ def tiny_free():
 
 
 def test_layer_costs_by_hand():
-    layer, exit_ = infer.layer_costs(tiny_free(), seq_len=10)
+    layer, exit_ = layer_costs(tiny_free(), seq_len=10)
     # layer: 2 x (qkv 10*32*96 + scores and mix 2*10*10*32 + proj 10*32*32 + MLP 2*10*32*128)
     assert layer == 2 * (30720 + 6400 + 10240 + 81920)
     # exit ([CLS] row only): 2 x (qkv 10*32*96 + scores and mix 2*10*32 + proj 32*32 + MLP 2*32*128 + head 32*6)
@@ -375,7 +380,7 @@ def test_simulate_calibrate_and_layer_speedup_by_hand():
     sim = infer.simulate(probs, "maxprob", 0.8)
     assert sim["exit"].tolist() == [0, 1, 0, 2] and sim["pred"].tolist() == [0, 1, 2, 0]
     assert sim["evaluated"].tolist() == [1, 2, 1, 2]
-    e = infer.layer_costs(free, 10.0)[1] / infer.layer_costs(free, 10.0)[0]
+    e = layer_costs(free, 10.0)[1] / layer_costs(free, 10.0)[0]
     avg_layers, speedup = infer.layer_speedup(free, sim, 10.0)
     assert avg_layers == pytest.approx((2 + 4 + 2 + 6) / 4)
     assert speedup == pytest.approx(6 / ((14 + 6 * e) / 4))
@@ -383,19 +388,19 @@ def test_simulate_calibrate_and_layer_speedup_by_hand():
     # right, and 0.8 is the cheapest of those: 14 layers in all (0.85-0.95: 16; 0.98 and up: 18)
     assert infer.accuracy(val, infer.simulate(probs, "maxprob", 0.6)["pred"]) == 50.0
     assert infer.accuracy(val, infer.simulate(probs, "maxprob", 0.7)["pred"]) == 75.0
-    flops = infer.flop_costs(free, 10.0)
+    flops = flop_costs(free, 10.0)
     assert flops["exit"] == pytest.approx(e) and infer.predicted_speedup(free, sim, flops) == pytest.approx(speedup)
-    cal = infer.calibrate(free, val, probs, "maxprob", flops, 1.0, "empirical")
+    cal = infer.calibrate(free, val, probs, flops, infer.Promise("maxprob", 1.0, "empirical"))
     assert (cal["threshold"], cal["exit_layers"], cal["val_drop"]) == (0.8, [2, 4], 0.0)
-    assert infer.calibrate(free, val, probs, "maxprob", flops, 30.0, "empirical")["threshold"] == 0.7
+    assert infer.calibrate(free, val, probs, flops, infer.Promise("maxprob", 30.0, "empirical"))["threshold"] == 0.7
     # 0.5 and 0.6 let the same questions leave: of equal points the more conservative threshold is kept
-    assert infer.calibrate(free, val, probs, "maxprob", flops, 50.0, "empirical")["threshold"] == 0.6
+    assert infer.calibrate(free, val, probs, flops, infer.Promise("maxprob", 50.0, "empirical"))["threshold"] == 0.6
     # Exit choice. Only the exit after layer 2 at 0.8: q1 and q3 run to the final layer (right): 16 layers, 4
     # exits evaluated, against 14 layers and 6 exits with both. At a FLOP exit cost (0.24 layer) both exits
     # are cheaper; if an exit costs 1.5 layers (as measured costs can say), the exit after layer 4 does not pay.
     assert infer.predicted_speedup(free, infer.simulate(probs, "maxprob", 0.8, [0]), flops) == pytest.approx(6 / ((16 + 4 * e) / 4))
     dear = {"embed": 0.0, "layer": 1.0, "exit": 1.5, "head": 0.0, "unit": "seconds at batch 1"}
-    cal = infer.calibrate(free, val, probs, "maxprob", dear, 1.0, "empirical")
+    cal = infer.calibrate(free, val, probs, dear, infer.Promise("maxprob", 1.0, "empirical"))
     # (with that exit alone, 0.8 to 0.95 let the same questions leave: the most conservative is kept)
     assert (cal["threshold"], cal["exit_layers"]) == (0.95, [2]) and cal["predicted_speedup"] == pytest.approx(6 / ((16 + 6) / 4))
     assert infer.simulate(probs, "maxprob", 0.8, [0])["evaluated"].tolist() == [1, 1, 1, 1]
@@ -458,7 +463,7 @@ def test_frozen_states_are_the_live_states_and_train_the_same_exits(backbone):
     model, _, tok, answers, dcfg = build_from_checkpoint(torch.load(backbone, weights_only=False))
     free = train.FREE(model, train.ExitConfig(exit_layers="1,2")).eval()
     split = data.load_data(dcfg, tok, answers, only=("train", "val"))[0]["train"]
-    states = train.frozen_states(free, split, torch.device("cpu"), torch.float32)
+    states = train.frozen_states(free, split)
     ids = torch.tensor([3, 0, 17, 42, 5])
     cached = train.states_batch(states, ids, torch.device("cpu"))
     live_states, mask = free.backbone.hidden_states(**split.batch(ids))

@@ -10,6 +10,7 @@ import torch
 
 import data
 import free_min
+import runtime
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, os.path.join(ROOT, "experiments"))
@@ -45,9 +46,9 @@ def test_table_averages_seeds_by_hand(tmp_path):
 def test_a_broken_run_is_named(tmp_path):
     folder = fake_run(tmp_path / "run", {}, 50.0, 80.0, 60.0, {"threshold": None})
     (tmp_path / "run" / "report.json").write_text("{truncated")
-    with pytest.raises(data.DataError, match="run: not a finished run"):
+    with pytest.raises(runtime.CheckpointError, match="run: not a finished run"):
         compare.table([folder])
-    with pytest.raises(data.DataError, match="checkpoint not found"):
+    with pytest.raises(runtime.CheckpointError, match="checkpoint not found"):
         compare.table([str(tmp_path / "nothing")])
 
 
@@ -99,7 +100,7 @@ def test_a_proxy_run_trains_one_family_and_restores_the_generator(tmp_path):
     result = screen.screen(["count"], steps=2, seed=0, out=str(tmp_path), flags=flags, only_more=True)
     assert set(result["accuracy"]) == set(result["majority"]) == {"count"}
     assert data.FAMILIES == ["exist", "query_color", "query_shape", "count", "compare", "relate"]
-    assert data._GENERATORS["compare"] is screen.ASK_COMPARE
+    assert data.GENERATORS["compare"] is screen.ASK_COMPARE
 
 
 def test_find_objects_recovers_the_generators_objects():

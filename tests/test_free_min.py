@@ -3,6 +3,7 @@ import pytest
 import torch
 
 import free_min
+import runtime
 from free_min import FREE, ExitConfig, ExitLayer, early_exit_predict
 from model import VLM, ModelConfig
 
@@ -53,7 +54,7 @@ def test_exit_layer_starts_as_the_next_backbone_layer_on_the_cls_row():
 def test_threshold_that_never_fires_gives_the_full_model():
     free = make_free()
     images, tokens, mask = inputs(8)
-    out = early_exit_predict(free, images, tokens, mask, rule="maxprob", threshold=1.01)
+    out = early_exit_predict(free, {"images": images, "tokens": tokens, "text_mask": mask}, rule="maxprob", threshold=1.01)
     full = free.backbone(images, tokens, mask)
     assert torch.equal(out["pred"], full.argmax(1))
     assert (out["exit"] == free.num_exits).all() and (out["layers"] == 6).all()
@@ -62,7 +63,7 @@ def test_threshold_that_never_fires_gives_the_full_model():
 def test_threshold_that_always_fires_exits_everything_at_the_first_exit():
     free = make_free()
     images, tokens, mask = inputs(8)
-    out = early_exit_predict(free, images, tokens, mask, rule="maxprob", threshold=0.0)
+    out = early_exit_predict(free, {"images": images, "tokens": tokens, "text_mask": mask}, rule="maxprob", threshold=0.0)
     states, attn_mask = free.backbone.hidden_states(images, tokens, mask)
     first = free.exit_logits(0, states[free.exit_layers[0]], attn_mask)
     assert (out["exit"] == 0).all() and (out["layers"] == free.exit_layers[0]).all()
@@ -83,12 +84,12 @@ def test_batched_removal_equals_one_sample_at_a_time(rule):
     free = make_free()
     images, tokens, mask = inputs(12, seed=3)
     threshold = 2 if rule == "patience" else median_threshold(free, images, tokens, mask, rule)
-    out = early_exit_predict(free, images, tokens, mask, rule=rule, threshold=threshold)
+    out = early_exit_predict(free, {"images": images, "tokens": tokens, "text_mask": mask}, rule=rule, threshold=threshold)
     if rule != "patience":  # (patience's own test below covers where samples leave)
         assert len(set(out["exit"].tolist())) > 1, "the test needs samples leaving at different exits"
     for i in range(12):
         n = int(mask[i].sum())
-        one = early_exit_predict(free, images[i:i + 1], tokens[i:i + 1, :n], mask[i:i + 1, :n], rule=rule,
+        one = early_exit_predict(free, {"images": images[i:i + 1], "tokens": tokens[i:i + 1, :n], "text_mask": mask[i:i + 1, :n]}, rule=rule,
                                  threshold=threshold)
         assert one["pred"].item() == out["pred"][i].item() and one["exit"].item() == out["exit"][i].item()
         assert one["confidence"].item() == pytest.approx(out["confidence"][i].item(), abs=1e-5)
@@ -106,7 +107,7 @@ def test_early_exit_on_a_subset_of_exits_matches_the_simulation(rule):
     probs = {"exits": torch.stack([e.softmax(1) for e in out["exits"]]), "final": out["final"].softmax(1)}
     threshold = 2 if rule == "patience" else median_threshold(free, images, tokens, mask, rule)
     for exits in ([0, 2], [1, 3], [3]):
-        real = early_exit_predict(free, images, tokens, mask, rule=rule, threshold=threshold, exits=exits)
+        real = early_exit_predict(free, {"images": images, "tokens": tokens, "text_mask": mask}, rule=rule, threshold=threshold, exits=exits)
         sim = infer.simulate(probs, rule, threshold, exits)
         assert torch.equal(real["exit"], sim["exit"]) and torch.equal(real["pred"], sim["pred"])
         assert set(real["exit"].tolist()) <= set(exits) | {free.num_exits}
@@ -119,12 +120,12 @@ def test_patience_semantics():
     states, attn_mask = free.backbone.hidden_states(images, tokens, mask)
     answers = torch.stack([free.exit_logits(k, states[l], attn_mask).argmax(1)
                            for k, l in enumerate(free.exit_layers)])            # (K, B)
-    out = early_exit_predict(free, images, tokens, mask, rule="patience", threshold=2)
+    out = early_exit_predict(free, {"images": images, "tokens": tokens, "text_mask": mask}, rule="patience", threshold=2)
     for b in range(10):
         # the first exit k >= 1 whose answer equals exit k-1's answer, else the final layer
         expected = next((k for k in range(1, free.num_exits) if answers[k, b] == answers[k - 1, b]), free.num_exits)
         assert out["exit"][b].item() == expected
-    assert (early_exit_predict(free, images, tokens, mask, rule="patience", threshold=1)["exit"] == 0).all()
+    assert (early_exit_predict(free, {"images": images, "tokens": tokens, "text_mask": mask}, rule="patience", threshold=1)["exit"] == 0).all()
 
 
 def exit_features(free, images, tokens, mask):
@@ -225,7 +226,7 @@ def test_rules_and_adversarial_terms_are_one_table_entry_each(monkeypatch):
         out = free.all_outputs(images, tokens, mask)
     probs = {"exits": torch.stack([e.softmax(1) for e in out["exits"]]), "final": out["final"].softmax(1)}
     t = probs["exits"][0, :, 1].median().item()                     # about half leave at the first exit
-    real = early_exit_predict(free, images, tokens, mask, rule="second", threshold=t)
+    real = early_exit_predict(free, {"images": images, "tokens": tokens, "text_mask": mask}, rule="second", threshold=t)
     assert len(set(real["exit"].tolist())) > 1
     assert torch.equal(real["exit"], infer.simulate(probs, "second", t)["exit"])
     assert set(free_min.ADVERSARIAL) == {"gan", "fm"}
@@ -240,8 +241,7 @@ def test_inference_copy_folds_the_stem_and_gives_the_same_answers():
         for bn in [m for m in free.backbone.modules() if isinstance(m, torch.nn.BatchNorm2d)]:
             bn.running_mean.uniform_(-0.5, 0.5), bn.running_var.uniform_(0.5, 2.0)
             bn.weight.uniform_(0.5, 1.5), bn.bias.uniform_(-0.2, 0.2)
-    import infer
-    copied = infer.inference_copy(free)
+    copied = runtime.inference_copy(free)
     convs = [m for m in copied.backbone.modules() if isinstance(m, torch.nn.Conv2d)]
     assert convs and not any(isinstance(m, torch.nn.BatchNorm2d) for m in copied.modules())
     assert all(c.weight.is_contiguous(memory_format=torch.channels_last) for c in convs if c.kernel_size != (1, 1))

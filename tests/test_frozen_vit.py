@@ -7,7 +7,8 @@ import torch
 
 import data
 import train
-from free_min import build_from_checkpoint
+import runtime
+from prepare import build_from_checkpoint
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 FIXTURE = os.path.join(ROOT, "tests", "fixtures", "vqa")
@@ -46,12 +47,12 @@ def test_frozen_encoder_weights_are_unchanged_after_both_stages(frozen_run):
 
 
 def test_cached_tokens_are_the_encoders_and_give_the_images_answers(frozen_run):
-    """train.cache_patches: each split serves its images' encoder tokens (fp16) in place of the images, and
+    """runtime.cache_patches: each split serves its images' encoder tokens (fp16) in place of the images, and
     the model answers from them as it does from the images."""
     tmp, _ = frozen_run
     model, _, tokenizer, answers, dcfg = build_from_checkpoint(torch.load(tmp / "out" / "ckpt.pt", weights_only=False))
     splits, _, _ = data.load_data(dcfg, tokenizer, answers)
-    train.cache_patches(model, splits, torch.device("cpu"), torch.float32)
+    runtime.cache_patches(model, splits)
     split = splits["train"]
     with torch.no_grad():
         fresh = model.patch_features(split.images.float() / 255.0)                      # (n_img, P, Dv)

@@ -14,7 +14,8 @@ import data
 import free_min
 import infer
 import train
-from free_min import build_from_checkpoint, load_checkpoint
+from prepare import build_from_checkpoint
+from runtime import load_checkpoint
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SHIPPED = os.path.join(ROOT, train.SHIPPED_BACKBONE)
@@ -73,8 +74,7 @@ def test_shipped_exits_keep_their_promise_on_the_test_split():
     with torch.no_grad():
         for ids in data.batches(len(test), 256):
             batch = test.batch(ids)
-            out = free_min.early_exit_predict(free, batch["images"], batch["tokens"], batch["text_mask"], c["rule"],
-                                              c["threshold"], exits=exits)
+            out = free_min.early_exit_predict(free, batch, c["rule"], c["threshold"], exits=exits)
             early.append(test.score(ids, out["pred"]))
             full.append(test.score(ids, free.backbone(**batch).argmax(dim=1)))
     full, early = torch.cat(full).mean().item(), torch.cat(early).mean().item()

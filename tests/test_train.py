@@ -9,7 +9,9 @@ import torch
 
 import data
 import train
-from free_min import build_from_checkpoint
+import stand_ins
+import runtime
+from prepare import build_from_checkpoint
 from model import VLM
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -48,10 +50,11 @@ def test_the_vlm_learns_to_read_the_image():
     splits, tok, answers = data.load_data(data.DataConfig(train_images=1200, val_images=300, test_images=1))
     cfg = train.ModelConfig(image_size=64, max_text_len=24, vocab_size=tok.get_vocab_size(), num_answers=len(answers),
                             dim=64, depth=2, heads=2)
-    model, probe = VLM(cfg=cfg), train.PatchProbe(cfg.vit_dim)
+    model, probe = VLM(cfg=cfg), stand_ins.PatchProbe(cfg.vit_dim)
     tcfg = train.TrainConfig(lr=2e-3, warmup_steps=30, epochs=1, batch_size=32)
-    opt = torch.optim.AdamW(list(model.parameters()) + list(probe.parameters()), lr=tcfg.lr, weight_decay=0.05)
-    scaler = torch.amp.GradScaler("cpu", enabled=False)
+    opt = runtime.Optimizer(torch.optim.AdamW(list(model.parameters()) + list(probe.parameters()), lr=tcfg.lr,
+                                              weight_decay=0.05), torch.amp.GradScaler("cpu", enabled=False),
+                            clip=tcfg.grad_clip)
     tr, va = splits["train"], splits["val"]
     pick = lambda split: torch.tensor([i for i, r in enumerate(split.records) if r["family"] == "query_color"])
     train_ids, val_ids = pick(tr), pick(va)
@@ -60,7 +63,7 @@ def test_the_vlm_learns_to_read_the_image():
         for group in opt.param_groups:
             group["lr"] = train.get_lr(step, 150, tcfg)
         ids = train_ids[torch.randint(len(train_ids), (32,), generator=g)]
-        train.backbone_step(model, {"probe": (1.0, probe)}, opt, scaler, tr, ids, tcfg, torch.device("cpu"), torch.float32)
+        train.backbone_step(model, {"probe": (1.0, probe)}, train.backbone_batch(model, tr, ids), opt)
     model.eval()
     with torch.no_grad():
         accuracy = 100 * va.score(val_ids, model(**va.batch(val_ids)).argmax(1)).mean().item()
@@ -81,20 +84,20 @@ def test_auxiliary_heads_follow_the_pixel_labels_and_scene_facts():
     the label-free aids (answer shortcut, patch reconstruction) otherwise; none of these for a frozen
     encoder. The scene heads wherever the data has scene facts and --scene-weight > 0."""
     model = VLM(cfg=train.ModelConfig(vocab_size=20, num_answers=5, dim=32, depth=1, heads=2))
-    heads = lambda labels, facts=False, **kw: set(train.aux_heads(model, FakeSplit(labels, facts), train.TrainConfig(**kw)))
+    heads = lambda labels, facts=False, **kw: set(stand_ins.aux_heads(model, FakeSplit(labels, facts), train.TrainConfig(**kw)))
     assert heads(True) == {"probe"} and heads(True, aux_weight=0) == heads(False) == {"shortcut", "decoder"}
     assert heads(True, True) == {"probe", "scene"} and heads(True, True, scene_weight=0) == {"probe"}
     assert heads(True, True, aux_weight=0, scene_weight=0) == {"shortcut", "decoder"}
     frozen = VLM(cfg=train.ModelConfig(vocab_size=20, num_answers=5, dim=32, depth=1, heads=2, freeze_vit=True))
-    assert train.aux_heads(frozen, FakeSplit(False, False), train.TrainConfig()) == {}
-    assert set(train.aux_heads(frozen, FakeSplit(True, True), train.TrainConfig())) == {"scene"}
+    assert stand_ins.aux_heads(frozen, FakeSplit(False, False), train.TrainConfig()) == {}
+    assert set(stand_ins.aux_heads(frozen, FakeSplit(True, True), train.TrainConfig())) == {"scene"}
 
 
 def test_scene_facts_are_read_off_the_last_layer_for_the_questions_that_have_them():
     """The scene loss reads h_L's [CLS] alone: the batch mean of each question's summed cross-entropy over
     the facts it has (none for a question without facts), zero for a batch that has none."""
     torch.manual_seed(0)
-    scene = train.SceneHeads(16)
+    scene = stand_ins.SceneHeads(16)
     states = [torch.randn(3, 5, 16, requires_grad=True) for _ in range(9)]              # h_0..h_8
     facts = torch.tensor([[7, 9, -1, -1], [-1, -1, 2, -1], [-1, -1, -1, -1]])
     loss = scene.loss(None, {"states": states, "facts": facts})
@@ -123,11 +126,11 @@ def test_the_scene_loss_fits_where_things_are():
     cfg = train.ModelConfig(image_size=64, max_text_len=24, vocab_size=tok.get_vocab_size(), num_answers=len(answers),
                             dim=64, depth=2, heads=2)
     model, tcfg = VLM(cfg=cfg), train.TrainConfig(lr=3e-3, weight_decay=0.0)
-    heads = train.aux_heads(model, splits["train"], tcfg)
-    opt, scaler = train.stage1_optimizer(model, heads, tcfg), torch.amp.GradScaler("cpu", enabled=False)
+    heads = stand_ins.aux_heads(model, splits["train"], tcfg)
+    opt = train.stage1_optimizer(model, heads, tcfg, torch.amp.GradScaler("cpu", enabled=False))
     tr, ids = splits["train"], torch.arange(32)
     for _ in range(150):
-        train.backbone_step(model, heads, opt, scaler, tr, ids, tcfg, torch.device("cpu"), torch.float32)
+        train.backbone_step(model, heads, train.backbone_batch(model, tr, ids), opt)
     model.eval()
     with torch.no_grad():
         states, _ = model.hidden_states(**tr.batch(ids))
@@ -141,10 +144,10 @@ def test_label_free_stage1_trains_the_encoders_blocks_slower():
     group at LABEL_FREE['vit_blocks_lr'] x the rate; with pixel labels, everything is one group."""
     model = VLM(cfg=train.ModelConfig(vocab_size=20, num_answers=5, dim=32, depth=1, heads=2))
     tcfg = train.TrainConfig()
-    assert len(train.stage1_optimizer(model, train.aux_heads(model, FakeSplit(True, False), tcfg), tcfg).param_groups) == 1
-    opt = train.stage1_optimizer(model, train.aux_heads(model, FakeSplit(False, False), tcfg), tcfg)
+    assert len(train.stage1_optimizer(model, stand_ins.aux_heads(model, FakeSplit(True, False), tcfg), tcfg).param_groups) == 1
+    opt = train.stage1_optimizer(model, stand_ins.aux_heads(model, FakeSplit(False, False), tcfg), tcfg)
     slow = {id(p) for m in (model.vit.blocks, model.vit.norm) for p in m.parameters()}
-    assert [g.get("lr_scale", 1.0) for g in opt.param_groups] == [1.0, train.LABEL_FREE["vit_blocks_lr"]]
+    assert [g.get("lr_scale", 1.0) for g in opt.param_groups] == [1.0, stand_ins.LABEL_FREE["vit_blocks_lr"]]
     assert {id(p) for p in opt.param_groups[1]["params"]} == slow
     assert not slow & {id(p) for p in opt.param_groups[0]["params"]}
 
@@ -154,7 +157,7 @@ def test_patch_decoder_targets_are_each_tokens_own_patch():
     tokens) for the pixels of patch p, averaged down to r x r: zero for exactly those, not for swapped ones."""
     torch.manual_seed(0)
     images = torch.randn(2, 3, 16, 16)                                     # a 2 x 2 grid of 8-pixel patches
-    decoder = train.PatchDecoder(vit_dim=48, patch_size=8)                 # r = 4: 3 x 4 x 4 = 48 values a patch
+    decoder = stand_ins.PatchDecoder(vit_dim=48, patch_size=8)                 # r = 4: 3 x 4 x 4 = 48 values a patch
     with torch.no_grad():
         decoder.pixels.weight.copy_(torch.eye(48))
         decoder.pixels.bias.zero_()                                        # the decoder passes tokens through
@@ -172,7 +175,7 @@ def test_reconstruction_alone_teaches_the_encoder_its_patches():
     splits, tok, answers = data.load_data(data.DataConfig(train_images=64, val_images=4, test_images=1))
     cfg = train.ModelConfig(image_size=64, max_text_len=24, vocab_size=tok.get_vocab_size(), num_answers=len(answers),
                             dim=32, depth=1, heads=2)
-    model, decoder = VLM(cfg=cfg), train.PatchDecoder(cfg.vit_dim, cfg.patch_size)
+    model, decoder = VLM(cfg=cfg), stand_ins.PatchDecoder(cfg.vit_dim, cfg.patch_size)
     opt = torch.optim.AdamW(list(model.vit.parameters()) + list(decoder.parameters()), lr=3e-3)
     images = splits["train"].batch(torch.arange(0, 256, 4))["images"]     # the 64 images, one question each
     pixels = (images - model.pixel_mean) / model.pixel_std
@@ -186,10 +189,10 @@ def test_reconstruction_alone_teaches_the_encoder_its_patches():
 
 
 def test_answer_shortcut_ignores_padding_and_learns_from_the_tokens():
-    """train.AnswerShortcut: the question's padding changes nothing; and from answers alone it learns an
+    """stand_ins.AnswerShortcut: the question's padding changes nothing; and from answers alone it learns an
     answer that only the tokens' content tells (here: whether feature 0 is, on average, positive)."""
     torch.manual_seed(0)
-    head = train.AnswerShortcut(vit_dim=8, vocab_size=20, num_answers=2, hidden=32)
+    head = stand_ins.AnswerShortcut(vit_dim=8, vocab_size=20, num_answers=2, hidden=32)
     patches, tokens = torch.randn(4, 16, 8), torch.randint(1, 20, (4, 5))
     mask = torch.ones(4, 5, dtype=torch.bool)
     padded = torch.cat([tokens, torch.zeros(4, 3, dtype=torch.long)], dim=1)
@@ -232,7 +235,7 @@ def test_overfits_a_small_batch():
 
 
 def test_save_load_gives_identical_predictions(micro_run):
-    state = train.load_checkpoint(str(micro_run / "ckpt.pt"))
+    state = runtime.load_checkpoint(str(micro_run / "ckpt.pt"))
     model, _, tokenizer, answers, dcfg = build_from_checkpoint(state)
     splits, _, _ = data.load_data(dcfg, tokenizer, answers)
     model.eval()
@@ -264,7 +267,7 @@ def test_resume_after_interruption_matches_uninterrupted_run(tmp_path, monkeypat
     train.main(args + ["--out", str(tmp_path / "full")])
 
     saves = []
-    real_save = train.save_atomic
+    real_save = runtime.save_atomic
 
     def save_then_crash(path, state):
         real_save(path, state)
@@ -402,7 +405,7 @@ def test_patch_probe_targets_follow_the_pixels():
     labels = torch.zeros(1, 2, 16, 16, dtype=torch.uint8)
     labels[0, 0, :8, :8], labels[0, 1, :8, :8] = 3, 2          # top-left patch: colour 3, shape 2
     labels[0, 0, 8:, 8:9], labels[0, 1, 8:, 8:9] = 5, 4        # a thin sliver (1/8 of a patch): background
-    probe = train.PatchProbe(vit_dim=4)
+    probe = stand_ins.PatchProbe(vit_dim=4)
     with torch.no_grad():
         for head in (probe.colour, probe.shape):
             head.weight.zero_()
@@ -425,7 +428,7 @@ def test_export_writes_an_fp16_backbone_that_scores_what_it_states(tmp_path):
     assert "optimizer" not in state and "exits" not in state
     assert all(v.dtype == torch.float16 for v in state["model"].values() if v.is_floating_point())
     exported, free, tokenizer, answers, dcfg = build_from_checkpoint(state)
-    trained = build_from_checkpoint(train.load_checkpoint(str(tmp_path / "run" / "ckpt.pt")))[0]
+    trained = build_from_checkpoint(runtime.load_checkpoint(str(tmp_path / "run" / "ckpt.pt")))[0]
     assert free is None and next(exported.parameters()).dtype == torch.float32
     splits, _, _ = data.load_data(dcfg, tokenizer, answers, only=("test",))
     batch = splits["test"].batch(torch.arange(len(splits["test"])))

@@ -1,0 +1,182 @@
+"""What the two commands do before their work starts; nothing here is needed to follow the paper.
+
+  * train.py: every flag checked and the checkpoint the run starts from read, before any data is made
+    or any step taken (a bad flag costs seconds and touches nothing written); --resume refuses other
+    settings than the interrupted run's; --vit NAME takes its input size and normalisation from timm;
+  * infer.py: its flags checked; a trained checkpoint rebuilt into the backbone and its exits.
+"""
+import os
+from dataclasses import asdict, replace
+
+from tokenizers import Tokenizer
+
+from data import DataConfig, DataError, check_data_config
+from free_min import FREE, RULES, ExitConfig, check_exit_config, resolve_exit_layers
+from model import VLM, ModelConfig, check_model_config, describe_timm_vit, make_vit
+from runtime import ConfigError, flag, load_checkpoint, require
+
+
+# ----------------------------------------------------------------------------------------------------
+# train.py's flags
+# ----------------------------------------------------------------------------------------------------
+def adopt_timm_encoder(dcfg: DataConfig, mcfg: ModelConfig) -> None:
+    """--vit NAME: the input size, patch size, width, normalisation, resize and crop come from timm's own
+    description of the model; with --vit-weights, the file must fit it. ValueError naming the flag."""
+    import timm                                    # here: its import takes seconds a bad flag need not wait
+    if not timm.is_model(mcfg.vit):
+        raise ValueError(f"--vit {mcfg.vit}: not a timm model name "
+                         f"(python -c \"import timm; print(timm.list_models('vit*'))\")")
+    enc = describe_timm_vit(mcfg.vit)
+    dcfg.image_size, dcfg.crop_pct, dcfg.interpolation = enc["image_size"], enc["crop_pct"], enc["interpolation"]
+    mcfg.image_size, mcfg.patch_size, mcfg.vit_dim = enc["image_size"], enc["patch_size"], enc["vit_dim"]
+    mcfg.pixel_mean, mcfg.pixel_std = enc["pixel_mean"], enc["pixel_std"]
+    if mcfg.vit_weights:
+        try:
+            make_vit(mcfg)
+        except Exception as e:   # whatever stops the user's file from loading into this model: one line
+            raise ValueError(f"--vit-weights {mcfg.vit_weights} does not fit --vit {mcfg.vit} "
+                             f"({str(e).splitlines()[0][:150]})")
+
+
+def validate(dcfg: DataConfig, mcfg: ModelConfig, tcfg, ecfg: ExitConfig) -> dict | None:
+    """Check every flag, and read the checkpoint the run starts from, before any data is made or any step
+    is taken: a bad flag costs seconds and touches nothing written. Returns that checkpoint (the backbone
+    of --stage exits, or the run to --resume) or None."""
+    check_data_config(dcfg)
+    require(tcfg, ("epochs", "batch_size", "lr"), 0, strict=True)
+    require(tcfg, ("weight_decay", "warmup_steps", "grad_clip", "aux_weight", "scene_weight", "threads"),
+            0, strict=False)
+    if tcfg.backbone and tcfg.stage != "exits":
+        raise ConfigError("--backbone is read by --stage exits only (the other stages train their own "
+                          "backbone)")
+    try:
+        mcfg.image_size, mcfg.max_text_len = dcfg.image_size, dcfg.max_question_len
+        if tcfg.stage == "exits" and not tcfg.resume:
+            named = "--backbone" if tcfg.backbone else "--stage exits (no --backbone, so OUT/ckpt.pt):"
+            state = load_checkpoint(tcfg.backbone or os.path.join(tcfg.out, "ckpt.pt"), named)
+        else:
+            if mcfg.vit:
+                adopt_timm_encoder(dcfg, mcfg)
+            check_model_config(mcfg)
+            state = resume_state(tcfg, dcfg, mcfg, ecfg)
+        depth = state["model_config"]["depth"] if state is not None else mcfg.depth
+        check_exit_config(ecfg, depth)
+        layers = resolve_exit_layers(ecfg.exit_layers, depth)
+        ecfg.exit_layers = ",".join(map(str, layers))                  # recorded written out
+    except ValueError as e:   # the config checks of model.py and free_min.py
+        raise ConfigError(str(e))
+    return state
+
+
+# --resume: the same run, with the same settings
+# Flags whose change would make a resumed run follow another schedule than the one it started.
+SCHEDULE = {"backbone": ("epochs", "batch_size", "lr", "weight_decay", "warmup_steps", "grad_clip",
+                         "aux_weight", "scene_weight", "sample_families", "seed"),
+            "exits": ("batch_size", "seed")}
+# What checkpoints from before the scene-fact flags trained with.
+BEFORE_SCENE_FACTS = {"scene_weight": 0.0, "sample_families": "uniform"}
+# Settings made from the data or the encoder, not by the flags.
+DERIVED = ("vocab_size", "num_answers", "max_text_len", "image_size", "pixel_mean", "pixel_std",
+           "patch_size", "vit_dim", "crop_pct", "interpolation")
+
+
+def refuse_changes(path: str, saved: dict, now: dict, keys, what: str) -> None:
+    """ConfigError listing every setting in `keys` whose value differs from the checkpoint's."""
+    diff = [k for k in keys if k in saved and k in now and saved[k] != now[k]]
+    if diff:
+        changes = ", ".join(f"{flag(k)} {saved[k]!r} -> {now[k]!r}" for k in diff)
+        raise ConfigError(f"--resume: {path} was made with other {what} ({changes}); resume with the "
+                          f"same values, or start over without --resume")
+
+
+def resume_state(tcfg, dcfg, mcfg, ecfg) -> dict | None:
+    """With --resume, the interrupted run in OUT (stage 1, or stage 2 when it holds exits in progress),
+    checked to have been made with the same settings; without, None (and a note if a checkpoint will be
+    replaced)."""
+    path = os.path.join(tcfg.out, "ckpt.pt")
+    if not tcfg.resume:
+        if os.path.exists(path):
+            print(f"note: {path} exists and will be replaced when this run saves (use --resume to "
+                  f"continue it)")
+        return None
+    state = load_checkpoint(path, "--resume")
+    if "exits" in state:
+        if "exit_progress" not in state:
+            raise ConfigError(f"--resume: {path} holds a finished run; there is nothing to resume (train "
+                              f"other exits with --stage exits --backbone {path} --out ANOTHER_FOLDER)")
+        refuse_changes(path, state["exit_config"], asdict(ecfg), state["exit_config"], "exit settings")
+        refuse_changes(path, state["train_config"], asdict(tcfg), SCHEDULE["exits"], "training settings")
+        return state
+    if tcfg.stage == "exits":
+        raise ConfigError(f"--resume --stage exits: {path} holds a backbone but no interrupted stage 2 "
+                          f"(drop --resume to train exits on it)")
+    for name, cfg in (("data_config", dcfg), ("model_config", mcfg)):
+        keys = [k for k in state[name] if k not in DERIVED]
+        refuse_changes(path, state[name], asdict(cfg), keys, "data or model settings")
+    made_with = BEFORE_SCENE_FACTS | state["train_config"]   # a run from before these flags: without them
+    refuse_changes(path, made_with, asdict(tcfg), SCHEDULE["backbone"], "training settings")
+    return state
+
+
+
+# ----------------------------------------------------------------------------------------------------
+# infer.py's flags, and a trained checkpoint rebuilt
+# ----------------------------------------------------------------------------------------------------
+def check_infer_config(cfg) -> None:
+    """Refuse settings that cannot work, naming the flag (ConfigError)."""
+    for name in ("batch_size", "timing_samples", "repeats"):
+        if getattr(cfg, name) < 1:
+            raise ConfigError(f"--{name.replace('_', '-')} must be at least 1 (got {getattr(cfg, name)})")
+    if cfg.threads < 0 or not 0 < cfg.max_drop < 100:
+        raise ConfigError(f"--threads must be >= 0 and --max-drop in (0, 100) points (got {cfg.threads}, "
+                          f"{cfg.max_drop})")
+    if not 0 < cfg.delta < 1:
+        raise ConfigError(f"--delta must be a probability in (0, 1) (got {cfg.delta})")
+    spec, t = RULES[cfg.rule], cfg.threshold
+    if t != -1 and not (spec.bounds[0] <= t <= spec.bounds[1] and (not spec.whole or t == int(t))):
+        kind = "a whole number" if spec.whole else "a number"
+        raise ConfigError(f"--threshold {t:g}: {cfg.rule} takes {kind} from {spec.bounds[0]:g} to "
+                          f"{spec.bounds[1]:g} (or -1: the calibrated one)")
+    refusals = [(cfg.image and not cfg.question.strip(),
+                 "--image needs a question: give --question with the text to answer (it is empty)"),
+                (cfg.question and not cfg.image, "--question needs --image, the picture it asks about"),
+                (cfg.eval and cfg.image,
+                 "--eval reports on a whole split and --image answers one question: give one of them"),
+                (cfg.explain and not cfg.image, "--explain goes with --image and --question"),
+                (not (cfg.eval or cfg.image), "nothing to do: give --eval, or --image and --question")]
+    for refused, message in refusals:
+        if refused:
+            raise ConfigError(message)
+
+
+def load_free(cfg):
+    """The checkpoint's FREE model (exits on their backbone), tokenizer, answers, data config and stored
+    state."""
+    state = load_checkpoint(cfg.ckpt, "--ckpt")
+    try:
+        _, free, tokenizer, answers, dcfg = build_from_checkpoint(state)
+    except (KeyError, TypeError, ValueError, RuntimeError) as e:
+        raise DataError(f"--ckpt {cfg.ckpt}: not a free-min checkpoint ({e.__class__.__name__}: "
+                        f"{str(e)[:120]})")
+    if free is None:
+        raise DataError(f"--ckpt {cfg.ckpt}: has a backbone but no exits; train them with python "
+                        f"train.py --stage exits")
+    return free, tokenizer, answers, dcfg, state
+
+
+def build_from_checkpoint(state: dict):
+    """Rebuild what a checkpoint holds, in eval mode: (backbone VLM, FREE or None, tokenizer, answers,
+    DataConfig)."""
+    cfg = ModelConfig(**state["model_config"])
+    # the weights come from the checkpoint: build without timm's download or the encoder's weights file
+    backbone = VLM(cfg=replace(cfg, vit_pretrained=False, vit_weights=""))
+    backbone.cfg = cfg
+    backbone.load_state_dict(state["model"])
+    backbone.eval()
+    free = None
+    if "exits" in state:
+        free = FREE(backbone, ExitConfig(**state["exit_config"]))
+        free.load_exits(state["exits"])
+        free.eval()
+    tokenizer = Tokenizer.from_str(state["tokenizer"])
+    return backbone, free, tokenizer, state["answers"], DataConfig(**state["data_config"])

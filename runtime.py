@@ -1,0 +1,482 @@
+"""What train.py and infer.py need in order to run, and nothing a reader needs to follow the paper.
+
+  * errors the user can fix: the scripts print them in one line and exit with status 2
+  * flags made from the config dataclasses; the device, the CPU threads and the precision
+  * several processes (torchrun): each one's slice of a batch, the gradients' mean, sums of numbers
+  * the optimizer step: backward, the mean over processes, clipping, fp16's loss scaling
+  * checkpoints: atomic writes, reading one back, random states, export, resume checks, the JSON log
+  * an inference copy of a model (BatchNorm folded into the convolutions), and a clock for stage 1
+"""
+import argparse
+import copy
+import json
+import os
+import random
+import sys
+import time
+from dataclasses import fields
+
+import numpy as np
+import torch
+import torch.distributed as dist
+import torch.nn as nn
+from tqdm import tqdm
+
+
+# ----------------------------------------------------------------------------------------------------
+# Errors the user can fix (data.DataError is the third kind)
+# ----------------------------------------------------------------------------------------------------
+class UsageError(Exception):
+    """Bad input from the user. The scripts print it as one line and exit with status 2."""
+
+
+class ConfigError(UsageError):
+    """A flag, or a combination of flags, that cannot work."""
+
+
+class CheckpointError(UsageError):
+    """A checkpoint that is missing, unreadable, not free-min's or not the one a flag needs."""
+
+
+# ----------------------------------------------------------------------------------------------------
+# Flags from the config dataclasses
+# ----------------------------------------------------------------------------------------------------
+class Parser(argparse.ArgumentParser):
+    """argparse that reports a bad flag in one line and exits 2, without the (long) usage text."""
+
+    def error(self, message):
+        self.exit(2, f"error: {message} (see {self.prog} -h)\n")
+
+
+def add_config_args(parser, cfg_class, defaults: dict | None = None) -> None:
+    """Add --field-name for each field of a config dataclass (typed, with the field's help text and
+    default). Fields with metadata flag=False are derived from the data and have no flag."""
+    defaults = defaults or {}
+    group = parser.add_argument_group(cfg_class.__name__)
+    for f in fields(cfg_class):
+        if not f.metadata.get("flag", True):
+            continue
+        default = defaults.get(f.name, f.default)
+        help_text = f"{f.metadata.get('help', '')} (default: {default!r})"
+        kwargs = {"default": default, "help": help_text, "dest": f.name}
+        if f.type in (bool, "bool"):
+            kwargs["action"] = argparse.BooleanOptionalAction
+        else:
+            kwargs["type"] = {"int": int, "float": float, "str": str}.get(f.type, f.type)
+            if "choices" in f.metadata:
+                kwargs["choices"] = f.metadata["choices"]
+        group.add_argument("--" + f.name.replace("_", "-"), **kwargs)
+
+
+def config_from_args(cfg_class, args):
+    """Build a config dataclass from parsed arguments (fields without a flag keep their default)."""
+    values = {f.name: getattr(args, f.name) for f in fields(cfg_class) if hasattr(args, f.name)}
+    return cfg_class(**values)
+
+
+def parse_configs(argv, description: str, classes: tuple, presets: dict, uses: dict):
+    """Flags for every field of the config dataclasses `classes`, with --preset NAME choosing their
+    defaults (presets: name -> the fields it changes; uses: name -> what it is for). Returns (args,
+    one config per class)."""
+    pre = Parser(add_help=False)
+    pre.add_argument("--preset", default="default", choices=list(presets))
+    preset = pre.parse_known_args(argv)[0].preset
+    p = Parser(description=description, formatter_class=argparse.RawDescriptionHelpFormatter)
+    changes = [f"{name} ({uses[name]}) changes " + ", ".join(f"{flag(k)} {v}" for k, v in values.items())
+               for name, values in presets.items() if values]
+    p.add_argument("--preset", default="default", choices=list(presets),
+                   help=f"named defaults: default ({uses['default']}); " + "; ".join(changes)
+                   + ". The defaults shown below are those of the preset given")
+    for cls in classes:
+        add_config_args(p, cls, presets[preset])
+    args = p.parse_args(argv)
+    return args, *(config_from_args(cls, args) for cls in classes)
+
+
+def flag(name: str) -> str:
+    """The flag of a config field: batch_size -> --batch-size."""
+    return "--" + name.replace("_", "-")
+
+
+def require(cfg, names, low: float, strict: bool) -> None:
+    """ConfigError unless every field `names` of cfg is > low (strict) or >= low."""
+    for name in names:
+        value = getattr(cfg, name)
+        if value < low or (strict and value == low):
+            raise ConfigError(f"{flag(name)} must be {'>' if strict else '>='} {low:g} (got {value})")
+
+
+# ----------------------------------------------------------------------------------------------------
+# Device, threads and precision
+# ----------------------------------------------------------------------------------------------------
+# The run's device and autocast dtype, set once by setup(); the defaults are a CPU in float32.
+RUN = {"device": torch.device("cpu"), "dtype": torch.float32}
+
+
+def pick_device(choice: str) -> torch.device:
+    """--device: auto (cuda, then mps, then cpu) or the one named; ConfigError if torch does not see it."""
+    cuda, mps = torch.cuda.is_available(), torch.backends.mps.is_available()
+    if choice == "auto":
+        choice = "cuda" if cuda else ("mps" if mps else "cpu")
+    if (choice == "cuda" and not cuda) or (choice == "mps" and not mps):
+        raise ConfigError(f"--device {choice}: torch sees no {choice.upper()} device here "
+                          f"(use --device auto or cpu)")
+    return torch.device(choice)
+
+
+def pick_threads(requested: int) -> tuple[int, str]:
+    """--threads: the number asked for; for 0, what OMP_NUM_THREADS says if it is set, else the cores
+    that other work leaves free (the cores this process may use minus the 1-minute load average,
+    rounded), at least 1. Why: small models on a CPU with every core already busy run several times
+    slower with a thread per core than with fewer (RESULTS.md).
+    Returns the number and the reason, to print."""
+    if requested > 0:
+        return requested, "--threads"
+    if "OMP_NUM_THREADS" in os.environ:                 # set by the user, or by torchrun for its processes
+        return torch.get_num_threads(), "OMP_NUM_THREADS"
+    if hasattr(os, "sched_getaffinity"):
+        cores = len(os.sched_getaffinity(0))
+    else:
+        cores = os.cpu_count() or 1
+    load = os.getloadavg()[0] if hasattr(os, "getloadavg") else 0.0
+    free = max(1, min(cores, round(cores - load)))
+    return free, f"{cores} cores, {load:.1f} of them busy with other work (load average); --threads N to choose"
+
+
+def pick_dtype(device: torch.device) -> tuple[torch.dtype, str]:
+    """The autocast dtype and why: mixed precision on CUDA (bf16 where supported, else fp16 with loss
+    scaling), float32 elsewhere (on CPUs, bf16 autocast was slower than float32, RESULTS.md)."""
+    # including_emulation=False: a GPU without bf16 units (T4, V100, RTX 20xx) would emulate it, slowly
+    if device.type == "cuda" and torch.cuda.is_bf16_supported(including_emulation=False):
+        return torch.bfloat16, "bf16 autocast: this GPU computes in bfloat16 (no loss scaling needed)"
+    if device.type == "cuda":
+        return torch.float16, "fp16 autocast with a grad scaler: this GPU has no bfloat16"
+    return torch.float32, f"float32: mixed precision is used on CUDA only, and this is {device.type}"
+
+
+def setup(device_choice: str, threads: int) -> str:
+    """Join the processes (under torchrun), set the threads, the device and the dtype (RUN); returns the
+    line that says what was chosen and why."""
+    init_distributed(device_choice)
+    threads, why_threads = pick_threads(threads)
+    torch.set_num_threads(threads)
+    RUN["device"] = pick_device(device_choice)
+    RUN["dtype"], why = pick_dtype(RUN["device"])
+    line = f"device: {RUN['device']} ({why}); torch threads: {threads} ({why_threads})"
+    if WORLD["size"] > 1:
+        line += f"; {WORLD['size']} processes (torchrun), each on its slice of every batch"
+    return line
+
+
+def autocast():
+    """The forward passes' precision context (a no-op in float32)."""
+    device, dtype = RUN["device"], RUN["dtype"]
+    return torch.autocast(device.type, dtype=dtype, enabled=dtype != torch.float32)
+
+
+def grad_scaler() -> torch.amp.GradScaler:
+    """fp16's loss scaling (a no-op in any other dtype)."""
+    return torch.amp.GradScaler(RUN["device"].type, enabled=RUN["dtype"] == torch.float16)
+
+
+def to_device(batch: dict, device: torch.device) -> dict:
+    """Move a batch of model inputs to `device` (absent inputs stay None). The copies are synchronous: a
+    batch is made fresh in pageable memory, from which an asynchronous copy buys nothing on CUDA and, on
+    Apple GPUs, can read memory freed before the copy runs (pytorch/pytorch#189690)."""
+    return {k: None if v is None else v.to(device) for k, v in batch.items()}
+
+
+def synchronize(device: torch.device) -> None:
+    """Wait for the device's queued work (GPU calls return before they finish): a timer must see it done."""
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    elif device.type == "mps":
+        torch.mps.synchronize()
+
+
+def on_gpu(params) -> bool:
+    """Whether AdamW may use its fused CUDA kernel: one launch for all parameters instead of several."""
+    return all(p.is_cuda for p in params)
+
+
+# ----------------------------------------------------------------------------------------------------
+# Several processes (torchrun --standalone --nproc_per_node=N train.py ...): data parallel
+# ----------------------------------------------------------------------------------------------------
+# Every process holds the whole model and takes its slice of each global batch (--batch-size stays the
+# global batch, so the schedule is the one of a single process); after every backward the gradients are
+# averaged over the processes with one all_reduce, and every process takes the same step. Only process 0
+# evaluates, prints, logs and writes files; the others wait for it at the end of each epoch.
+# NOTE: DistributedDataParallel's wrapper does the same averaging with bucketed all-reduces that overlap
+# the backward; it is not used because stage 2 alternates two optimisers (D's, then the exits') over two
+# parameter sets, each step's backward reaching only one of them, which its reducer is not made for.
+# loss_weight: this process's share of the batch in hand (shard), which its loss is scaled by.
+WORLD = {"rank": 0, "size": 1, "loss_weight": 1.0}
+
+
+def init_distributed(device_choice: str) -> None:
+    """Under torchrun (RANK in the environment): join the process group, NCCL on CUDA and gloo on CPU,
+    one GPU per process; silence the standard output of every process but process 0."""
+    if "RANK" not in os.environ:
+        return
+    cuda = torch.cuda.is_available() and device_choice in ("auto", "cuda")
+    if cuda:                                   # before the group: NCCL binds each process to its GPU
+        torch.cuda.set_device(int(os.environ["LOCAL_RANK"]))
+    dist.init_process_group("nccl" if cuda else "gloo")
+    WORLD.update(rank=dist.get_rank(), size=dist.get_world_size())
+    if WORLD["rank"] > 0:
+        sys.stdout = open(os.devnull, "w")
+
+
+def close_distributed() -> None:
+    if WORLD["size"] > 1:
+        dist.destroy_process_group()
+
+
+def is_main() -> bool:
+    return WORLD["rank"] == 0
+
+
+def shard(ids: torch.Tensor) -> torch.Tensor:
+    """This process's slice of a global batch. Sets WORLD['loss_weight'], the weight that makes the
+    average of the processes' mean losses the mean over the global batch (1 in a single process)."""
+    local = ids.tensor_split(WORLD["size"])[WORLD["rank"]]
+    WORLD["loss_weight"] = len(local) * WORLD["size"] / len(ids)
+    return local
+
+
+def average_gradients(params: list) -> None:
+    """The gradients' mean over the processes (one all_reduce of them all, flattened); none in one."""
+    if WORLD["size"] == 1:
+        return
+    grads = [torch.zeros_like(p) if p.grad is None else p.grad for p in params]
+    flat = torch.cat([g.flatten() for g in grads])
+    dist.all_reduce(flat)
+    for p, g in zip(params, flat.div_(WORLD["size"]).split([g.numel() for g in grads])):
+        p.grad = g.view_as(p).clone()
+
+
+def collective_device(backend: str) -> torch.device:
+    """Where a tensor must live for the process group's collectives: NCCL serves CUDA tensors only (this
+    process's GPU), gloo serves CPU tensors."""
+    if backend == "nccl":
+        return torch.device("cuda", torch.cuda.current_device())
+    return torch.device("cpu")
+
+
+def all_sum(values: list[float]) -> list[float]:
+    """Sums over the processes of a few numbers (the values themselves in one process)."""
+    if WORLD["size"] == 1:
+        return values
+    t = torch.tensor(values, dtype=torch.float64, device=collective_device(dist.get_backend()))
+    dist.all_reduce(t)
+    return t.tolist()
+
+
+def wait_for_main() -> None:
+    """The other processes wait here while process 0 evaluates and writes."""
+    if WORLD["size"] > 1:
+        dist.barrier()
+
+
+def progress_bar(iterable, desc: str):
+    """A progress bar (process 0 only)."""
+    return tqdm(iterable, desc=desc, leave=False, dynamic_ncols=True, disable=None if is_main() else True)
+
+
+# ----------------------------------------------------------------------------------------------------
+# The optimizer step
+# ----------------------------------------------------------------------------------------------------
+class Optimizer:
+    """A torch optimizer stepped as every process must step it. step(loss): backward (the loss times this
+    process's share of the batch, through the grad scaler), the gradients' mean over the processes,
+    clipping of their global norm if `clip` > 0, and the step; outside autocast. The scaler, shared by a
+    stage's optimizers, is updated once a batch by its loop."""
+
+    def __init__(self, opt: torch.optim.Optimizer, scaler: torch.amp.GradScaler, clip: float = 0.0):
+        self.opt, self.scaler, self.clip = opt, scaler, clip
+
+    @property
+    def param_groups(self) -> list[dict]:
+        return self.opt.param_groups           # not kept: load_state_dict replaces the optimizer's list
+
+    def params(self) -> list:
+        return [p for g in self.opt.param_groups for p in g["params"]]
+
+    def step(self, loss: torch.Tensor) -> None:
+        self.opt.zero_grad(set_to_none=True)
+        self.scaler.scale(loss * WORLD["loss_weight"]).backward()
+        average_gradients(self.params())
+        if self.clip > 0:
+            self.scaler.unscale_(self.opt)
+            torch.nn.utils.clip_grad_norm_(self.params(), self.clip)
+        self.scaler.step(self.opt)
+
+    def state_dict(self) -> dict:
+        return self.opt.state_dict()
+
+    def load_state_dict(self, state: dict) -> None:
+        self.opt.load_state_dict(state)
+
+
+# ----------------------------------------------------------------------------------------------------
+# Checkpoints, the log and random states
+# ----------------------------------------------------------------------------------------------------
+def save_atomic(path: str, obj) -> None:
+    """Write obj to path (JSON for a .json path, torch.save otherwise) through a temp file and a rename,
+    so that an interrupted write never leaves a half-written file in place of the old one."""
+    os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
+    tmp = path + ".tmp"
+    if path.endswith(".json"):
+        with open(tmp, "w") as f:
+            json.dump(obj, f, indent=1)
+    else:
+        torch.save(obj, tmp)
+    os.replace(tmp, path)
+
+
+def load_checkpoint(path: str, flag_name: str = "") -> dict:
+    """Read a checkpoint; CheckpointError naming the flag and file if it is missing, unreadable or not
+    free-min's."""
+    where = f"{flag_name} {path}".strip()
+    if not os.path.isfile(path):
+        raise CheckpointError(f"{where}: checkpoint not found")
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=False)
+    except Exception as e:  # a truncated or foreign file: say which file, not a traceback
+        raise CheckpointError(f"{where}: not a readable checkpoint ({e.__class__.__name__})")
+    if not isinstance(state, dict) or not {"model", "model_config", "data_config"} <= set(state):
+        raise CheckpointError(f"{where}: not a free-min checkpoint (no backbone weights and configs in it)")
+    return state
+
+
+def log_json(out: str, record: dict) -> None:
+    """One JSON line per evaluation in OUT/log.jsonl."""
+    with open(os.path.join(out, "log.jsonl"), "a") as f:
+        f.write(json.dumps(record) + "\n")
+
+
+def rng_state() -> dict:
+    cuda = torch.cuda.get_rng_state_all() if torch.cuda.is_available() else []
+    return {"torch": torch.get_rng_state(), "cuda": cuda, "numpy": np.random.get_state(),
+            "python": random.getstate()}
+
+
+def set_rng_state(state: dict) -> None:
+    """Restore rng_state(); on a machine with fewer GPUs than the saving one, the GPUs it has (none on a
+    CPU)."""
+    torch.set_rng_state(state["torch"])
+    for i, gpu_state in enumerate(state["cuda"][:torch.cuda.device_count()]):
+        torch.cuda.set_rng_state(gpu_state, i)
+    np.random.set_state(state["numpy"])
+    random.setstate(state["python"])
+
+
+# What an exported checkpoint leaves out: what only continuing the run needs.
+TRAINING_STATE = ("optimizer", "scaler", "rng", "aux", "step", "epoch", "scenes")
+
+
+def export_checkpoint(path: str, ckpt: str) -> None:
+    """A run's checkpoint, small enough to ship (how backbones/ is made): fp16 weights (loaded back in
+    fp32), the configs, tokenizer, answers, the backbone's test accuracy (tests/test_shipped_backbone.py
+    checks that it is still reached) and, after stage 2, the exits and their calibrated point; no
+    optimizer or RNG state."""
+    state = {k: v for k, v in load_checkpoint(ckpt).items() if k not in TRAINING_STATE}
+    for key in ("model", "exits"):
+        if key in state:
+            state[key] = {k: v.half() if v.is_floating_point() else v for k, v in state[key].items()}
+    save_atomic(path, state)
+    print(f"wrote {path} ({os.path.getsize(path) / 1e6:.1f} MB)")
+
+
+def resume_stage(state: dict, opt, scaler, heads: dict) -> tuple[int, int]:
+    """Load an interrupted stage 1's optimizer, scaler, auxiliary heads and RNG; return (step, next
+    epoch)."""
+    opt.load_state_dict(state["optimizer"])
+    scaler.load_state_dict(state["scaler"])
+    for name, (_, head) in heads.items():
+        head.load_state_dict(state["aux"][name])
+    set_rng_state(state["rng"])
+    print(f"resumed stage 1 after epoch {state['epoch'] + 1} (step {state['step']})")
+    return state["step"], state["epoch"] + 1
+
+
+def resume_exits(progress: dict, opt_g, opt_d, scaler, order) -> int:
+    """Load an interrupted stage 2's optimizers, scaler, batch order and RNG; return the next epoch."""
+    for obj, key in ((opt_g, "opt_g"), (opt_d, "opt_d"), (scaler, "scaler")):
+        obj.load_state_dict(progress[key])
+    order.set_state(progress["batch_order"])
+    set_rng_state(progress["rng"])
+    print(f"resumed stage 2 after epoch {progress['epoch'] + 1}")
+    return progress["epoch"] + 1
+
+
+# ----------------------------------------------------------------------------------------------------
+# An inference copy, a frozen encoder's tokens, and stage 1's clock
+# ----------------------------------------------------------------------------------------------------
+@torch.no_grad()
+def fold_batchnorm(model: nn.Module) -> nn.Module:
+    """Fold every BatchNorm2d that follows a Conv2d (the conv stem's) into that convolution, in place.
+    In eval mode BN(conv(x)) = g (w * x + c - mean) / sqrt(var + eps) + b = w' * x + c', with
+    w' = w g / sqrt(var + eps) and c' = b + (c - mean) g / sqrt(var + eps): one operation, not two."""
+    for seq in [m for m in model.modules() if isinstance(m, nn.Sequential)]:
+        for i in range(len(seq) - 1):
+            conv, bn = seq[i], seq[i + 1]
+            if isinstance(conv, nn.Conv2d) and isinstance(bn, (nn.BatchNorm2d, nn.SyncBatchNorm)):
+                seq[i], seq[i + 1] = folded_conv(conv, bn), nn.Identity()
+    return model
+
+
+def folded_conv(conv: nn.Conv2d, bn: nn.Module) -> nn.Conv2d:
+    """The convolution w' * x + c' that computes bn(conv(x)) in eval mode (see fold_batchnorm)."""
+    scale = bn.weight / torch.sqrt(bn.running_var + bn.eps)                       # (C_out,)
+    fused = nn.Conv2d(conv.in_channels, conv.out_channels, conv.kernel_size, conv.stride, conv.padding,
+                      conv.dilation, conv.groups, bias=True).to(conv.weight.device)
+    fused.weight.copy_(conv.weight * scale[:, None, None, None])                  # (C_out, C_in, k, k)
+    bias = conv.bias if conv.bias is not None else torch.zeros_like(bn.running_mean)
+    fused.bias.copy_(bn.bias + (bias - bn.running_mean) * scale)
+    return fused
+
+
+def inference_copy(free):
+    """A copy of `free` for evaluation and timing: eval mode, the conv stem's BatchNorms folded, and on a
+    CPU the convolution weights channels-last (the layout oneDNN convolves fastest in; kept to the CPU,
+    since Apple GPUs have convolved such weights wrongly). Same answers up to float rounding; the full
+    model and early exit both run on it, so the image encoder, a cost no exit can skip, is trimmed for
+    both alike."""
+    copied = copy.deepcopy(free).eval()
+    fold_batchnorm(copied.backbone)
+    if next(copied.parameters()).device.type == "cpu":
+        copied.backbone.to(memory_format=torch.channels_last)    # only 4-D tensors (conv weights) change
+    return copied
+
+
+@torch.no_grad()
+def cache_patches(model, splits: dict) -> None:
+    """A frozen encoder's tokens, computed once per image (fp16, in memory) and served by every split in
+    place of its images (Split.patches), so that no epoch runs the encoder again."""
+    model.eval()
+    for name, split in splits.items():
+        chunks = [model.patch_features(imgs.float().div(255).to(RUN["device"])).half().cpu()  # (b, P, Dv)
+                  for imgs in progress_bar(split.images.split(64), f"{name} image tokens")]
+        split.patches = torch.cat(chunks)                                             # (n_img, P, Dv)
+
+
+class StepClock:
+    """Says once, early, what the rest of stage 1 will cost here: steps 6-25 are timed (the first ones
+    warm up allocators and caches and would overstate it)."""
+
+    def __init__(self, steps_left: int, device: torch.device):
+        self.start, self.steps_left, self.device, self.n = time.time(), steps_left, device, 0
+
+    def elapsed(self) -> float:
+        return time.time() - self.start
+
+    def tick(self) -> None:
+        self.n += 1
+        if self.n == 5:
+            self.t5 = time.perf_counter()
+        if self.n == 25 and self.steps_left > 50:
+            per_step = (time.perf_counter() - self.t5) / 20
+            tqdm.write(f"stage 1 will take about {per_step * (self.steps_left - 25) / 60:.1f} min more "
+                       f"here ({per_step:.3f} s a step on {self.device}, {torch.get_num_threads()} "
+                       f"threads; evaluations not included)")
