@@ -26,16 +26,16 @@ import os
 import statistics
 import sys
 import time
-from dataclasses import asdict, dataclass, field, replace
+from dataclasses import dataclass, field, replace
 
 import torch
 
 import report
-from data import DataError, batches, load_data, read_question
+from data import batches, load_data, read_question
 from free_min import RULES, early_exit_predict
-from prepare import check_infer_config, load_free
+from prepare import check_infer_config, default_checkpoint, load_free, report_paths
 from runtime import (Parser, UsageError, add_config_args, config_from_args, inference_copy, pick_device,
-                     pick_threads, save_atomic, synchronize, to_device)
+                     pick_threads, synchronize, to_device)
 
 RISKS = ("harm", "disagree")          # the losses calibration can bound (see risk_losses)
 
@@ -219,29 +219,6 @@ def time_speedup(free, inputs: list[dict], point: dict, repeats: int) -> dict:
 # ----------------------------------------------------------------------------------------------------
 # The paper's analyses: mid-crisis, overthinking, depth per family
 # ----------------------------------------------------------------------------------------------------
-def mid_crisis(profile: dict, key: str = "accuracy") -> dict:
-    """The largest drop of accuracy from a shallower exit to a deeper one (the final layer included)."""
-    points = [(e["layer"], e[key]) for e in profile["exits"]] + [("final", profile["final"])]
-    best = {"drop": 0.0, "from_layer": None, "to_layer": None}
-    for i, (la, a) in enumerate(points):
-        for lb, b in points[i + 1:]:
-            if a - b > best["drop"]:
-                best = {"drop": a - b, "from_layer": la, "to_layer": lb}
-    return best
-
-
-def overthinking(split, probs: dict) -> dict:
-    """Right = full official credit. 'fixable': some exit is right but the final layer wrong (later
-    layers undid or never found it). 'early_right': of the questions the final layer gets right, those
-    already right at an exit before it (the layers after it were wasted compute)."""
-    every = torch.arange(len(split))
-    final_right = split.score(every, probs["final"].argmax(1)) >= 1.0                         # (n,)
-    exit_right = torch.stack([split.score(every, p.argmax(1)) >= 1.0 for p in probs["exits"]])  # (K, n)
-    early_right = (exit_right.any(0) & final_right).sum().item()
-    return {"fixable_pct": 100.0 * (exit_right.any(0) & ~final_right).float().mean().item(),
-            "early_right_pct_of_final_right": 100.0 * early_right / max(1, final_right.sum().item())}
-
-
 def per_family_depth(free, split, probs: dict, sim: dict | None) -> dict:
     """Where depth matters, per question family: every exit's standalone accuracy and the final layer's
     ('exits', 'final'), and where a calibrated point `sim` is given, the mean language-model layers its
@@ -288,18 +265,6 @@ def exit_subsets(K: int) -> list[list[int]]:
     return sorted(subsets, key=len, reverse=True)
 
 
-@dataclass
-class Promise:
-    """What a calibrated point must keep: the `risk` of its early answers (risk_losses) at most
-    max_drop points, certified with probability >= 1 - delta ('guaranteed') or measured on val
-    ('empirical'), for exit rule `rule`."""
-    rule: str = "maxprob"
-    max_drop: float = 1.0
-    calibration: str = "guaranteed"
-    delta: float = 0.1
-    risk: str = "harm"
-
-
 # A calibrated point should keep its promise on new questions, not only on the questions it was picked
 # on. Its risk is the mean of a per-question loss in [0, 1] over new questions, and both losses bound
 # the accuracy drop from above (a score is in [0, 1], and an answer that does not change cannot lose
@@ -327,7 +292,7 @@ def accuracy_drop(val, full_pred: torch.Tensor, pred: torch.Tensor) -> float:
     return (accuracy(val, full_pred) - accuracy(val, pred)) / 100
 
 
-def calibrate(free, val, val_probs: dict, costs: dict, promise: Promise) -> dict:
+def calibrate(free, val, val_probs: dict, costs: dict, promise: InferConfig) -> dict:
     """On val: the threshold *and the set of exits evaluated* with the highest predicted speedup under
     the cost model `costs` that keeps `promise`: certified to risk <= max_drop ('guaranteed', above), or
     whose measured val drop is <= max_drop ('empirical': the accuracy drop, or for risk 'disagree' the
@@ -352,7 +317,9 @@ def calibrate(free, val, val_probs: dict, costs: dict, promise: Promise) -> dict
             if best is None or speedup > best["predicted_speedup"] + 1e-9:
                 best = {"threshold": t, "exit_layers": [free.exit_layers[k] for k in exits],
                         "predicted_speedup": speedup, **measured}
-    setting = asdict(promise) | {"calibration_questions": len(val), "exit_sets": len(sets), "cost_model": costs}
+    setting = {"rule": promise.rule, "calibration": promise.calibration, "risk": promise.risk,
+               "max_drop": promise.max_drop, "delta": promise.delta, "calibration_questions": len(val),
+               "exit_sets": len(sets), "cost_model": costs}
     if best is None or best["predicted_speedup"] <= 1.0:        # none, or none faster than the full model
         return setting | {"threshold": None}
     return setting | best
@@ -401,7 +368,7 @@ def build_report(free, splits: dict, split_name: str, cfg: InferConfig) -> dict:
     else:
         costs = report.flop_costs(free, val_probs["seq_len"])
     risk = cfg.risk if cfg.risk != "auto" else ("harm" if free.cfg.label_fraction > 0 else "disagree")
-    promise = Promise(cfg.rule, cfg.max_drop, cfg.calibration, cfg.delta, risk)
+    promise = replace(cfg, risk=risk)                  # rule, max_drop, calibration, delta and the risk
     cal = calibrate(free, val, val_probs, costs, promise)
     out["calibrated"] = calibrated_point(free, split, probs, cal, out["full"]["accuracy"])
     if cfg.timing and cal["threshold"] is not None:
@@ -424,21 +391,9 @@ def describe_depth(free, split, probs: dict, cfg: InferConfig) -> dict:
             "device": str(next(free.parameters()).device), "batch_size": cfg.batch_size,
             "threads": torch.get_num_threads(),
             "full": {"accuracy": profile["final"], "layers": free.backbone.depth}, "exits": profile["exits"],
-            "mid_crisis": {"free_exits": mid_crisis(profile), "raw_readout": mid_crisis(profile, "raw_accuracy")},
-            "overthinking": overthinking(split, probs),
+            "mid_crisis": {"free_exits": report.mid_crisis(profile), "raw_readout": report.mid_crisis(profile, "raw_accuracy")},
+            "overthinking": report.overthinking(split, probs),
             "oracle": dict(zip(("avg_layers", "layer_speedup"), oracle))}
-
-
-def write_report(r: dict, free, json_path: str, plot_path: str) -> None:
-    """Print the report and write its JSON and figure (DataError naming the file if it cannot)."""
-    report.print_report(r, free)
-    try:
-        save_atomic(json_path, r)
-        report.plot_report(r, plot_path)
-    except OSError as e:
-        raise DataError(f"cannot write the report ({e.strerror}: {e.filename}); choose the files with "
-                        f"--json and --plot")
-    print(f"wrote {os.path.relpath(json_path)} and {os.path.relpath(plot_path)}")
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -459,48 +414,9 @@ def answer_one(free, answers: list[str], inputs: dict, rule: str, threshold: flo
             "where": where}
 
 
-@torch.no_grad()
-def explain(free, answers: list[str], inputs: dict, rule: str, threshold: float,
-            exits: list[int] | None) -> list[str]:
-    """Why the question left where it did, exit by exit: each exit's answer and the rule's measure
-    against the threshold, whether this operating point evaluates that exit, and the final layer's."""
-    device, spec = next(free.parameters()).device, RULES[rule]
-    out = free.all_outputs(**to_device(inputs, device))
-    sign = ">=" if spec.high else "<="
-    lines = [f"exit by exit (rule {rule}: a question leaves at the first exit where {spec.what} {sign} "
-             f"{threshold:g}):"]
-    last, streak, left = None, torch.zeros(1), False
-    for k, logits in enumerate(out["exits"]):
-        name = f"  exit {k + 1} (after layer {free.exit_layers[k]}):"
-        probs = logits.float().softmax(dim=1)                                  # (1, A)
-        conf, pred = probs.max(dim=1)
-        if exits is not None and k not in exits:
-            lines.append(f"{name:<26} {answers[pred.item()]:<10} not evaluated at this operating point")
-            continue
-        streak = torch.ones(1) if last is None or pred != last else streak + 1
-        last, measure = pred, spec.measure(conf, probs, streak).item()
-        fires = bool(spec.fires(conf, probs, streak, threshold))
-        verdict = "(not run: the question had left)" if left else ("leaves here" if fires else "goes on")
-        mark = sign if fires else {">=": "<", "<=": ">"}[sign]
-        lines.append(f"{name:<26} {answers[pred.item()]:<10} {measure:.3f} {mark} {threshold:g}  {verdict}")
-        left = left or fires
-    conf, pred = out["final"].float().softmax(dim=1).max(dim=1)
-    lines.append(f"  {'final layer:':<24} {answers[pred.item()]:<10} {conf.item():.3f}"
-                 + ("" if left else "  answers (no exit fired)"))
-    return lines
-
-
 # ----------------------------------------------------------------------------------------------------
 # The command line
 # ----------------------------------------------------------------------------------------------------
-SHIPPED_EXITS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "backbones", "shapes-default-free.pt")
-
-
-def default_checkpoint() -> str:
-    """No --ckpt: train.py's output (out/ckpt.pt) if there is one, else the exits the repo ships."""
-    return "out/ckpt.pt" if os.path.isfile("out/ckpt.pt") else SHIPPED_EXITS
-
-
 def pick_threshold(free, cfg: InferConfig, calibrated: dict) -> tuple[float, list[int] | None, str]:
     """The threshold and exits --image uses, and how they were chosen: --threshold if given; else the
     run's calibrated point for this rule (none evaluated, i.e. the full model, where calibration found no
@@ -529,20 +445,12 @@ def main(argv=None) -> None:
         free.to(pick_device(cfg.device))
         if cfg.eval:
             splits, _, _ = load_data(dcfg, tokenizer, answers, only=tuple({"val", cfg.split}))
-            write_report(build_report(free, splits, cfg.split, cfg), free, *report_paths(cfg))
+            report.write_report(build_report(free, splits, cfg.split, cfg), free, *report_paths(cfg))
         else:
             answer_command(free, answers, state, tokenizer, cfg)
     except UsageError as e:
         print(f"error: {e}", file=sys.stderr)
         raise SystemExit(2)
-
-
-def report_paths(cfg: InferConfig) -> tuple[str, str]:
-    """--json and --plot, or beside the checkpoint: report.json and speedup.png for the test split (the
-    names train.py gives the same report), report_SPLIT.json and speedup_SPLIT.png for another split."""
-    folder, tail = os.path.dirname(os.path.abspath(cfg.ckpt)), "" if cfg.split == "test" else f"_{cfg.split}"
-    return (cfg.json or os.path.join(folder, f"report{tail}.json"),
-            cfg.plot or os.path.join(folder, f"speedup{tail}.png"))
 
 
 def answer_command(free, answers: list[str], state: dict, tokenizer, cfg: InferConfig) -> None:
@@ -554,7 +462,7 @@ def answer_command(free, answers: list[str], state: dict, tokenizer, cfg: InferC
     print(f"answer: {out['answer']}  (confidence {out['confidence']:.3f}; left at {out['where']}; rule "
           f"{cfg.rule}, {how})")
     if cfg.explain:
-        print("\n".join(explain(free, answers, inputs, cfg.rule, threshold, exits)))
+        print("\n".join(report.explain(free, answers, inputs, cfg.rule, threshold, exits)))
     for note in notes:
         print(f"note: {note}")
 

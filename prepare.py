@@ -5,15 +5,18 @@
     settings than the interrupted run's; --vit NAME takes its input size and normalisation from timm;
   * infer.py: its flags checked; a trained checkpoint rebuilt into the backbone and its exits.
 """
+import json
 import os
+import time
 from dataclasses import asdict, replace
 
 from tokenizers import Tokenizer
 
-from data import DataConfig, DataError, check_data_config
+from data import DataConfig, DataError, check_data_config, load_data
 from free_min import FREE, RULES, ExitConfig, check_exit_config, resolve_exit_layers
 from model import VLM, ModelConfig, check_model_config, describe_timm_vit, make_vit
-from runtime import ConfigError, flag, load_checkpoint, require
+from runtime import (ConfigError, export_checkpoint, flag, is_main, load_checkpoint, require, rng_state,
+                     save_atomic)
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -180,3 +183,108 @@ def build_from_checkpoint(state: dict):
         free.eval()
     tokenizer = Tokenizer.from_str(state["tokenizer"])
     return backbone, free, tokenizer, state["answers"], DataConfig(**state["data_config"])
+
+
+# ----------------------------------------------------------------------------------------------------
+# train.py's run: its data, and what each stage's checkpoint holds (OUT/ckpt.pt, written atomically)
+# ----------------------------------------------------------------------------------------------------
+def load_run_data(run, state: dict | None):
+    """The splits, reusing the tokenizer and answers of `state` (a checkpoint) if given; prints the
+    config."""
+    t0 = time.time()
+    tokenizer = Tokenizer.from_str(state["tokenizer"]) if state else None
+    splits, tokenizer, answers = load_data(run.data, tokenizer, state["answers"] if state else None)
+    run.model.vocab_size, run.model.num_answers = tokenizer.get_vocab_size(), len(answers)
+    sizes = ", ".join(f"{k} {len(v)}" for k, v in splits.items())
+    print(f"data: {run.data.data} ({sizes} questions), {len(answers)} answers, {run.model.vocab_size} "
+          f"tokens ({time.time() - t0:.1f}s)")
+    print("config:", json.dumps(run.describe | {"data": asdict(run.data), "model": asdict(run.model)}))
+    return splits, tokenizer, answers
+
+
+def trained_backbone(run, state: dict) -> tuple[VLM, dict, dict]:
+    """Stage 2 on a trained backbone (--stage exits, or a stage 2 resumed): the model, the splits, and
+    where the backbone came from."""
+    model, _, _, _, run.data = build_from_checkpoint(state)
+    run.model = model.cfg
+    splits, _, _ = load_run_data(run, state)
+    if run.train.resume:                                   # an interrupted stage 2, continued
+        return model, splits, state["backbone_source"]
+    source = {"path": run.train.backbone or run.ckpt, "train_config": state.get("train_config")}
+    if os.path.abspath(source["path"]) != os.path.abspath(run.ckpt) and is_main():
+        start_fresh(run.train.out)                         # a new run in OUT: the old log is not about it
+    return model, splits, source
+
+
+# What a stage-2 checkpoint keeps of the backbone it starts from: the weights and what rebuilds them.
+BACKBONE_KEYS = ("model", "model_config", "data_config", "answers", "tokenizer", "test_accuracy",
+                 "test_per_family")
+
+
+def start_fresh(out: str) -> None:
+    """A new run in OUT: drop the log and report an earlier run left there, so that nothing in OUT
+    describes another run (checkpoints are replaced atomically when this run saves)."""
+    for name in ("log.jsonl", "report.json", "speedup.png"):
+        if os.path.exists(os.path.join(out, name)):
+            os.remove(os.path.join(out, name))
+
+
+def stage1_saver(run, model: VLM, tokenizer: Tokenizer, answers: list[str], scenes):
+    """save(epoch, step, opt, scaler, heads), which writes stage 1's checkpoint: the weights, the
+    configs, tokenizer and answers, and what continuing needs (optimizer, scaler, step, RNG, the
+    auxiliary heads, the training scenes' progress)."""
+    fixed = {"model_config": asdict(run.model), "data_config": asdict(run.data),
+             "train_config": asdict(run.train), "answers": answers, "tokenizer": tokenizer.to_str()}
+
+    def save(epoch, step, opt, scaler, heads):
+        save_atomic(run.ckpt, fixed | {
+            "model": model.state_dict(), "optimizer": opt.state_dict(), "scaler": scaler.state_dict(),
+            "step": step, "epoch": epoch, "rng": rng_state(),
+            "aux": {k: h.state_dict() for k, (_, h) in heads.items()},
+            "scenes": None if scenes is None else scenes.progress(epoch)})
+    return save
+
+
+def record_test(run, res: dict) -> None:
+    """Stage 1's test accuracy into its checkpoint, then --export."""
+    test = {"test_accuracy": res["accuracy"], "test_per_family": res["per_family"]}
+    save_atomic(run.ckpt, load_checkpoint(run.ckpt) | test)
+    if run.train.export:
+        export_checkpoint(run.train.export, run.ckpt)
+
+
+# What a stage-2 checkpoint keeps of the backbone it starts from: the weights and what rebuilds them.
+BACKBONE_KEYS = ("model", "model_config", "data_config", "answers", "tokenizer", "test_accuracy",
+                 "test_per_family")
+
+
+def stage2_saver(run, free: FREE, state: dict, source: dict):
+    """save(progress), which writes stage 2's checkpoint: the backbone of `state`, `source` (where it
+    came from), this run's exits and configs, and nothing else of another run; `progress` (None when
+    stage 2 is done) is what continuing needs."""
+    own = {k: state[k] for k in BACKBONE_KEYS if k in state} | {"backbone_source": source}
+
+    def save(progress: dict | None) -> None:
+        exits = {k: v for k, v in free.state_dict().items() if not k.startswith("backbone.")}
+        ckpt = own | {"exits": exits, "exit_config": asdict(run.exits), "train_config": asdict(run.train)}
+        save_atomic(run.ckpt, ckpt | ({} if progress is None else {"exit_progress": progress}))
+    return save
+
+
+# ----------------------------------------------------------------------------------------------------
+# infer.py's files
+# ----------------------------------------------------------------------------------------------------
+SHIPPED_EXITS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "backbones", "shapes-default-free.pt")
+
+
+def default_checkpoint() -> str:
+    """No --ckpt: train.py's output (out/ckpt.pt) if there is one, else the exits the repo ships."""
+    return "out/ckpt.pt" if os.path.isfile("out/ckpt.pt") else SHIPPED_EXITS
+
+
+def report_paths(cfg) -> tuple[str, str]:
+    """--json and --plot, or beside the checkpoint: report.json and speedup.png for the test split (the
+    names train.py gives the same report), report_SPLIT.json and speedup_SPLIT.png for another split."""
+    folder, tail = os.path.dirname(os.path.abspath(cfg.ckpt)), "" if cfg.split == "test" else f"_{cfg.split}"
+    return (cfg.json or os.path.join(folder, f"report{tail}.json"),
+            cfg.plot or os.path.join(folder, f"speedup{tail}.png"))

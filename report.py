@@ -8,13 +8,16 @@
   * the report printed, and its figure.
 """
 import math
+import os
 import statistics
 import time
 from collections import defaultdict
 
 import torch
 
-from runtime import log_json, synchronize, to_device
+from data import DataError
+from free_min import RULES
+from runtime import log_json, save_atomic, synchronize, to_device
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -82,6 +85,32 @@ def oracle_exits(probs: dict) -> dict:
 
 
 # ----------------------------------------------------------------------------------------------------
+# The paper's analyses of depth: mid-crisis and overthinking
+# ----------------------------------------------------------------------------------------------------
+def mid_crisis(profile: dict, key: str = "accuracy") -> dict:
+    """The largest drop of accuracy from a shallower exit to a deeper one (the final layer included)."""
+    points = [(e["layer"], e[key]) for e in profile["exits"]] + [("final", profile["final"])]
+    best = {"drop": 0.0, "from_layer": None, "to_layer": None}
+    for i, (la, a) in enumerate(points):
+        for lb, b in points[i + 1:]:
+            if a - b > best["drop"]:
+                best = {"drop": a - b, "from_layer": la, "to_layer": lb}
+    return best
+
+
+def overthinking(split, probs: dict) -> dict:
+    """Right = full official credit. 'fixable': some exit is right but the final layer wrong (later
+    layers undid or never found it). 'early_right': of the questions the final layer gets right, those
+    already right at an exit before it (the layers after it were wasted compute)."""
+    every = torch.arange(len(split))
+    final_right = split.score(every, probs["final"].argmax(1)) >= 1.0                         # (n,)
+    exit_right = torch.stack([split.score(every, p.argmax(1)) >= 1.0 for p in probs["exits"]])  # (K, n)
+    early_right = (exit_right.any(0) & final_right).sum().item()
+    return {"fixable_pct": 100.0 * (exit_right.any(0) & ~final_right).float().mean().item(),
+            "early_right_pct_of_final_right": 100.0 * early_right / max(1, final_right.sum().item())}
+
+
+# ----------------------------------------------------------------------------------------------------
 # The guarantee's statistics (Learn-then-Test, infer.calibrate)
 # ----------------------------------------------------------------------------------------------------
 def binomial_cdf(k: int, n: int, p: float) -> float:
@@ -137,6 +166,18 @@ def promise_text(c: dict) -> str:
     return (f"with probability >= {100 * (1 - c['delta']):g} % over the draw of the "
             f"{c['calibration_questions']} calibration (val) questions, {what} on new questions from "
             f"this distribution is <= {points(c['max_drop'])}")
+
+
+def write_report(r: dict, free, json_path: str, plot_path: str) -> None:
+    """Print the report and write its JSON and figure (DataError naming the file if it cannot)."""
+    print_report(r, free)
+    try:
+        save_atomic(json_path, r)
+        plot_report(r, plot_path)
+    except OSError as e:
+        raise DataError(f"cannot write the report ({e.strerror}: {e.filename}); choose the files with "
+                        f"--json and --plot")
+    print(f"wrote {os.path.relpath(json_path)} and {os.path.relpath(plot_path)}")
 
 
 def print_report(r: dict, free) -> None:
@@ -379,3 +420,37 @@ def print_depth_profile(profile: dict, split_name: str) -> None:
         print(f"  exit after layer {e['layer']:>2}: {e['accuracy']:5.1f}%   agrees with the final layer "
               f"{e['agreement']:5.1f}%")
     print(f"  final layer         : {profile['final']:5.1f}%")
+
+
+# ----------------------------------------------------------------------------------------------------
+# One question, exit by exit (infer.py --explain)
+# ----------------------------------------------------------------------------------------------------
+@torch.no_grad()
+def explain(free, answers: list[str], inputs: dict, rule: str, threshold: float,
+            exits: list[int] | None) -> list[str]:
+    """Why the question left where it did, exit by exit: each exit's answer and the rule's measure
+    against the threshold, whether this operating point evaluates that exit, and the final layer's."""
+    device, spec = next(free.parameters()).device, RULES[rule]
+    out = free.all_outputs(**to_device(inputs, device))
+    sign = ">=" if spec.high else "<="
+    lines = [f"exit by exit (rule {rule}: a question leaves at the first exit where {spec.what} {sign} "
+             f"{threshold:g}):"]
+    last, streak, left = None, torch.zeros(1), False
+    for k, logits in enumerate(out["exits"]):
+        name = f"  exit {k + 1} (after layer {free.exit_layers[k]}):"
+        probs = logits.float().softmax(dim=1)                                  # (1, A)
+        conf, pred = probs.max(dim=1)
+        if exits is not None and k not in exits:
+            lines.append(f"{name:<26} {answers[pred.item()]:<10} not evaluated at this operating point")
+            continue
+        streak = torch.ones(1) if last is None or pred != last else streak + 1
+        last, measure = pred, spec.measure(conf, probs, streak).item()
+        fires = bool(spec.fires(conf, probs, streak, threshold))
+        verdict = "(not run: the question had left)" if left else ("leaves here" if fires else "goes on")
+        mark = sign if fires else {">=": "<", "<=": ">"}[sign]
+        lines.append(f"{name:<26} {answers[pred.item()]:<10} {measure:.3f} {mark} {threshold:g}  {verdict}")
+        left = left or fires
+    conf, pred = out["final"].float().softmax(dim=1).max(dim=1)
+    lines.append(f"  {'final layer:':<24} {answers[pred.item()]:<10} {conf.item():.3f}"
+                 + ("" if left else "  answers (no exit fired)"))
+    return lines

@@ -14,6 +14,7 @@ import os
 import random
 import sys
 import time
+from collections import defaultdict
 from dataclasses import fields
 
 import numpy as np
@@ -281,6 +282,31 @@ def wait_for_main() -> None:
 def progress_bar(iterable, desc: str):
     """A progress bar (process 0 only)."""
     return tqdm(iterable, desc=desc, leave=False, dynamic_ncols=True, disable=None if is_main() else True)
+
+
+class EpochScores:
+    """A stage-1 epoch's running loss and score, overall and per family (this process's questions)."""
+
+    def __init__(self):
+        self.loss = self.hits = self.seen = 0.0
+        self.by_family = defaultdict(lambda: [0.0, 0.0])              # family -> [sum of scores, n]
+
+    def add(self, split, ids: torch.Tensor, loss: float, logits: torch.Tensor) -> None:
+        scores = split.score(ids, logits.argmax(dim=1).cpu())
+        self.loss, self.seen = self.loss + loss * len(ids), self.seen + len(ids)
+        self.hits += scores.sum().item()
+        for i, s in zip(ids.tolist(), scores.tolist()):
+            family = self.by_family[split.records[i]["family"]]
+            family[0], family[1] = family[0] + s, family[1] + 1
+
+    def postfix(self) -> dict:
+        return {"loss": f"{self.loss / self.seen:.3f}", "acc": f"{100 * self.hits / self.seen:.1f}%"}
+
+    def family_accuracy(self, families: list[str]) -> dict[str, float]:
+        """Family -> accuracy (%) over all processes (each sums the same list of `families`)."""
+        totals = all_sum([x for f in families for x in self.by_family[f]])    # [sum, n] per family
+        return {f: 100 * totals[2 * i] / totals[2 * i + 1]
+                for i, f in enumerate(families) if totals[2 * i + 1]}
 
 
 # ----------------------------------------------------------------------------------------------------

@@ -150,3 +150,13 @@ def aux_heads(model: VLM, split, tcfg) -> dict:
         heads["scene"] = (tcfg.scene_weight, SceneHeads(cfg.dim))
     return heads
 
+
+def aux_inputs(model: VLM, split, ids: torch.Tensor, images: torch.Tensor | None) -> dict:
+    """What the heads read beside the model's inputs, for questions `ids` of `split`, on the images'
+    device: 'pixels' (B, 3, H, W) normalised as the encoder sees them, 'pixel_labels' (B, 2, H, W),
+    'facts' (B, len(FACTS)) and 'patch_size' (None where the data has none of them)."""
+    device = model.pixel_mean.device
+    pixels = None if images is None else (images - model.pixel_mean) / model.pixel_std
+    labels = None if split.pixel_labels is None else split.pixel_labels[split.image_index[ids]].to(device)
+    facts = None if split.facts is None else split.facts[ids].to(device)
+    return {"pixels": pixels, "pixel_labels": labels, "facts": facts, "patch_size": model.cfg.patch_size}

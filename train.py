@@ -13,7 +13,6 @@ on the test split. Each stage prints its progress, logs one JSON line per evalua
 and writes OUT/ckpt.pt after every epoch (weights, optimizer, step, RNG, configs, tokenizer, answers),
 atomically.
 """
-import json
 import math
 import os
 import sys
@@ -23,19 +22,19 @@ from dataclasses import asdict, dataclass, field
 
 import torch
 import torch.nn as nn
-from tokenizers import Tokenizer
 
 import infer
 import report
-from data import FAMILIES, DataConfig, TrainScenes, batches, load_data, majority_baseline
+from data import FAMILIES, DataConfig, TrainScenes, batches, majority_baseline
 from free_min import FREE, METHODS, ExitConfig, discriminator_loss, generator_loss
 from model import VLM, ModelConfig, soft_cross_entropy
-from prepare import build_from_checkpoint, validate
-from runtime import (RUN, WORLD, Optimizer, StepClock, UsageError, all_sum, autocast, cache_patches,
+from prepare import (load_run_data, record_test, report_paths, stage1_saver, stage2_saver, start_fresh,
+                     trained_backbone, validate)
+from runtime import (RUN, WORLD, EpochScores, Optimizer, StepClock, UsageError, all_sum, autocast, cache_patches,
                      close_distributed, export_checkpoint, grad_scaler, is_main, load_checkpoint,
                      log_json, on_gpu, parse_configs, progress_bar, resume_exits, resume_stage, rng_state,
                      save_atomic, setup, shard, to_device, wait_for_main)
-from stand_ins import LABEL_FREE, aux_heads
+from stand_ins import LABEL_FREE, aux_heads, aux_inputs
 
 
 @dataclass
@@ -133,18 +132,12 @@ def stage1_optimizer(model: VLM, heads: dict, tcfg: TrainConfig, scaler=None) ->
 
 
 def backbone_batch(model: VLM, split, ids: torch.Tensor) -> dict:
-    """Questions `ids` of `split` on the device: the model's inputs, the soft targets (B, A) and what the
-    auxiliary heads read (stand_ins.py): normalised pixels, pixel labels, scene facts."""
-    device = RUN["device"]
-    batch = to_device(split.batch(ids), device) | {"patches": split.batch(ids).get("patches")}
-    batch = to_device(batch, device)
-    images = batch["images"]
-    pixels = None if images is None else (images - model.pixel_mean) / model.pixel_std
-    labels = None if split.pixel_labels is None else split.pixel_labels[split.image_index[ids]]
-    facts = None if split.facts is None else split.facts[ids]
-    extra = {"targets": split.soft_targets(ids, model.cfg.num_answers), "pixel_labels": labels,
-             "facts": facts}
-    return batch | to_device(extra, device) | {"pixels": pixels, "patch_size": model.cfg.patch_size}
+    """Questions `ids` of `split` on the device: the model's inputs (images, or a frozen encoder's
+    'patches'), the soft targets (B, A) and what the auxiliary heads read (stand_ins.aux_inputs)."""
+    batch = {"patches": None} | split.batch(ids)
+    batch["targets"] = split.soft_targets(ids, model.cfg.num_answers)                 # (B, A)
+    batch = to_device(batch, RUN["device"])
+    return batch | aux_inputs(model, split, ids, batch["images"])
 
 
 def backbone_step(model: VLM, heads: dict, batch: dict, opt: Optimizer) -> tuple[float, torch.Tensor]:
@@ -179,31 +172,6 @@ def family_weights(per_family_accuracy: dict[str, float], families: list[str]) -
     return {f: 1 - per_family_accuracy.get(f, 0.0) / 100 + FAMILY_FLOOR for f in families}
 
 
-class EpochScores:
-    """A stage-1 epoch's running loss and score, overall and per family (this process's questions)."""
-
-    def __init__(self):
-        self.loss = self.hits = self.seen = 0.0
-        self.by_family = defaultdict(lambda: [0.0, 0.0])              # family -> [sum of scores, n]
-
-    def add(self, split, ids: torch.Tensor, loss: float, logits: torch.Tensor) -> None:
-        scores = split.score(ids, logits.argmax(dim=1).cpu())
-        self.loss, self.seen = self.loss + loss * len(ids), self.seen + len(ids)
-        self.hits += scores.sum().item()
-        for i, s in zip(ids.tolist(), scores.tolist()):
-            family = self.by_family[split.records[i]["family"]]
-            family[0], family[1] = family[0] + s, family[1] + 1
-
-    def postfix(self) -> dict:
-        return {"loss": f"{self.loss / self.seen:.3f}", "acc": f"{100 * self.hits / self.seen:.1f}%"}
-
-    def family_accuracy(self) -> dict[str, float]:
-        """Family -> accuracy (%) over all processes (every process sums the same families)."""
-        totals = all_sum([x for f in FAMILIES for x in self.by_family[f]])    # [sum, n] per family
-        return {f: 100 * totals[2 * i] / totals[2 * i + 1]
-                for i, f in enumerate(FAMILIES) if totals[2 * i + 1]}
-
-
 def train_backbone(model: VLM, splits: dict, tcfg: TrainConfig, save, state: dict | None = None,
                    scenes=None) -> None:
     """Stage 1: the whole VLM (and its auxiliary heads) on the train split of each epoch (scenes(epoch),
@@ -233,7 +201,7 @@ def train_backbone(model: VLM, splits: dict, tcfg: TrainConfig, save, state: dic
             clock.tick()
             bar.set_postfix(scores.postfix())
         if tcfg.sample_families == "by-error" and scenes is not None:
-            scenes.weights = family_weights(scores.family_accuracy(), list(FAMILIES))
+            scenes.weights = family_weights(scores.family_accuracy(FAMILIES), list(FAMILIES))
         sums = all_sum([scores.loss, scores.hits, scores.seen])        # every process, then process 0
         if is_main():
             record = {"epoch": epoch + 1, "step": step, "time_s": clock.elapsed(),
@@ -398,20 +366,6 @@ class Run:
         return os.path.join(self.train.out, "ckpt.pt")
 
 
-def load_run_data(run: Run, state: dict | None):
-    """The splits, reusing the tokenizer and answers of `state` (a checkpoint) if given; prints the
-    config."""
-    t0 = time.time()
-    tokenizer = Tokenizer.from_str(state["tokenizer"]) if state else None
-    splits, tokenizer, answers = load_data(run.data, tokenizer, state["answers"] if state else None)
-    run.model.vocab_size, run.model.num_answers = tokenizer.get_vocab_size(), len(answers)
-    sizes = ", ".join(f"{k} {len(v)}" for k, v in splits.items())
-    print(f"data: {run.data.data} ({sizes} questions), {len(answers)} answers, {run.model.vocab_size} "
-          f"tokens ({time.time() - t0:.1f}s)")
-    print("config:", json.dumps(run.describe | {"data": asdict(run.data), "model": asdict(run.model)}))
-    return splits, tokenizer, answers
-
-
 def run_backbone(run: Run, state: dict | None) -> tuple[VLM, dict]:
     """Stage 1 into OUT/ckpt.pt (continuing `state` if given), its test accuracy, and --export. Returns
     the model and the splits."""
@@ -431,15 +385,7 @@ def run_backbone(run: Run, state: dict | None) -> tuple[VLM, dict]:
         scenes = TrainScenes(run.data, splits["train"], tokenizer, answers, run.train.epochs)
         if (state or {}).get("scenes"):
             scenes.resume(state["scenes"], state["epoch"] + 1)
-    fixed = {"model_config": asdict(run.model), "data_config": asdict(run.data),
-             "train_config": asdict(run.train), "answers": answers, "tokenizer": tokenizer.to_str()}
-
-    def save(epoch, step, opt, scaler, heads):
-        save_atomic(run.ckpt, fixed | {
-            "model": model.state_dict(), "optimizer": opt.state_dict(), "scaler": scaler.state_dict(),
-            "step": step, "epoch": epoch, "rng": rng_state(),
-            "aux": {k: h.state_dict() for k, (_, h) in heads.items()},
-            "scenes": None if scenes is None else scenes.progress(epoch)})
+    save = stage1_saver(run, model, tokenizer, answers, scenes)         # writes OUT/ckpt.pt
     try:
         train_backbone(model, splits, run.train, save, state, scenes)
     except FloatingPointError as e:
@@ -451,55 +397,28 @@ def run_backbone(run: Run, state: dict | None) -> tuple[VLM, dict]:
     if is_main():
         res = evaluate(model, splits["test"], RUN["device"])
         report.log_test(run.train.out, res, majority_baseline(splits["train"], splits["test"]))
-        test = {"test_accuracy": res["accuracy"], "test_per_family": res["per_family"]}
-        save_atomic(run.ckpt, load_checkpoint(run.ckpt) | test)
-        if run.train.export:
-            export_checkpoint(run.train.export, run.ckpt)
+        record_test(run, res)                                           # and --export
     wait_for_main()
     return model, splits
 
 
-def trained_backbone(run: Run, state: dict) -> tuple[VLM, dict, dict]:
-    """Stage 2 on a trained backbone (--stage exits, or a stage 2 resumed): the model, the splits, and
-    where the backbone came from."""
-    model, _, _, _, run.data = build_from_checkpoint(state)
-    run.model = model.cfg
-    splits, _, _ = load_run_data(run, state)
-    if run.train.resume:                                   # an interrupted stage 2, continued
-        return model, splits, state["backbone_source"]
-    source = {"path": run.train.backbone or run.ckpt, "train_config": state.get("train_config")}
-    if os.path.abspath(source["path"]) != os.path.abspath(run.ckpt) and is_main():
-        start_fresh(run.train.out)                         # a new run in OUT: the old log is not about it
-    return model, splits, source
-
-
-# What a stage-2 checkpoint keeps of the backbone it starts from: the weights and what rebuilds them.
-BACKBONE_KEYS = ("model", "model_config", "data_config", "answers", "tokenizer", "test_accuracy",
-                 "test_per_family")
-
-
 def run_exits(run: Run, model: VLM, state: dict, source: dict, splits: dict) -> None:
-    """Stage 2 into OUT/ckpt.pt (the backbone, `source`: where it came from, and this run's exits and
-    configs, nothing else of another run), continuing a stage 2 in progress; then the report."""
+    """Stage 2 into OUT/ckpt.pt on the frozen `model` (from `source`), continuing a stage 2 in progress
+    (`state`); then the report."""
     free = FREE(model.to(RUN["device"]), run.exits).to(RUN["device"])
     progress = state.get("exit_progress") if run.train.resume else None
     if progress is not None:
         free.load_exits(state["exits"])
     if model.cfg.freeze_vit and splits["train"].patches is None:
         cache_patches(model, splits)
-    own = {k: state[k] for k in BACKBONE_KEYS if k in state} | {"backbone_source": source}
-
-    def save(progress: dict | None) -> None:
-        exits = {k: v for k, v in free.state_dict().items() if not k.startswith("backbone.")}
-        save_atomic(run.ckpt, own | {"exits": exits, "exit_config": asdict(run.exits),
-                                     "train_config": asdict(run.train)}
-                    | ({} if progress is None else {"exit_progress": progress}))
     print(f"stage 2: {run.exits.exit_method} exits after layers {free.exit_layers}, label fraction "
           f"{run.exits.label_fraction}; {sum(p.numel() for p in free.exits.parameters()) / 1e6:.2f}M "
           f"trainable exit parameters")
     if progress is None and is_main():
         val = infer.collect(free, splits["val"], EVAL_BATCH)
-        report.print_depth_profile(infer.exit_profile(splits["val"], val, free.exit_layers), "val before stage 2")
+        report.print_depth_profile(infer.exit_profile(splits["val"], val, free.exit_layers),
+                                   "val before stage 2")
+    save = stage2_saver(run, free, state, source)                      # writes OUT/ckpt.pt
     try:
         train_exits(free, frozen_states(free, splits["train"]), splits, run.train, save, progress)
     except FloatingPointError as e:
@@ -527,20 +446,12 @@ def final_report(free: FREE, splits: dict, ckpt_path: str) -> None:
     """infer.py's early-exit report on the test split, run and timed where the model trained; its
     calibrated point (rule, threshold, exits) is stored in the checkpoint for infer.py --image."""
     icfg = infer.InferConfig(ckpt=ckpt_path)
-    json_path, plot_path = infer.report_paths(icfg)                   # report.json, speedup.png beside it
-    report = infer.build_report(free, splits, "test", icfg)
-    infer.write_report(report, free, json_path, plot_path)
+    json_path, plot_path = report_paths(icfg)                           # report.json, speedup.png beside it
+    results = infer.build_report(free, splits, "test", icfg)
+    report.write_report(results, free, json_path, plot_path)
     keys = ("rule", "threshold", "exit_layers", "calibration", "risk", "max_drop", "delta")
-    calibrated = {k: report["calibrated"].get(k) for k in keys}
+    calibrated = {k: results["calibrated"].get(k) for k in keys}
     save_atomic(ckpt_path, load_checkpoint(ckpt_path) | {"calibrated": calibrated})
-
-
-def start_fresh(out: str) -> None:
-    """A new run in OUT: drop the log and report an earlier run left there, so that nothing in OUT
-    describes another run (checkpoints are replaced atomically when this run saves)."""
-    for name in ("log.jsonl", "report.json", "speedup.png"):
-        if os.path.exists(os.path.join(out, name)):
-            os.remove(os.path.join(out, name))
 
 
 def main(argv=None) -> None:

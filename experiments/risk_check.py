@@ -103,7 +103,7 @@ def main(argv=None) -> None:
         perm = torch.randperm(len(pool), generator=torch.Generator().manual_seed(r))
         cal_ids, held_ids = perm[:len(pool) // 2], perm[len(pool) // 2:]
         for mode, rows in results.items():
-            promise = infer.Promise(args.rule, args.max_drop, mode, args.delta, risk)
+            promise = infer.InferConfig(rule=args.rule, max_drop=args.max_drop, calibration=mode, delta=args.delta, risk=risk)
             cal = infer.calibrate(free, pool.subset(cal_ids), subset(cal_ids), costs, promise)
             rows.append(held_out(free, pool.subset(held_ids), subset(held_ids), cal, costs))
     print(f"{args.splits} random halves of {len(pool)} val + test questions; rule {args.rule}, risk {risk}, "

@@ -54,7 +54,7 @@ def test_guaranteed_rule_keeps_its_promise_and_the_empirical_rule_does_not():
     for seed in range(200):
         val, probs = synthetic(2000, seed)
         for mode in violated:
-            cal = infer.calibrate(free, val, probs, FLOPS, infer.Promise("maxprob", 100 * EPS, mode, DELTA, "harm"))
+            cal = infer.calibrate(free, val, probs, FLOPS, infer.InferConfig(rule="maxprob", max_drop=100 * EPS, calibration=mode, delta=DELTA, risk="harm"))
             violated[mode] += cal["threshold"] is not None and true_risk(cal["threshold"]) > EPS
     assert violated["guaranteed"] / 200 <= DELTA                          # expected about 0: HB is conservative
     assert violated["empirical"] / 200 > 0.15                             # about 30 %: t = 0.9 passes by luck
@@ -64,7 +64,7 @@ def test_calibration_is_monotone_in_eps_and_delta():
     """A looser promise (larger eps or delta) never picks a more conservative point."""
     free = make_free(exit_layers="2")
     val, probs = synthetic(2000, seed=7)
-    pick = lambda eps, delta: infer.calibrate(free, val, probs, FLOPS, infer.Promise("maxprob", 100 * eps, "guaranteed", delta, "harm"))
+    pick = lambda eps, delta: infer.calibrate(free, val, probs, FLOPS, infer.InferConfig(rule="maxprob", max_drop=100 * eps, calibration="guaranteed", delta=delta, risk="harm"))
     by_eps = [pick(eps, DELTA) for eps in (0.005, 0.01, 0.02, 0.04, 0.08)]
     by_delta = [pick(0.08, delta) for delta in (0.001, 0.01, 0.05, 0.1, 0.3)]
     for points in (by_eps, by_delta):
@@ -82,23 +82,23 @@ def test_disagree_reads_no_label_and_harm_does():
         def score(self, ids, pred):
             raise AssertionError("a label was read")
 
-    blind = infer.calibrate(free, NoLabels(val.gold), probs, FLOPS, infer.Promise("maxprob", 2.0, "guaranteed", DELTA, "disagree"))
+    blind = infer.calibrate(free, NoLabels(val.gold), probs, FLOPS, infer.InferConfig(rule="maxprob", max_drop=2.0, calibration="guaranteed", delta=DELTA, risk="disagree"))
     assert blind["threshold"] is not None
     assert blind == infer.calibrate(free, GoldSplit(torch.randint(0, 2, (2000,))), probs, FLOPS,
-                                    infer.Promise("maxprob", 2.0, "guaranteed", DELTA, "disagree"))
+                                    infer.InferConfig(rule="maxprob", max_drop=2.0, calibration="guaranteed", delta=DELTA, risk="disagree"))
     for mode, risk in (("guaranteed", "harm"), ("empirical", "harm")):
         with pytest.raises(AssertionError, match="a label was read"):
-            infer.calibrate(free, NoLabels(val.gold), probs, FLOPS, infer.Promise("maxprob", 2.0, mode, DELTA, risk))
+            infer.calibrate(free, NoLabels(val.gold), probs, FLOPS, infer.InferConfig(rule="maxprob", max_drop=2.0, calibration=mode, delta=DELTA, risk=risk))
 
 
 def test_several_exit_sets_share_delta():
     """With two exits (three sets of exits to search) each set is tested at delta / 3: a threshold whose
     p-value lies between delta / 3 and delta is certified with one exit and not with two identical ones."""
     val, probs = synthetic(2000, seed=11)
-    one = infer.calibrate(make_free(exit_layers="2"), val, probs, FLOPS, infer.Promise("maxprob", 2.0, "guaranteed", DELTA, "harm"))
+    one = infer.calibrate(make_free(exit_layers="2"), val, probs, FLOPS, infer.InferConfig(rule="maxprob", max_drop=2.0, calibration="guaranteed", delta=DELTA, risk="harm"))
     two_probs = {"exits": probs["exits"].expand(2, -1, -1), "final": probs["final"]}
     two = infer.calibrate(make_free(exit_layers="2,4"), val, two_probs, FLOPS,
-                          infer.Promise("maxprob", 2.0, "guaranteed", DELTA, "harm"))
+                          infer.InferConfig(rule="maxprob", max_drop=2.0, calibration="guaranteed", delta=DELTA, risk="harm"))
     losses = lambda t: infer.risk_losses(val, probs["final"].argmax(1), infer.simulate(probs, "maxprob", t)["pred"], "harm")
     p = report.hb_pvalue(losses(one["threshold"]).mean().item(), 2000, EPS)
     assert p <= DELTA and (p > DELTA / 3) == (two["threshold"] != one["threshold"])

@@ -13,7 +13,8 @@ import data
 import infer
 import train
 import runtime
-from report import flop_costs, layer_costs
+import prepare
+from report import explain, flop_costs, layer_costs, mid_crisis, overthinking
 import free_min
 from free_min import early_exit_predict
 from prepare import build_from_checkpoint
@@ -52,7 +53,7 @@ def test_stage2_keeps_backbone_bit_identical_and_stores_exits(backbone, tmp_path
 
 
 def scrambled_loader(monkeypatch, rows):
-    """Make train.load_data shuffle the training targets of the train-split questions `rows` among
+    """Make the run's load_data (prepare.load_data) shuffle the training targets of the train-split questions `rows` among
     themselves (every other question keeps its own)."""
     real_load = data.load_data
 
@@ -66,7 +67,7 @@ def scrambled_loader(monkeypatch, rows):
             setattr(tr, name, t)
         assert not torch.equal(tr.answer_idx, real_load(*args, **kw)[0]["train"].answer_idx)
         return splits, tok, answers
-    monkeypatch.setattr(train, "load_data", load)
+    monkeypatch.setattr(prepare, "load_data", load)
 
 
 def same_exits(a, b) -> bool:
@@ -128,10 +129,10 @@ def test_stage2_resumes_after_a_crash_and_matches_an_uninterrupted_run(backbone,
         real_save(path, state)
         if state["exit_progress"]["epoch"] == 1:
             raise KeyboardInterrupt                          # dies right after stage-2 epoch 2 was saved
-    monkeypatch.setattr(train, "save_atomic", save_then_crash)
+    monkeypatch.setattr(prepare, "save_atomic", save_then_crash)
     with pytest.raises(KeyboardInterrupt):
         exits_run(backbone, tmp_path / "cut", *args)
-    monkeypatch.setattr(train, "save_atomic", real_save)
+    monkeypatch.setattr(prepare, "save_atomic", real_save)
     assert "exit_progress" in torch.load(tmp_path / "cut" / "ckpt.pt", weights_only=False)
     resumed = exits_run(backbone, tmp_path / "cut", *args, "--resume")
     assert same_exits(full, resumed) and "exit_progress" not in resumed
@@ -293,9 +294,9 @@ def test_explain_marks_the_exits_an_operating_point_skips():
     inputs = {"images": torch.rand(1, 3, 32, 32), "tokens": torch.tensor([[2, 5, 3]]),
               "text_mask": torch.ones(1, 3, dtype=torch.bool)}
     answers = [f"a{i}" for i in range(free.backbone.cfg.num_answers)]
-    lines = infer.explain(free, answers, inputs, "maxprob", 0.0, [1])
+    lines = explain(free, answers, inputs, "maxprob", 0.0, [1])
     assert "not evaluated" in lines[1] and "leaves here" in lines[2] and lines[-1].strip().startswith("final layer:")
-    lines = infer.explain(free, answers, inputs, "maxprob", 0.0, [])
+    lines = explain(free, answers, inputs, "maxprob", 0.0, [])
     assert all("not evaluated" in line for line in lines[1:3]) and "answers (no exit fired)" in lines[-1]
 
 
@@ -332,10 +333,10 @@ def test_eval_writes_its_report_beside_the_checkpoint(report, tmp_path):
 
 def test_without_ckpt_the_run_in_out_or_else_the_shipped_exits(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
-    assert infer.default_checkpoint() == infer.SHIPPED_EXITS and os.path.isfile(infer.SHIPPED_EXITS)
+    assert prepare.default_checkpoint() == prepare.SHIPPED_EXITS and os.path.isfile(prepare.SHIPPED_EXITS)
     (tmp_path / "out").mkdir()
     (tmp_path / "out" / "ckpt.pt").write_bytes(b"")
-    assert infer.default_checkpoint() == "out/ckpt.pt"
+    assert prepare.default_checkpoint() == "out/ckpt.pt"
 
 
 # ---------------------------------------------------------------- the analyses, on hand-made inputs
@@ -390,17 +391,17 @@ def test_simulate_calibrate_and_layer_speedup_by_hand():
     assert infer.accuracy(val, infer.simulate(probs, "maxprob", 0.7)["pred"]) == 75.0
     flops = flop_costs(free, 10.0)
     assert flops["exit"] == pytest.approx(e) and infer.predicted_speedup(free, sim, flops) == pytest.approx(speedup)
-    cal = infer.calibrate(free, val, probs, flops, infer.Promise("maxprob", 1.0, "empirical"))
+    cal = infer.calibrate(free, val, probs, flops, infer.InferConfig(rule="maxprob", max_drop=1.0, calibration="empirical", risk="harm"))
     assert (cal["threshold"], cal["exit_layers"], cal["val_drop"]) == (0.8, [2, 4], 0.0)
-    assert infer.calibrate(free, val, probs, flops, infer.Promise("maxprob", 30.0, "empirical"))["threshold"] == 0.7
+    assert infer.calibrate(free, val, probs, flops, infer.InferConfig(rule="maxprob", max_drop=30.0, calibration="empirical", risk="harm"))["threshold"] == 0.7
     # 0.5 and 0.6 let the same questions leave: of equal points the more conservative threshold is kept
-    assert infer.calibrate(free, val, probs, flops, infer.Promise("maxprob", 50.0, "empirical"))["threshold"] == 0.6
+    assert infer.calibrate(free, val, probs, flops, infer.InferConfig(rule="maxprob", max_drop=50.0, calibration="empirical", risk="harm"))["threshold"] == 0.6
     # Exit choice. Only the exit after layer 2 at 0.8: q1 and q3 run to the final layer (right): 16 layers, 4
     # exits evaluated, against 14 layers and 6 exits with both. At a FLOP exit cost (0.24 layer) both exits
     # are cheaper; if an exit costs 1.5 layers (as measured costs can say), the exit after layer 4 does not pay.
     assert infer.predicted_speedup(free, infer.simulate(probs, "maxprob", 0.8, [0]), flops) == pytest.approx(6 / ((16 + 4 * e) / 4))
     dear = {"embed": 0.0, "layer": 1.0, "exit": 1.5, "head": 0.0, "unit": "seconds at batch 1"}
-    cal = infer.calibrate(free, val, probs, dear, infer.Promise("maxprob", 1.0, "empirical"))
+    cal = infer.calibrate(free, val, probs, dear, infer.InferConfig(rule="maxprob", max_drop=1.0, calibration="empirical", risk="harm"))
     # (with that exit alone, 0.8 to 0.95 let the same questions leave: the most conservative is kept)
     assert (cal["threshold"], cal["exit_layers"]) == (0.95, [2]) and cal["predicted_speedup"] == pytest.approx(6 / ((16 + 6) / 4))
     assert infer.simulate(probs, "maxprob", 0.8, [0])["evaluated"].tolist() == [1, 1, 1, 1]
@@ -409,7 +410,7 @@ def test_simulate_calibrate_and_layer_speedup_by_hand():
 def test_overthinking_by_hand():
     val, probs = hand_made_probs()
     probs["final"] = torch.eye(3)[[0, 0, 1, 0]]          # the final layer now gets q1 and q2 wrong
-    o = infer.overthinking(val, probs)
+    o = overthinking(val, probs)
     # q1 and q2 are right at an exit but wrong at the end; of the two the final layer gets right (q0, q3),
     # both were right at an exit before it
     assert o["fixable_pct"] == 50.0 and o["early_right_pct_of_final_right"] == 100.0
@@ -418,10 +419,10 @@ def test_overthinking_by_hand():
 def test_mid_crisis_by_hand():
     profile = {"exits": [{"layer": 2, "accuracy": 50.0, "raw_accuracy": 30.0}, {"layer": 4, "accuracy": 42.0, "raw_accuracy": 35.0},
                          {"layer": 6, "accuracy": 47.0, "raw_accuracy": 40.0}], "final": 49.0}
-    assert infer.mid_crisis(profile) == {"drop": 8.0, "from_layer": 2, "to_layer": 4}
-    assert infer.mid_crisis(profile, "raw_accuracy") == {"drop": 0.0, "from_layer": None, "to_layer": None}
+    assert mid_crisis(profile) == {"drop": 8.0, "from_layer": 2, "to_layer": 4}
+    assert mid_crisis(profile, "raw_accuracy") == {"drop": 0.0, "from_layer": None, "to_layer": None}
     profile["final"] = 40.0
-    assert infer.mid_crisis(profile) == {"drop": 10.0, "from_layer": 2, "to_layer": "final"}
+    assert mid_crisis(profile) == {"drop": 10.0, "from_layer": 2, "to_layer": "final"}
 
 
 def test_infer_errors_are_one_line(backbone, tmp_path, capsys):

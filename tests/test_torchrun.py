@@ -14,13 +14,13 @@ MICRO = ["--preset", "tiny", "--train-images", "40", "--val-images", "8", "--tes
          "--batch-size", "16", "--epochs", "2"]
 # a launcher that stops after the first checkpoint is written, as an interrupted run would (the main guard, as
 # in train.py: the process that draws the next scenes imports the launching script again)
-CRASH_AFTER_FIRST_SAVE = """import sys, train
-real = train.save_atomic
+CRASH_AFTER_FIRST_SAVE = """import sys, prepare, train
+real = prepare.save_atomic
 def save_then_stop(path, state):
     real(path, state)
     raise SystemExit("stopped after the first checkpoint")
 if __name__ == "__main__":
-    train.save_atomic = save_then_stop
+    prepare.save_atomic = save_then_stop
     train.main(sys.argv[1:])
 """
 

@@ -10,6 +10,7 @@ import torch
 import data
 import train
 import stand_ins
+import prepare
 import runtime
 from prepare import build_from_checkpoint
 from model import VLM
@@ -275,10 +276,10 @@ def test_resume_after_interruption_matches_uninterrupted_run(tmp_path, monkeypat
         if len(saves) == 2:
             raise KeyboardInterrupt  # the run dies right after epoch 2 was checkpointed
 
-    monkeypatch.setattr(train, "save_atomic", save_then_crash)
+    monkeypatch.setattr(prepare, "save_atomic", save_then_crash)
     with pytest.raises(KeyboardInterrupt):
         train.main(args + ["--out", str(tmp_path / "resumed")])
-    monkeypatch.setattr(train, "save_atomic", real_save)
+    monkeypatch.setattr(prepare, "save_atomic", real_save)
     train.main(args + ["--out", str(tmp_path / "resumed"), "--resume"])
 
     full = torch.load(tmp_path / "full" / "ckpt.pt", weights_only=False)
