@@ -1,25 +1,17 @@
 """Early-exit inference and the evaluation report: FREE's speed/accuracy claim, measured.
 
     python infer.py --ckpt out/ckpt.pt --image IMG.png --question "what color is the circle?"
-    python infer.py --ckpt out/ckpt.pt --eval [--split test] [--json report.json] [--plot speedup.png]
+    python infer.py --ckpt out/ckpt.pt --eval [--split test] [--json FILE.json] [--plot FILE.png]
 
-The paper's promise: inference is input-adaptive (a sample leaves at the first exit confident enough)
-and so faster at comparable accuracy. Here samples that exit leave the batch and stop computing
-(free_min.early_exit_predict), and the speedup is measured in wall-clock time against the full model
-in the same process, beside the paper's layer-count view. The report (--eval) holds:
-  * the full model's accuracy; every exit's standalone accuracy (the depth profile) beside a *raw*
-    readout of the same layer through the frozen head without G_k (what an exit without its layer
-    would give);
-  * mid-crisis (the largest accuracy drop from a shallower exit to a deeper one) and overthinking
-    (questions some exit gets right and the final layer wrong; right answers found before the final
-    layer);
-  * a threshold sweep per exit rule (free_min.RULES): accuracy, layers run, layer and wall-clock
-    speedup;
-  * a calibrated operating point: the threshold and the exits to evaluate, picked on *val* (the fastest
-    whose accuracy drop is <= --max-drop points), reported on the eval split, timed at batch 1 and
-    batched;
-  * the depth each question family runs to at that point.
-Its statistics, cost models, printing and figure are in report.py.
+The paper's promise: inference is input-adaptive (a sample leaves at the first exit confident
+enough) and so faster at comparable accuracy. Here samples that exit leave the batch and stop
+computing (free_min.early_exit_predict), and the speedup is measured in wall-clock time against the
+full model in the same process, beside the paper's layer-count view. The report (--eval) holds the
+full model's accuracy and every exit's (the depth profile, beside a raw readout of the same layer
+without G_k); mid-crisis and overthinking; a threshold sweep per exit rule (free_min.RULES); a
+calibrated operating point, picked on *val* (the fastest whose accuracy drop is <= --max-drop
+points), reported on the eval split and timed at batch 1 and batched; and the depth each question
+family runs to there. Its statistics, cost models, printing and figure are in report.py.
 """
 import argparse
 import os
@@ -33,9 +25,9 @@ import torch
 import report
 from data import batches, load_data, read_question
 from free_min import RULES, early_exit_predict
-from prepare import check_infer_config, default_checkpoint, load_free, report_paths
-from runtime import (Parser, UsageError, add_config_args, config_from_args, inference_copy, pick_device,
-                     pick_threads, synchronize, to_device)
+from prepare import check_infer_config, default_checkpoint, load_free, pick_threshold, report_paths
+from runtime import (Parser, UsageError, add_config_args, config_from_args, inference_copy,
+                     pick_device, pick_threads, synchronize, to_device)
 
 RISKS = ("harm", "disagree")          # the losses calibration can bound (see risk_losses)
 
@@ -43,13 +35,13 @@ RISKS = ("harm", "disagree")          # the losses calibration can bound (see ri
 @dataclass
 class InferConfig:
     ckpt: str = field(default="", metadata={
-        "help": "checkpoint written by train.py (backbone + exits); default: out/ckpt.pt if it exists, "
-                "else the exits the repo ships (backbones/shapes-default-free.pt)"})
+        "help": "checkpoint written by train.py (backbone + exits); default: out/ckpt.pt if it "
+                "exists, else the exits the repo ships (backbones/shapes-default-free.pt)"})
     image: str = field(default="", metadata={"help": "answer one question about this image file"})
     question: str = field(default="", metadata={"help": "the question to answer about --image"})
     explain: bool = field(default=False, metadata={
-        "help": "with --image: show every exit's answer and the rule's measure against its threshold, "
-                "and why it left where it did"})
+        "help": "with --image: show every exit's answer and the rule's measure against its "
+                "threshold, and why it left where it did"})
     eval: bool = field(default=False, metadata={
         "help": "evaluate on --split, print the report and write it (--json, --plot)"})
     split: str = field(default="test", metadata={
@@ -59,57 +51,60 @@ class InferConfig:
     threshold: float = field(default=-1.0, metadata={
         "help": "exit threshold for --image (-1 = the calibrated one, else the rule's default)"})
     max_drop: float = field(default=1.0, metadata={
-        "help": "calibration: the accuracy drop (points) the calibrated point may cost on new questions"})
+        "help": "calibration: the accuracy drop (points) the calibrated point may cost on new "
+                "questions"})
     calibration: str = field(default="guaranteed", metadata={
         "help": "guaranteed: Learn-then-Test, the drop stays within --max-drop with probability >= "
-                "1 - --delta (see calibrate); empirical: the fastest point within --max-drop on val, "
-                "no guarantee", "choices": ["guaranteed", "empirical"]})
+                "1 - --delta (see calibrate); empirical: the fastest point within --max-drop on "
+                "val, no guarantee", "choices": ["guaranteed", "empirical"]})
     delta: float = field(default=0.1, metadata={
-        "help": "guaranteed calibration: the probability that the promise fails (over the draw of the "
-                "calibration questions)"})
+        "help": "guaranteed calibration: the probability that the promise fails (over the draw of "
+                "the calibration questions)"})
     risk: str = field(default="auto", metadata={
-        "help": "the loss calibration bounds: harm (an early answer loses credit the full model had; "
-                "reads labels) or disagree (it differs from the full model's; reads none); auto = harm "
-                "if the exits were trained with labels, else disagree", "choices": ["auto", *RISKS]})
+        "help": "the loss calibration bounds: harm (an early answer loses credit the full model "
+                "had; reads labels) or disagree (it differs from the full model's; reads none); "
+                "auto = harm if the exits were trained with labels, else disagree",
+        "choices": ["auto", *RISKS]})
     json: str = field(default="", metadata={
         "help": "--eval: the report's JSON file (default: report.json in the checkpoint's folder; "
                 "report_SPLIT.json for another --split)"})
     plot: str = field(default="", metadata={
-        "help": "--eval: the figure, accuracy vs speedup, depth profile and depth per family (default: "
-                "speedup.png beside report.json)"})
+        "help": "--eval: the figure, accuracy vs speedup, depth profile and depth per family "
+                "(default: speedup.png beside report.json)"})
     batch_size: int = field(default=64, metadata={
         "help": "batch size of evaluation and of the batched timing"})
     timing_samples: int = field(default=256, metadata={
         "help": "questions timed per measurement (half of them at batch 1)"})
     repeats: int = field(default=5, metadata={"help": "timing rounds; the median is reported"})
     threads: int = field(default=0, metadata={
-        "help": "CPU threads for torch (0 = the cores not busy with other work; the report prints it)"})
+        "help": "CPU threads for torch (0 = the cores not busy with other work; the report prints "
+                "it)"})
     device: str = field(default="auto", metadata={
-        "help": "where the report runs and is timed: auto (cuda, then mps, then cpu; printed), cuda, "
-                "mps or cpu", "choices": ["auto", "cuda", "mps", "cpu"]})
+        "help": "where the report runs and is timed: auto (cuda, then mps, then cpu; printed), "
+                "cuda, mps or cpu", "choices": ["auto", "cuda", "mps", "cpu"]})
     timing: bool = field(default=True, metadata={
-        "help": "measure wall-clock speedups and calibrate by costs measured here (--no-timing: the "
-                "layer view and FLOPs only, deterministic)"})
+        "help": "measure wall-clock speedups and calibrate by costs measured here (--no-timing: "
+                "the layer view and FLOPs only, deterministic)"})
 
 
-# ----------------------------------------------------------------------------------------------------
+# --------------------------------------------------------------------------------------------------
 # One pass over a split: every exit's and the final layer's answer distribution
-# ----------------------------------------------------------------------------------------------------
+# --------------------------------------------------------------------------------------------------
 @torch.no_grad()
 def collect(free, split, batch_size: int) -> dict:
-    """Answer probabilities of the final layer (n, A), of every exit (K, n, A), and of a raw readout of
-    the exits' layers through the frozen head without G_k (K, n, A); the mean sequence length. CPU
-    tensors."""
+    """Answer probabilities of the final layer (n, A), of every exit (K, n, A), and of a raw
+    readout of the exits' layers through the frozen head without G_k (K, n, A); the mean sequence
+    length. CPU tensors."""
     free.eval()
     bb, device = free.backbone, next(free.parameters()).device
     final, exits, raw, seq = [], [], [], []
     for ids in batches(len(split), batch_size):
         out = free.all_outputs(**to_device(split.batch(ids), device))
-        final.append(out["final"].float().softmax(1).cpu())                               # (B, A)
-        exits.append(torch.stack([e.float().softmax(1) for e in out["exits"]]).cpu())     # (K, B, A)
+        final.append(out["final"].float().softmax(1).cpu())                            # (B, A)
+        exits.append(torch.stack([e.float().softmax(1) for e in out["exits"]]).cpu())  # (K, B, A)
         readout = [bb.head(out["states"][l][:, 0]).float().softmax(1) for l in free.exit_layers]
-        raw.append(torch.stack(readout).cpu())                                            # (K, B, A)
-        mask, S = out["attn_mask"], out["states"][0].shape[1]                             # None: no padding
+        raw.append(torch.stack(readout).cpu())                                         # (K, B, A)
+        mask, S = out["attn_mask"], out["states"][0].shape[1]                     # None: no padding
         lengths = torch.full((len(ids),), float(S)) if mask is None else mask.sum(dim=-1).flatten()
         seq.append(lengths.float().cpu())
     return {"final": torch.cat(final), "exits": torch.cat(exits, 1), "raw": torch.cat(raw, 1),
@@ -121,8 +116,9 @@ def accuracy(split, pred: torch.Tensor) -> float:
 
 
 def exit_profile(split, probs: dict, exit_layers: list[int]) -> dict:
-    """The depth profile: every exit's standalone accuracy (every question forced to leave there), the
-    raw readout's, each exit's agreement (%) with the final layer's answer, and the final layer's."""
+    """The depth profile: every exit's standalone accuracy (every question forced to leave there),
+    the raw readout's, each exit's agreement (%) with the final layer's answer, and the final
+    layer's accuracy."""
     final = probs["final"].argmax(1)
     exits = [{"layer": l, "accuracy": accuracy(split, probs["exits"][k].argmax(1)),
               "raw_accuracy": accuracy(split, probs["raw"][k].argmax(1)),
@@ -132,14 +128,14 @@ def exit_profile(split, probs: dict, exit_layers: list[int]) -> dict:
 
 
 def simulate(probs: dict, rule: str, threshold: float, exits: list[int] | None = None) -> dict:
-    """Where every question would leave under a rule, evaluating the exits `exits` (indices; default
-    all), from the collected probabilities: what early_exit_predict does question by question (tested),
-    for one pass instead of one per threshold. Returns exit (n,) in 0..K (K = final), pred (n,),
-    evaluated (n,) exits run."""
+    """Where every question would leave under a rule, evaluating the exits `exits` (indices;
+    default all), from the collected probabilities: what early_exit_predict does question by
+    question (tested), in one pass instead of one per threshold. Returns exit (n,) in 0..K
+    (K = final), pred (n,), evaluated (n,) exits run."""
     K, n = probs["exits"].shape[:2]
     exits = list(range(K)) if exits is None else exits
     exit_at, evaluated = torch.full((n,), K), torch.full((n,), len(exits))
-    pred, last, streak = probs["final"].argmax(1), torch.full((n,), -1), torch.zeros(n, dtype=torch.long)
+    pred, last, streak = probs["final"].argmax(1), torch.full((n,), -1), torch.zeros(n).long()
     running = torch.ones(n, dtype=torch.bool)
     for j, k in enumerate(exits):
         conf, a = probs["exits"][k].max(dim=1)
@@ -150,47 +146,52 @@ def simulate(probs: dict, rule: str, threshold: float, exits: list[int] | None =
     return {"exit": exit_at, "pred": pred, "evaluated": evaluated}
 
 
-# ----------------------------------------------------------------------------------------------------
+# --------------------------------------------------------------------------------------------------
 # What early exit saves: the paper's layer view, and seconds measured here
-# ----------------------------------------------------------------------------------------------------
+# --------------------------------------------------------------------------------------------------
 def layers_run(free, sim: dict) -> torch.Tensor:
-    """(n,) float: the language-model layers each question of `sim` runs (its exit's layer, or L)."""
+    """(n,) float: the language-model layers each question of `sim` runs (its exit's, or L)."""
     return torch.tensor(free.exit_layers + [free.backbone.depth])[sim["exit"]].float()
 
 
 def predicted_speedup(free, sim: dict, costs: dict) -> float:
-    """Full-model cost / mean early-exit cost of the questions in `sim`, under a cost model (report.py:
-    seconds measured at batch 1, or FLOPs): embedding + layers run + exits evaluated (+ the head)."""
+    """Full-model cost / mean early-exit cost of the questions in `sim` under a cost model
+    (report.py: seconds measured at batch 1, or FLOPs): embedding + layers + exits evaluated
+    (+ the final head)."""
     at_final = (sim["exit"] == free.num_exits).float()
-    cost = (costs["embed"] + layers_run(free, sim) * costs["layer"] + sim["evaluated"] * costs["exit"]
-            + at_final * costs["head"])
-    return (costs["embed"] + free.backbone.depth * costs["layer"] + costs["head"]) / cost.mean().item()
+    cost = (costs["embed"] + layers_run(free, sim) * costs["layer"]
+            + sim["evaluated"] * costs["exit"] + at_final * costs["head"])
+    full = costs["embed"] + free.backbone.depth * costs["layer"] + costs["head"]
+    return full / cost.mean().item()
 
 
 def layer_speedup(free, sim: dict, seq_len: float) -> tuple[float, float]:
-    """The paper's view: (mean layers run, L / (layers run + exits evaluated x an exit's cost in layer
-    units))."""
-    return layers_run(free, sim).mean().item(), predicted_speedup(free, sim, report.flop_costs(free, seq_len))
+    """The paper's view: (mean layers run, L / (layers run + exits evaluated x an exit's cost in
+    layer units))."""
+    flops = report.flop_costs(free, seq_len)
+    return layers_run(free, sim).mean().item(), predicted_speedup(free, sim, flops)
 
 
-def timing_batches(free, split, ids: torch.Tensor, batch_size: int, tokens_ready: bool = False) -> list:
-    """The questions `ids` as batches of model inputs on the device. With tokens_ready the encoder's
-    tokens are computed beforehand (as a cache of a frozen encoder has them): the language model alone
-    is then timed."""
+def timing_batches(free, split, ids: torch.Tensor, batch_size: int, tokens_ready: bool = False):
+    """The questions `ids` as batches of model inputs on the device. With tokens_ready the
+    encoder's tokens are computed beforehand (as a cache of a frozen encoder has them): the
+    language model alone is then timed."""
     device = next(free.parameters()).device
-    inputs = [to_device(split.batch(b, raw_images=True), device) for b in torch.split(ids, batch_size)]
+    inputs = [to_device(split.batch(b, raw_images=True), device)
+              for b in torch.split(ids, batch_size)]
     if tokens_ready:
-        inputs = [x | {"images": None, "patches": free.backbone.patch_features(x["images"])} for x in inputs]
+        inputs = [x | {"images": None, "patches": free.backbone.patch_features(x["images"])}
+                  for x in inputs]
     return inputs
 
 
 @torch.inference_mode()
 def time_speedup(free, inputs: list[dict], point: dict, repeats: int) -> dict:
-    """Seconds of the full model and of early exit at `point` (rule, threshold, exits) over the same
-    batches (timing_batches), each run ending when its answers are ready. Interleaved batch by batch:
-    each batch runs through both back to back, which goes first alternating, so both see the same
-    machine load; a warm-up round, then `repeats` rounds, each summing its batches. Returns the medians
-    over rounds and the range of the per-round ratios."""
+    """Seconds of the full model and of early exit at `point` (rule, threshold, exits) over the
+    same batches (timing_batches), each run ending when its answers are ready. Interleaved batch by
+    batch: each batch runs through both back to back, which goes first alternating, so both see
+    the same machine load; a warm-up round, then `repeats` rounds, each summing its batches.
+    Returns the medians over rounds and the range of the per-round ratios."""
     device = next(free.parameters()).device
     runs = {"full": lambda x: free.backbone(**x).argmax(1),
             "early_exit": lambda x: early_exit_predict(free, x, point["rule"], point["threshold"],
@@ -212,35 +213,14 @@ def time_speedup(free, inputs: list[dict], point: dict, repeats: int) -> dict:
     full_s, ee_s = (statistics.median(r[name] for r in rounds) for name in runs)
     ratios = [r["full"] / r["early_exit"] for r in rounds]
     return {"full_s": full_s, "early_exit_s": ee_s, "speedup": full_s / ee_s,
-            "batch_size": len(inputs[0]["tokens"]), "samples": sum(len(x["tokens"]) for x in inputs),
+            "batch_size": len(inputs[0]["tokens"]),
+            "samples": sum(len(x["tokens"]) for x in inputs),
             "rounds": repeats, "round_speedup_min": min(ratios), "round_speedup_max": max(ratios)}
 
 
-# ----------------------------------------------------------------------------------------------------
-# The paper's analyses: mid-crisis, overthinking, depth per family
-# ----------------------------------------------------------------------------------------------------
-def per_family_depth(free, split, probs: dict, sim: dict | None) -> dict:
-    """Where depth matters, per question family: every exit's standalone accuracy and the final layer's
-    ('exits', 'final'), and where a calibrated point `sim` is given, the mean language-model layers its
-    questions run, its accuracy and the share leaving at each exit."""
-    out = {}
-    for fam in sorted(set(split.families)):
-        idx = torch.tensor([i for i, f in enumerate(split.families) if f == fam])
-
-        def acc(pred):
-            return 100.0 * split.score(idx, pred[idx]).mean().item()
-        out[fam] = {"exits": [acc(p.argmax(1)) for p in probs["exits"]], "final": acc(probs["final"].argmax(1))}
-        if sim is not None:
-            shares = torch.bincount(sim["exit"][idx], minlength=free.num_exits + 1).float() / len(idx)
-            where = free.exit_layers + ["final"]
-            out[fam] |= {"avg_layers": layers_run(free, sim)[idx].mean().item(), "accuracy": acc(sim["pred"]),
-                         "exit_share": {str(l): 100.0 * s.item() for l, s in zip(where, shares)}}
-    return out
-
-
-# ----------------------------------------------------------------------------------------------------
+# --------------------------------------------------------------------------------------------------
 # The sweep and the calibrated operating point
-# ----------------------------------------------------------------------------------------------------
+# --------------------------------------------------------------------------------------------------
 def sweep(free, split, probs: dict, timing_ids, cfg: InferConfig) -> list[dict]:
     """Every rule at every threshold of its grid, every exit evaluated: accuracy, layers run, layer
     speedup and (with timing) the measured batched wall-clock speedup."""
@@ -260,17 +240,17 @@ def sweep(free, split, probs: dict, timing_ids, cfg: InferConfig) -> list[dict]:
 
 
 def exit_subsets(K: int) -> list[list[int]]:
-    """Every non-empty set of exits, larger sets first (all K first: the paper's setting wins ties)."""
+    """Every non-empty set of exits, larger sets first (all K first: the paper's setting wins)."""
     subsets = ([k for k in range(K) if mask >> k & 1] for mask in range(1, 2 ** K))
     return sorted(subsets, key=len, reverse=True)
 
 
-# A calibrated point should keep its promise on new questions, not only on the questions it was picked
-# on. Its risk is the mean of a per-question loss in [0, 1] over new questions, and both losses bound
-# the accuracy drop from above (a score is in [0, 1], and an answer that does not change cannot lose
-# credit):
-#   harm:     max(0, score of the full model's answer - score of the early answer)   (needs labels)
-#   disagree: 1 if the early answer differs from the full model's, else 0   (CALM's consistency)
+# A calibrated point should keep its promise on new questions, not only on the questions it was
+# picked on. Its risk is the mean of a per-question loss in [0, 1] over new questions, and both
+# losses bound the accuracy drop from above (a score is in [0, 1], and an answer that does not
+# change cannot lose credit):
+#   harm:     max(0, score of the full model's answer - score of the early answer)   (reads labels)
+#   disagree: 1 if the early answer differs from the full model's, else 0   (CALM's; reads none)
 def risk_losses(val, full_pred: torch.Tensor, pred: torch.Tensor, risk: str) -> torch.Tensor:
     """(n,) per-question losses in [0, 1] of early answers `pred` against the full model's."""
     if risk == "disagree":
@@ -279,37 +259,41 @@ def risk_losses(val, full_pred: torch.Tensor, pred: torch.Tensor, risk: str) -> 
     return (val.score(every, full_pred) - val.score(every, pred)).clamp(min=0.0)
 
 
-# Learn-then-Test (Angelopoulos et al. 2021), as CALM does for early exit in language models (Schuster
-# et al. 2022): for each threshold, from the most conservative to the most aggressive, test H0: risk >
-# eps with a p-value (report.hb_pvalue), and stop at the first one not rejected at level delta. Every
-# threshold rejected before it has risk <= eps with probability >= 1 - delta over the draw of the
-# calibration questions (testing in a fixed order controls the family-wise error). Searching several
-# sets of exits would void that, so each set is tested at delta / (number of sets) (Bonferroni): all
-# certified points hold at once with probability >= 1 - delta, and so does the fastest of them, which
-# is the one chosen.
 def accuracy_drop(val, full_pred: torch.Tensor, pred: torch.Tensor) -> float:
     """The accuracy lost by answering `pred` instead of the full model's `full_pred`, in [0, 1]."""
     return (accuracy(val, full_pred) - accuracy(val, pred)) / 100
 
 
+# Learn-then-Test (Angelopoulos et al. 2021), as CALM does for early exit in language models
+# (Schuster et al. 2022): for each threshold, from the most conservative to the most aggressive,
+# test H0: risk > eps with a p-value (report.hb_pvalue), and stop at the first one not rejected at
+# level delta. Every threshold rejected before it has risk <= eps with probability >= 1 - delta over
+# the draw of the calibration questions (testing in a fixed order controls the family-wise error).
+# Searching several sets of exits would void that, so each set is tested at delta / (number of
+# sets) (Bonferroni): all certified points hold at once with probability >= 1 - delta, and so does
+# the fastest of them, which is the one chosen.
 def calibrate(free, val, val_probs: dict, costs: dict, promise: InferConfig) -> dict:
-    """On val: the threshold *and the set of exits evaluated* with the highest predicted speedup under
-    the cost model `costs` that keeps `promise`: certified to risk <= max_drop ('guaranteed', above), or
-    whose measured val drop is <= max_drop ('empirical': the accuracy drop, or for risk 'disagree' the
-    share of changed answers; no guarantee). Why the exits too: an exit pays only if enough questions
-    leave there, and at batch 1 on a CPU an exit costs most of a layer (many small operations)."""
-    full_pred, sets, eps, best = val_probs["final"].argmax(1), exit_subsets(free.num_exits), promise.max_drop / 100, None
+    """On val: the threshold *and the set of exits evaluated* with the highest predicted speedup
+    under the cost model `costs` that keeps the promise (promise.rule, .max_drop, .calibration,
+    .delta, .risk): certified to risk <= max_drop ('guaranteed', above), or with a measured val drop
+    <= max_drop ('empirical': the accuracy drop, or for risk 'disagree' the share of changed
+    answers; no guarantee). Why the exits too: an exit pays only if enough questions leave there,
+    and at batch 1 on a CPU an exit costs most of a layer (many small operations)."""
+    full_pred, sets = val_probs["final"].argmax(1), exit_subsets(free.num_exits)
+    eps, best = promise.max_drop / 100, None
     for exits in sets:
-        for t in reversed(RULES[promise.rule].grid(len(exits))):       # from the most conservative threshold
+        for t in reversed(RULES[promise.rule].grid(len(exits))):      # the most conservative first
             sim = simulate(val_probs, promise.rule, t, exits)
             loss = risk_losses(val, full_pred, sim["pred"], promise.risk).mean().item()
             if promise.calibration == "guaranteed":
                 p = report.hb_pvalue(loss, len(val), eps)
                 if p > promise.delta / len(sets):
-                    break                                              # fixed sequence: stop at the first failure
+                    break                              # a fixed sequence: stop at the first failure
                 measured = {"val_risk": loss, "p_value": p}
             else:
-                drop = loss if promise.risk == "disagree" else accuracy_drop(val, full_pred, sim["pred"])
+                drop = loss
+                if promise.risk != "disagree":
+                    drop = accuracy_drop(val, full_pred, sim["pred"])
                 if drop > eps:
                     continue
                 measured = {"val_drop": 100 * drop}
@@ -318,9 +302,9 @@ def calibrate(free, val, val_probs: dict, costs: dict, promise: InferConfig) -> 
                 best = {"threshold": t, "exit_layers": [free.exit_layers[k] for k in exits],
                         "predicted_speedup": speedup, **measured}
     setting = {"rule": promise.rule, "calibration": promise.calibration, "risk": promise.risk,
-               "max_drop": promise.max_drop, "delta": promise.delta, "calibration_questions": len(val),
-               "exit_sets": len(sets), "cost_model": costs}
-    if best is None or best["predicted_speedup"] <= 1.0:        # none, or none faster than the full model
+               "max_drop": promise.max_drop, "delta": promise.delta,
+               "calibration_questions": len(val), "exit_sets": len(sets), "cost_model": costs}
+    if best is None or best["predicted_speedup"] <= 1.0:  # none, or none faster than the full model
         return setting | {"threshold": None}
     return setting | best
 
@@ -342,93 +326,84 @@ def calibrated_point(free, split, probs: dict, cal: dict, full_accuracy: float) 
 
 
 def time_point(free, split, cal: dict, timing_ids: torch.Tensor, cfg: InferConfig) -> dict:
-    """The wall-clock speedup of a calibrated point, at batch 1 (half the questions) and batched, end to
-    end and for the language model alone (lm_)."""
-    point, out = {"rule": cal["rule"], "threshold": cal["threshold"], "exits": exit_indices(free, cal)}, {}
+    """The wall-clock speedup of a calibrated point, at batch 1 (half the questions) and batched,
+    end to end and for the language model alone (lm_)."""
+    point = {"rule": cal["rule"], "threshold": cal["threshold"], "exits": exit_indices(free, cal)}
+    half, out = timing_ids[:max(1, len(timing_ids) // 2)], {}
     for ready, prefix in ((False, ""), (True, "lm_")):
-        for ids, batch, name in ((timing_ids[:max(1, len(timing_ids) // 2)], 1, "batch1"),
-                                 (timing_ids, cfg.batch_size, "batched")):
-            t = time_speedup(free, timing_batches(free, split, ids, batch, ready), point, cfg.repeats)
+        for ids, batch, name in ((half, 1, "batch1"), (timing_ids, cfg.batch_size, "batched")):
+            inputs = timing_batches(free, split, ids, batch, ready)
+            t = time_speedup(free, inputs, point, cfg.repeats)
             out |= {f"{prefix}wallclock_speedup_{name}": t["speedup"], f"{prefix}timing_{name}": t}
     return out
 
 
 def build_report(free, splits: dict, split_name: str, cfg: InferConfig) -> dict:
-    """Everything the report says about one checkpoint on one split, calibrated on val; run and timed
-    where `free` is, on an inference copy (runtime.inference_copy)."""
+    """Everything the report says about one checkpoint on one split, calibrated on val; run and
+    timed where `free` is, on an inference copy (runtime.inference_copy)."""
     free = inference_copy(free)
     split, val = splits[split_name], splits["val"]
     probs = collect(free, split, cfg.batch_size)
     val_probs = probs if split_name == "val" else collect(free, val, cfg.batch_size)
-    timing_ids = torch.randperm(len(split), generator=torch.Generator().manual_seed(0))[:cfg.timing_samples]
+    timing_ids = torch.randperm(len(split), generator=torch.Generator().manual_seed(0))
+    timing_ids = timing_ids[:cfg.timing_samples]
     out = {"split": split_name} | describe_depth(free, split, probs, cfg)
     out["sweep"] = sweep(free, split, probs, timing_ids, cfg)
     if cfg.timing:
         costs = report.unit_costs(free, val, torch.arange(min(32, len(val))), cfg.repeats)
     else:
         costs = report.flop_costs(free, val_probs["seq_len"])
-    risk = cfg.risk if cfg.risk != "auto" else ("harm" if free.cfg.label_fraction > 0 else "disagree")
-    promise = replace(cfg, risk=risk)                  # rule, max_drop, calibration, delta and the risk
+    risk = cfg.risk
+    # harm where the exits were trained with labels
+    if risk == "auto":
+        risk = "harm" if free.cfg.label_fraction > 0 else "disagree"
+    promise = replace(cfg, risk=risk)
     cal = calibrate(free, val, val_probs, costs, promise)
     out["calibrated"] = calibrated_point(free, split, probs, cal, out["full"]["accuracy"])
     if cfg.timing and cal["threshold"] is not None:
         out["calibrated"] |= time_point(free, split, cal, timing_ids, cfg)
-    if cfg.calibration == "guaranteed":                    # the rule without a guarantee: what it costs
+    if cfg.calibration == "guaranteed":              # the rule without a guarantee: what it costs
         plain = calibrate(free, val, val_probs, costs, replace(promise, calibration="empirical"))
         out["empirical"] = calibrated_point(free, split, probs, plain, out["full"]["accuracy"])
     point = None
     if cal["threshold"] is not None:
         point = simulate(probs, cfg.rule, cal["threshold"], exit_indices(free, cal))
-    out["per_family"] = per_family_depth(free, split, probs, point)
+    out["per_family"] = report.per_family_depth(free, split, probs, point)
     return out
 
 
 def describe_depth(free, split, probs: dict, cfg: InferConfig) -> dict:
-    """The report's first part: the full model, the depth profile, mid-crisis, overthinking, the oracle."""
+    """The report's first part: where it ran, the full model, the depth profile, mid-crisis,
+    overthinking and the oracle (report.py)."""
     profile = exit_profile(split, probs, free.exit_layers)
     oracle = layer_speedup(free, report.oracle_exits(probs), probs["seq_len"])
-    return {"samples": len(split),
-            "device": str(next(free.parameters()).device), "batch_size": cfg.batch_size,
-            "threads": torch.get_num_threads(),
-            "full": {"accuracy": profile["final"], "layers": free.backbone.depth}, "exits": profile["exits"],
-            "mid_crisis": {"free_exits": report.mid_crisis(profile), "raw_readout": report.mid_crisis(profile, "raw_accuracy")},
+    crisis = {"free_exits": report.mid_crisis(profile),
+              "raw_readout": report.mid_crisis(profile, "raw_accuracy")}
+    return {"samples": len(split), "device": str(next(free.parameters()).device),
+            "batch_size": cfg.batch_size, "threads": torch.get_num_threads(),
+            "full": {"accuracy": profile["final"], "layers": free.backbone.depth},
+            "exits": profile["exits"], "mid_crisis": crisis,
             "overthinking": report.overthinking(split, probs),
             "oracle": dict(zip(("avg_layers", "layer_speedup"), oracle))}
 
 
-# ----------------------------------------------------------------------------------------------------
-# One question, exit by exit
-# ----------------------------------------------------------------------------------------------------
+# --------------------------------------------------------------------------------------------------
+# One question, and the command line
+# --------------------------------------------------------------------------------------------------
 @torch.no_grad()
 def answer_one(free, answers: list[str], inputs: dict, rule: str, threshold: float,
                exits: list[int] | None = None) -> dict:
-    """Answer one question with early exit (evaluating the exits `exits`, default all): the answer, its
-    probability, the exit it left at (K = the final layer) and where that is, in words."""
+    """Answer one question with early exit (evaluating the exits `exits`, default all): the
+    answer, its probability, the exit it left at (K = the final layer) and where that is, in
+    words."""
     device = next(free.parameters()).device
     out = early_exit_predict(free, to_device(inputs, device), rule, threshold, exits)
     k, L = out["exit"].item(), free.backbone.depth
     where = f"the final layer ({L} of {L})"
     if k < free.num_exits:
         where = f"exit {k + 1} of {free.num_exits} (after layer {free.exit_layers[k]} of {L})"
-    return {"answer": answers[out["pred"].item()], "confidence": out["confidence"].item(), "exit": k,
-            "where": where}
-
-
-# ----------------------------------------------------------------------------------------------------
-# The command line
-# ----------------------------------------------------------------------------------------------------
-def pick_threshold(free, cfg: InferConfig, calibrated: dict) -> tuple[float, list[int] | None, str]:
-    """The threshold and exits --image uses, and how they were chosen: --threshold if given; else the
-    run's calibrated point for this rule (none evaluated, i.e. the full model, where calibration found no
-    point that keeps its promise); else the rule's default."""
-    if cfg.threshold != -1:
-        return cfg.threshold, None, f"threshold {cfg.threshold:g}"
-    if calibrated.get("rule") == cfg.rule and calibrated.get("threshold") is not None:
-        how = f"threshold {calibrated['threshold']:g} (calibrated, {calibrated.get('calibration', 'empirical')})"
-        return calibrated["threshold"], exit_indices(free, calibrated), how
-    if calibrated.get("rule") == cfg.rule:
-        return RULES[cfg.rule].default, [], "no exit: calibration found no point that keeps its promise"
-    return RULES[cfg.rule].default, None, f"threshold {RULES[cfg.rule].default:g} (the rule's default; not calibrated)"
+    return {"answer": answers[out["pred"].item()], "confidence": out["confidence"].item(),
+            "exit": k, "where": where}
 
 
 def main(argv=None) -> None:
@@ -445,7 +420,8 @@ def main(argv=None) -> None:
         free.to(pick_device(cfg.device))
         if cfg.eval:
             splits, _, _ = load_data(dcfg, tokenizer, answers, only=tuple({"val", cfg.split}))
-            report.write_report(build_report(free, splits, cfg.split, cfg), free, *report_paths(cfg))
+            results = build_report(free, splits, cfg.split, cfg)
+            report.write_report(results, free, *report_paths(cfg))
         else:
             answer_command(free, answers, state, tokenizer, cfg)
     except UsageError as e:
@@ -454,13 +430,14 @@ def main(argv=None) -> None:
 
 
 def answer_command(free, answers: list[str], state: dict, tokenizer, cfg: InferConfig) -> None:
-    """--image and --question: the answer, where it left and how the threshold was chosen (--explain:
-    why)."""
+    """--image and --question: the answer, where it left and how the threshold was chosen
+    (--explain: why)."""
     threshold, exits, how = pick_threshold(free, cfg, state.get("calibrated") or {})
-    inputs, notes = read_question(tokenizer, cfg.image, cfg.question, state["model_config"]["image_size"])
+    size = state["model_config"]["image_size"]
+    inputs, notes = read_question(tokenizer, cfg.image, cfg.question, size)
     out = answer_one(free, answers, inputs, cfg.rule, threshold, exits)
-    print(f"answer: {out['answer']}  (confidence {out['confidence']:.3f}; left at {out['where']}; rule "
-          f"{cfg.rule}, {how})")
+    print(f"answer: {out['answer']}  (confidence {out['confidence']:.3f}; left at {out['where']}; "
+          f"rule {cfg.rule}, {how})")
     if cfg.explain:
         print("\n".join(report.explain(free, answers, inputs, cfg.rule, threshold, exits)))
     for note in notes:

@@ -24,9 +24,9 @@ import torch.nn as nn
 from tqdm import tqdm
 
 
-# ----------------------------------------------------------------------------------------------------
+# --------------------------------------------------------------------------------------------------
 # Errors the user can fix (data.DataError is the third kind)
-# ----------------------------------------------------------------------------------------------------
+# --------------------------------------------------------------------------------------------------
 class UsageError(Exception):
     """Bad input from the user. The scripts print it as one line and exit with status 2."""
 
@@ -39,9 +39,9 @@ class CheckpointError(UsageError):
     """A checkpoint that is missing, unreadable, not free-min's or not the one a flag needs."""
 
 
-# ----------------------------------------------------------------------------------------------------
+# --------------------------------------------------------------------------------------------------
 # Flags from the config dataclasses
-# ----------------------------------------------------------------------------------------------------
+# --------------------------------------------------------------------------------------------------
 class Parser(argparse.ArgumentParser):
     """argparse that reports a bad flag in one line and exits 2, without the (long) usage text."""
 
@@ -83,8 +83,11 @@ def parse_configs(argv, description: str, classes: tuple, presets: dict, uses: d
     pre.add_argument("--preset", default="default", choices=list(presets))
     preset = pre.parse_known_args(argv)[0].preset
     p = Parser(description=description, formatter_class=argparse.RawDescriptionHelpFormatter)
-    changes = [f"{name} ({uses[name]}) changes " + ", ".join(f"{flag(k)} {v}" for k, v in values.items())
-               for name, values in presets.items() if values]
+    changes = [
+        f"{name} ({uses[name]}) changes " + ", ".join(f"{flag(k)} {v}" for k, v in values.items())
+        for name, values in presets.items()
+        if values
+    ]
     p.add_argument("--preset", default="default", choices=list(presets),
                    help=f"named defaults: default ({uses['default']}); " + "; ".join(changes)
                    + ". The defaults shown below are those of the preset given")
@@ -104,18 +107,21 @@ def require(cfg, names, low: float, strict: bool) -> None:
     for name in names:
         value = getattr(cfg, name)
         if value < low or (strict and value == low):
-            raise ConfigError(f"{flag(name)} must be {'>' if strict else '>='} {low:g} (got {value})")
+            raise ConfigError(
+                f"{flag(name)} must be {'>' if strict else '>='} {low:g} (got {value})"
+            )
 
 
-# ----------------------------------------------------------------------------------------------------
+# --------------------------------------------------------------------------------------------------
 # Device, threads and precision
-# ----------------------------------------------------------------------------------------------------
+# --------------------------------------------------------------------------------------------------
 # The run's device and autocast dtype, set once by setup(); the defaults are a CPU in float32.
 RUN = {"device": torch.device("cpu"), "dtype": torch.float32}
 
 
 def pick_device(choice: str) -> torch.device:
-    """--device: auto (cuda, then mps, then cpu) or the one named; ConfigError if torch does not see it."""
+    """--device: auto (cuda, then mps, then cpu) or the one named; ConfigError if torch does not
+    see it."""
     cuda, mps = torch.cuda.is_available(), torch.backends.mps.is_available()
     if choice == "auto":
         choice = "cuda" if cuda else ("mps" if mps else "cpu")
@@ -126,14 +132,14 @@ def pick_device(choice: str) -> torch.device:
 
 
 def pick_threads(requested: int) -> tuple[int, str]:
-    """--threads: the number asked for; for 0, what OMP_NUM_THREADS says if it is set, else the cores
-    that other work leaves free (the cores this process may use minus the 1-minute load average,
-    rounded), at least 1. Why: small models on a CPU with every core already busy run several times
-    slower with a thread per core than with fewer (RESULTS.md).
+    """--threads: the number asked for; for 0, what OMP_NUM_THREADS says if it is set, else the
+    cores that other work leaves free (the cores this process may use minus the 1-minute load
+    average, rounded), at least 1. Why: small models on a CPU with every core already busy run
+    several times slower with a thread per core than with fewer (RESULTS.md).
     Returns the number and the reason, to print."""
     if requested > 0:
         return requested, "--threads"
-    if "OMP_NUM_THREADS" in os.environ:                 # set by the user, or by torchrun for its processes
+    if "OMP_NUM_THREADS" in os.environ:          # set by the user, or by torchrun for its processes
         return torch.get_num_threads(), "OMP_NUM_THREADS"
     if hasattr(os, "sched_getaffinity"):
         cores = len(os.sched_getaffinity(0))
@@ -141,23 +147,37 @@ def pick_threads(requested: int) -> tuple[int, str]:
         cores = os.cpu_count() or 1
     load = os.getloadavg()[0] if hasattr(os, "getloadavg") else 0.0
     free = max(1, min(cores, round(cores - load)))
-    return free, f"{cores} cores, {load:.1f} of them busy with other work (load average); --threads N to choose"
+    return (
+        free,
+        (
+            f"{cores} cores, {load:.1f} of them busy with other work (load average); --threads N to"
+            " choose"
+        ),
+    )
 
 
 def pick_dtype(device: torch.device) -> tuple[torch.dtype, str]:
-    """The autocast dtype and why: mixed precision on CUDA (bf16 where supported, else fp16 with loss
-    scaling), float32 elsewhere (on CPUs, bf16 autocast was slower than float32, RESULTS.md)."""
-    # including_emulation=False: a GPU without bf16 units (T4, V100, RTX 20xx) would emulate it, slowly
+    """The autocast dtype and why: mixed precision on CUDA (bf16 where supported, else fp16 with
+    loss scaling), float32 elsewhere (on CPUs, bf16 autocast was slower than float32,
+    RESULTS.md)."""
+    # including_emulation=False: a GPU without bf16 units (T4, V100, RTX 20xx) would emulate it,
+    # slowly
     if device.type == "cuda" and torch.cuda.is_bf16_supported(including_emulation=False):
-        return torch.bfloat16, "bf16 autocast: this GPU computes in bfloat16 (no loss scaling needed)"
+        return (
+            torch.bfloat16,
+            "bf16 autocast: this GPU computes in bfloat16 (no loss scaling needed)",
+        )
     if device.type == "cuda":
         return torch.float16, "fp16 autocast with a grad scaler: this GPU has no bfloat16"
-    return torch.float32, f"float32: mixed precision is used on CUDA only, and this is {device.type}"
+    return (
+        torch.float32,
+        f"float32: mixed precision is used on CUDA only, and this is {device.type}",
+    )
 
 
 def setup(device_choice: str, threads: int) -> str:
-    """Join the processes (under torchrun), set the threads, the device and the dtype (RUN); returns the
-    line that says what was chosen and why."""
+    """Join the processes (under torchrun), set the threads, the device and the dtype (RUN);
+    returns the line that says what was chosen and why."""
     init_distributed(device_choice)
     threads, why_threads = pick_threads(threads)
     torch.set_num_threads(threads)
@@ -181,14 +201,16 @@ def grad_scaler() -> torch.amp.GradScaler:
 
 
 def to_device(batch: dict, device: torch.device) -> dict:
-    """Move a batch of model inputs to `device` (absent inputs stay None). The copies are synchronous: a
-    batch is made fresh in pageable memory, from which an asynchronous copy buys nothing on CUDA and, on
-    Apple GPUs, can read memory freed before the copy runs (pytorch/pytorch#189690)."""
+    """Move a batch of model inputs to `device` (absent inputs stay None). The copies are
+    synchronous: a batch is made fresh in pageable memory, from which an asynchronous copy buys
+    nothing on CUDA and, on Apple GPUs, can read memory freed before the copy runs
+    (pytorch/pytorch#189690)."""
     return {k: None if v is None else v.to(device) for k, v in batch.items()}
 
 
 def synchronize(device: torch.device) -> None:
-    """Wait for the device's queued work (GPU calls return before they finish): a timer must see it done."""
+    """Wait for the device's queued work (GPU calls return before they finish): a timer must see
+    it done."""
     if device.type == "cuda":
         torch.cuda.synchronize(device)
     elif device.type == "mps":
@@ -196,31 +218,34 @@ def synchronize(device: torch.device) -> None:
 
 
 def on_gpu(params) -> bool:
-    """Whether AdamW may use its fused CUDA kernel: one launch for all parameters instead of several."""
+    """Whether AdamW may use its fused CUDA kernel: one launch for all parameters instead of
+    several."""
     return all(p.is_cuda for p in params)
 
 
-# ----------------------------------------------------------------------------------------------------
+# --------------------------------------------------------------------------------------------------
 # Several processes (torchrun --standalone --nproc_per_node=N train.py ...): data parallel
-# ----------------------------------------------------------------------------------------------------
-# Every process holds the whole model and takes its slice of each global batch (--batch-size stays the
-# global batch, so the schedule is the one of a single process); after every backward the gradients are
-# averaged over the processes with one all_reduce, and every process takes the same step. Only process 0
-# evaluates, prints, logs and writes files; the others wait for it at the end of each epoch.
-# NOTE: DistributedDataParallel's wrapper does the same averaging with bucketed all-reduces that overlap
-# the backward; it is not used because stage 2 alternates two optimisers (D's, then the exits') over two
-# parameter sets, each step's backward reaching only one of them, which its reducer is not made for.
-# loss_weight: this process's share of the batch in hand (shard), which its loss is scaled by.
+# --------------------------------------------------------------------------------------------------
+# Every process holds the whole model and takes its slice of each global batch (--batch-size stays
+# the global batch, so the schedule is the one of a single process); after every backward the
+# gradients are averaged over the processes with one all_reduce, and every process takes the same
+# step. Only process 0 evaluates, prints, logs and writes files; the others wait for it at the end
+# of each epoch.
+# NOTE: DistributedDataParallel's wrapper does the same averaging with bucketed all-reduces that
+# overlap the backward; it is not used because stage 2 alternates two optimisers (D's, then the
+# exits') over two parameter sets, each step's backward reaching only one of them, which its reducer
+# is not made for. loss_weight: this process's share of the batch in hand (shard), which its loss is
+# scaled by.
 WORLD = {"rank": 0, "size": 1, "loss_weight": 1.0}
 
 
 def init_distributed(device_choice: str) -> None:
-    """Under torchrun (RANK in the environment): join the process group, NCCL on CUDA and gloo on CPU,
-    one GPU per process; silence the standard output of every process but process 0."""
+    """Under torchrun (RANK in the environment): join the process group, NCCL on CUDA and gloo on
+    CPU, one GPU per process; silence the standard output of every process but process 0."""
     if "RANK" not in os.environ:
         return
     cuda = torch.cuda.is_available() and device_choice in ("auto", "cuda")
-    if cuda:                                   # before the group: NCCL binds each process to its GPU
+    if cuda:                                  # before the group: NCCL binds each process to its GPU
         torch.cuda.set_device(int(os.environ["LOCAL_RANK"]))
     dist.init_process_group("nccl" if cuda else "gloo")
     WORLD.update(rank=dist.get_rank(), size=dist.get_world_size())
@@ -246,7 +271,8 @@ def shard(ids: torch.Tensor) -> torch.Tensor:
 
 
 def average_gradients(params: list) -> None:
-    """The gradients' mean over the processes (one all_reduce of them all, flattened); none in one."""
+    """The gradients' mean over the processes (one all_reduce of them all, flattened); none in
+    one."""
     if WORLD["size"] == 1:
         return
     grads = [torch.zeros_like(p) if p.grad is None else p.grad for p in params]
@@ -257,8 +283,8 @@ def average_gradients(params: list) -> None:
 
 
 def collective_device(backend: str) -> torch.device:
-    """Where a tensor must live for the process group's collectives: NCCL serves CUDA tensors only (this
-    process's GPU), gloo serves CPU tensors."""
+    """Where a tensor must live for the process group's collectives: NCCL serves CUDA tensors
+    only (this process's GPU), gloo serves CPU tensors."""
     if backend == "nccl":
         return torch.device("cuda", torch.cuda.current_device())
     return torch.device("cpu")
@@ -281,11 +307,14 @@ def wait_for_main() -> None:
 
 def progress_bar(iterable, desc: str):
     """A progress bar (process 0 only)."""
-    return tqdm(iterable, desc=desc, leave=False, dynamic_ncols=True, disable=None if is_main() else True)
+    return tqdm(
+        iterable, desc=desc, leave=False, dynamic_ncols=True, disable=None if is_main() else True
+    )
 
 
 class EpochScores:
-    """A stage-1 epoch's running loss and score, overall and per family (this process's questions)."""
+    """A stage-1 epoch's running loss and score, overall and per family (this process's
+    questions)."""
 
     def __init__(self):
         self.loss = self.hits = self.seen = 0.0
@@ -300,7 +329,10 @@ class EpochScores:
             family[0], family[1] = family[0] + s, family[1] + 1
 
     def postfix(self) -> dict:
-        return {"loss": f"{self.loss / self.seen:.3f}", "acc": f"{100 * self.hits / self.seen:.1f}%"}
+        return {
+            "loss": f"{self.loss / self.seen:.3f}",
+            "acc": f"{100 * self.hits / self.seen:.1f}%",
+        }
 
     def family_accuracy(self, families: list[str]) -> dict[str, float]:
         """Family -> accuracy (%) over all processes (each sums the same list of `families`)."""
@@ -309,21 +341,21 @@ class EpochScores:
                 for i, f in enumerate(families) if totals[2 * i + 1]}
 
 
-# ----------------------------------------------------------------------------------------------------
+# --------------------------------------------------------------------------------------------------
 # The optimizer step
-# ----------------------------------------------------------------------------------------------------
+# --------------------------------------------------------------------------------------------------
 class Optimizer:
-    """A torch optimizer stepped as every process must step it. step(loss): backward (the loss times this
-    process's share of the batch, through the grad scaler), the gradients' mean over the processes,
-    clipping of their global norm if `clip` > 0, and the step; outside autocast. The scaler, shared by a
-    stage's optimizers, is updated once a batch by its loop."""
+    """A torch optimizer stepped as every process must step it. step(loss): backward (the loss
+    times this process's share of the batch, through the grad scaler), the gradients' mean over
+    the processes, clipping of their global norm if `clip` > 0, and the step; outside autocast.
+    The scaler, shared by a stage's optimizers, is updated once a batch by its loop."""
 
     def __init__(self, opt: torch.optim.Optimizer, scaler: torch.amp.GradScaler, clip: float = 0.0):
         self.opt, self.scaler, self.clip = opt, scaler, clip
 
     @property
     def param_groups(self) -> list[dict]:
-        return self.opt.param_groups           # not kept: load_state_dict replaces the optimizer's list
+        return self.opt.param_groups       # not kept: load_state_dict replaces the optimizer's list
 
     def params(self) -> list:
         return [p for g in self.opt.param_groups for p in g["params"]]
@@ -344,12 +376,13 @@ class Optimizer:
         self.opt.load_state_dict(state)
 
 
-# ----------------------------------------------------------------------------------------------------
+# --------------------------------------------------------------------------------------------------
 # Checkpoints, the log and random states
-# ----------------------------------------------------------------------------------------------------
+# --------------------------------------------------------------------------------------------------
 def save_atomic(path: str, obj) -> None:
-    """Write obj to path (JSON for a .json path, torch.save otherwise) through a temp file and a rename,
-    so that an interrupted write never leaves a half-written file in place of the old one."""
+    """Write obj to path (JSON for a .json path, torch.save otherwise) through a temp file and a
+    rename, so that an interrupted write never leaves a half-written file in place of the old
+    one."""
     os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
     tmp = path + ".tmp"
     if path.endswith(".json"):
@@ -361,8 +394,8 @@ def save_atomic(path: str, obj) -> None:
 
 
 def load_checkpoint(path: str, flag_name: str = "") -> dict:
-    """Read a checkpoint; CheckpointError naming the flag and file if it is missing, unreadable or not
-    free-min's."""
+    """Read a checkpoint; CheckpointError naming the flag and file if it is missing, unreadable
+    or not free-min's."""
     where = f"{flag_name} {path}".strip()
     if not os.path.isfile(path):
         raise CheckpointError(f"{where}: checkpoint not found")
@@ -371,7 +404,9 @@ def load_checkpoint(path: str, flag_name: str = "") -> dict:
     except Exception as e:  # a truncated or foreign file: say which file, not a traceback
         raise CheckpointError(f"{where}: not a readable checkpoint ({e.__class__.__name__})")
     if not isinstance(state, dict) or not {"model", "model_config", "data_config"} <= set(state):
-        raise CheckpointError(f"{where}: not a free-min checkpoint (no backbone weights and configs in it)")
+        raise CheckpointError(
+            f"{where}: not a free-min checkpoint (no backbone weights and configs in it)"
+        )
     return state
 
 
@@ -388,8 +423,8 @@ def rng_state() -> dict:
 
 
 def set_rng_state(state: dict) -> None:
-    """Restore rng_state(); on a machine with fewer GPUs than the saving one, the GPUs it has (none on a
-    CPU)."""
+    """Restore rng_state(); on a machine with fewer GPUs than the saving one, the GPUs it has
+    (none on a CPU)."""
     torch.set_rng_state(state["torch"])
     for i, gpu_state in enumerate(state["cuda"][:torch.cuda.device_count()]):
         torch.cuda.set_rng_state(gpu_state, i)
@@ -402,14 +437,16 @@ TRAINING_STATE = ("optimizer", "scaler", "rng", "aux", "step", "epoch", "scenes"
 
 
 def export_checkpoint(path: str, ckpt: str) -> None:
-    """A run's checkpoint, small enough to ship (how backbones/ is made): fp16 weights (loaded back in
-    fp32), the configs, tokenizer, answers, the backbone's test accuracy (tests/test_shipped_backbone.py
-    checks that it is still reached) and, after stage 2, the exits and their calibrated point; no
-    optimizer or RNG state."""
+    """A run's checkpoint, small enough to ship (how backbones/ is made): fp16 weights (loaded
+    back in fp32), the configs, tokenizer, answers, the backbone's test accuracy
+    (tests/test_shipped_backbone.py checks that it is still reached) and, after stage 2, the
+    exits and their calibrated point; no optimizer or RNG state."""
     state = {k: v for k, v in load_checkpoint(ckpt).items() if k not in TRAINING_STATE}
     for key in ("model", "exits"):
         if key in state:
-            state[key] = {k: v.half() if v.is_floating_point() else v for k, v in state[key].items()}
+            state[key] = {
+                k: v.half() if v.is_floating_point() else v for k, v in state[key].items()
+            }
     save_atomic(path, state)
     print(f"wrote {path} ({os.path.getsize(path) / 1e6:.1f} MB)")
 
@@ -426,8 +463,15 @@ def resume_stage(state: dict, opt, scaler, heads: dict) -> tuple[int, int]:
     return state["step"], state["epoch"] + 1
 
 
+def exit_progress(epoch: int, opt_g, opt_d, scaler, order: torch.Generator) -> dict:
+    """What continuing an interrupted stage 2 after `epoch` needs (resume_exits reads it back)."""
+    return {"epoch": epoch, "opt_g": opt_g.state_dict(), "opt_d": opt_d.state_dict(),
+            "scaler": scaler.state_dict(), "batch_order": order.get_state(), "rng": rng_state()}
+
+
 def resume_exits(progress: dict, opt_g, opt_d, scaler, order) -> int:
-    """Load an interrupted stage 2's optimizers, scaler, batch order and RNG; return the next epoch."""
+    """Load an interrupted stage 2's optimizers, scaler, batch order and RNG; return the next
+    epoch."""
     for obj, key in ((opt_g, "opt_g"), (opt_d, "opt_d"), (scaler, "scaler")):
         obj.load_state_dict(progress[key])
     order.set_state(progress["batch_order"])
@@ -436,14 +480,15 @@ def resume_exits(progress: dict, opt_g, opt_d, scaler, order) -> int:
     return progress["epoch"] + 1
 
 
-# ----------------------------------------------------------------------------------------------------
+# --------------------------------------------------------------------------------------------------
 # An inference copy, a frozen encoder's tokens, and stage 1's clock
-# ----------------------------------------------------------------------------------------------------
+# --------------------------------------------------------------------------------------------------
 @torch.no_grad()
 def fold_batchnorm(model: nn.Module) -> nn.Module:
-    """Fold every BatchNorm2d that follows a Conv2d (the conv stem's) into that convolution, in place.
-    In eval mode BN(conv(x)) = g (w * x + c - mean) / sqrt(var + eps) + b = w' * x + c', with
-    w' = w g / sqrt(var + eps) and c' = b + (c - mean) g / sqrt(var + eps): one operation, not two."""
+    """Fold every BatchNorm2d that follows a Conv2d (the conv stem's) into that convolution, in
+    place. In eval mode BN(conv(x)) = g (w * x + c - mean) / sqrt(var + eps) + b = w' * x + c',
+    with w' = w g / sqrt(var + eps) and c' = b + (c - mean) g / sqrt(var + eps): one operation,
+    not two."""
     for seq in [m for m in model.modules() if isinstance(m, nn.Sequential)]:
         for i in range(len(seq) - 1):
             conv, bn = seq[i], seq[i + 1]
@@ -455,41 +500,51 @@ def fold_batchnorm(model: nn.Module) -> nn.Module:
 def folded_conv(conv: nn.Conv2d, bn: nn.Module) -> nn.Conv2d:
     """The convolution w' * x + c' that computes bn(conv(x)) in eval mode (see fold_batchnorm)."""
     scale = bn.weight / torch.sqrt(bn.running_var + bn.eps)                       # (C_out,)
-    fused = nn.Conv2d(conv.in_channels, conv.out_channels, conv.kernel_size, conv.stride, conv.padding,
-                      conv.dilation, conv.groups, bias=True).to(conv.weight.device)
-    fused.weight.copy_(conv.weight * scale[:, None, None, None])                  # (C_out, C_in, k, k)
+    fused = nn.Conv2d(
+        conv.in_channels,
+        conv.out_channels,
+        conv.kernel_size,
+        conv.stride,
+        conv.padding,
+        conv.dilation,
+        conv.groups,
+        bias=True,
+    ).to(conv.weight.device)
+    fused.weight.copy_(conv.weight * scale[:, None, None, None])               # (C_out, C_in, k, k)
     bias = conv.bias if conv.bias is not None else torch.zeros_like(bn.running_mean)
     fused.bias.copy_(bn.bias + (bias - bn.running_mean) * scale)
     return fused
 
 
 def inference_copy(free):
-    """A copy of `free` for evaluation and timing: eval mode, the conv stem's BatchNorms folded, and on a
-    CPU the convolution weights channels-last (the layout oneDNN convolves fastest in; kept to the CPU,
-    since Apple GPUs have convolved such weights wrongly). Same answers up to float rounding; the full
-    model and early exit both run on it, so the image encoder, a cost no exit can skip, is trimmed for
-    both alike."""
+    """A copy of `free` for evaluation and timing: eval mode, the conv stem's BatchNorms folded,
+    and on a CPU the convolution weights channels-last (the layout oneDNN convolves fastest in;
+    kept to the CPU, since Apple GPUs have convolved such weights wrongly). Same answers up to
+    float rounding; the full model and early exit both run on it, so the image encoder, a cost no
+    exit can skip, is trimmed for both alike."""
     copied = copy.deepcopy(free).eval()
     fold_batchnorm(copied.backbone)
     if next(copied.parameters()).device.type == "cpu":
-        copied.backbone.to(memory_format=torch.channels_last)    # only 4-D tensors (conv weights) change
+        # only 4-D tensors (conv weights) change
+        copied.backbone.to(memory_format=torch.channels_last)
     return copied
 
 
 @torch.no_grad()
 def cache_patches(model, splits: dict) -> None:
-    """A frozen encoder's tokens, computed once per image (fp16, in memory) and served by every split in
-    place of its images (Split.patches), so that no epoch runs the encoder again."""
+    """A frozen encoder's tokens, computed once per image (fp16, in memory) and served by every
+    split in place of its images (Split.patches), so that no epoch runs the encoder again."""
     model.eval()
     for name, split in splits.items():
-        chunks = [model.patch_features(imgs.float().div(255).to(RUN["device"])).half().cpu()  # (b, P, Dv)
+        # (b, P, Dv)
+        chunks = [model.patch_features(imgs.float().div(255).to(RUN["device"])).half().cpu()
                   for imgs in progress_bar(split.images.split(64), f"{name} image tokens")]
-        split.patches = torch.cat(chunks)                                             # (n_img, P, Dv)
+        split.patches = torch.cat(chunks)                                           # (n_img, P, Dv)
 
 
 class StepClock:
-    """Says once, early, what the rest of stage 1 will cost here: steps 6-25 are timed (the first ones
-    warm up allocators and caches and would overstate it)."""
+    """Says once, early, what the rest of stage 1 will cost here: steps 6-25 are timed (the first
+    ones warm up allocators and caches and would overstate it)."""
 
     def __init__(self, steps_left: int, device: torch.device):
         self.start, self.steps_left, self.device, self.n = time.time(), steps_left, device, 0
@@ -503,6 +558,8 @@ class StepClock:
             self.t5 = time.perf_counter()
         if self.n == 25 and self.steps_left > 50:
             per_step = (time.perf_counter() - self.t5) / 20
-            tqdm.write(f"stage 1 will take about {per_step * (self.steps_left - 25) / 60:.1f} min more "
-                       f"here ({per_step:.3f} s a step on {self.device}, {torch.get_num_threads()} "
-                       f"threads; evaluations not included)")
+            tqdm.write(
+                f"stage 1 will take about {per_step * (self.steps_left - 25) / 60:.1f} min more "
+                f"here ({per_step:.3f} s a step on {self.device}, {torch.get_num_threads()} "
+                "threads; evaluations not included)"
+            )

@@ -2,16 +2,17 @@
 
     python train.py                  # stage 1 (backbone), stage 2 (FREE exits), then the report
     python train.py --preset tiny    # the same on a tiny model, in a minute
-    python train.py --stage exits --backbone backbones/shapes-default.pt   # stage 2 on the shipped one
+    python train.py --stage exits --backbone backbones/shapes-default.pt   # stage 2 only, on it
     python train.py --resume         # continue an interrupted run in --out
     python train.py --data vqa2 --vqa-questions Q.json --vqa-annotations A.json --vqa-images DIR
 
 Stage 1 trains the backbone VLM (model.py) on VQA-as-classification: the paper starts from a
 pretrained BLIP-2, which we have none of offline. Stage 2 freezes it and trains the exits
-(free_min.py): one D step and one G step per batch (exit_step). Then infer.py's early-exit report runs
-on the test split. Each stage prints its progress, logs one JSON line per evaluation to OUT/log.jsonl
-and writes OUT/ckpt.pt after every epoch (weights, optimizer, step, RNG, configs, tokenizer, answers),
-atomically.
+(free_min.py): one D step and one G step per batch (exit_step). Then infer.py's early-exit report
+runs on the test split. Each stage prints its progress, logs one JSON line per evaluation to
+OUT/log.jsonl and writes OUT/ckpt.pt after every epoch (weights, optimizer, step, RNG, configs,
+tokenizer, answers), atomically. What is not the method (processes, precision, checkpoints, flags)
+is in runtime.py and prepare.py.
 """
 import math
 import os
@@ -22,18 +23,20 @@ from dataclasses import asdict, dataclass, field
 
 import torch
 import torch.nn as nn
+from torch import Tensor
 
 import infer
 import report
-from data import FAMILIES, DataConfig, TrainScenes, batches, majority_baseline
+from data import (FAMILIES, DataConfig, TrainScenes, batches, family_weights, labelled_mask,
+                  majority_baseline)
 from free_min import FREE, METHODS, ExitConfig, discriminator_loss, generator_loss
 from model import VLM, ModelConfig, soft_cross_entropy
-from prepare import (load_run_data, record_test, report_paths, stage1_saver, stage2_saver, start_fresh,
-                     trained_backbone, validate)
-from runtime import (RUN, WORLD, EpochScores, Optimizer, StepClock, UsageError, all_sum, autocast, cache_patches,
-                     close_distributed, export_checkpoint, grad_scaler, is_main, load_checkpoint,
-                     log_json, on_gpu, parse_configs, progress_bar, resume_exits, resume_stage, rng_state,
-                     save_atomic, setup, shard, to_device, wait_for_main)
+from prepare import (Run, load_run_data, record_calibrated, record_test, report_paths, stage1_saver,
+                     stage2_saver, start_fresh, trained_backbone, validate)
+from runtime import (RUN, WORLD, EpochScores, Optimizer, StepClock, UsageError, all_sum, autocast,
+                     cache_patches, close_distributed, exit_progress, export_checkpoint,
+                     grad_scaler, is_main, load_checkpoint, on_gpu, parse_configs, progress_bar,
+                     resume_exits, resume_stage, setup, shard, to_device, wait_for_main)
 from stand_ins import LABEL_FREE, aux_heads, aux_inputs
 
 
@@ -42,8 +45,8 @@ class TrainConfig:
     out: str = field(default="out", metadata={
         "help": "output folder (ckpt.pt, log.jsonl, report.json, speedup.png)"})
     epochs: int = field(default=60, metadata={
-        "help": "stage-1 epochs: a model trained from scratch needs this many to learn the relational "
-                "families (22,500 steps of 64)"})
+        "help": "stage-1 epochs: a model trained from scratch needs this many to learn the "
+                "relational families (22,500 steps of 64)"})
     batch_size: int = field(default=64, metadata={"help": "training batch size (both stages)"})
     lr: float = field(default=1e-3, metadata={"help": "stage-1 peak AdamW learning rate"})
     weight_decay: float = field(default=0.05, metadata={"help": "stage-1 AdamW weight decay"})
@@ -51,26 +54,27 @@ class TrainConfig:
         "help": "stage-1 linear warm-up steps before the cosine decay"})
     grad_clip: float = field(default=1.0, metadata={"help": "stage-1 gradient-norm clip (0 = off)"})
     aux_weight: float = field(default=1.0, metadata={
-        "help": "weight of stage 1's pixel-label loss (shapes data: ViT tokens predict the colour and "
-                "shape under them); 0 = off, and then two label-free aids teach the encoder instead (an "
-                "answer head on its tokens, and each token reconstructing its patch)"})
+        "help": "weight of stage 1's pixel-label loss (shapes data: ViT tokens predict the colour "
+                "and shape under them); 0 = off, and then two label-free aids teach the encoder "
+                "instead (an answer head on its tokens, and each token reconstructing its patch)"})
     scene_weight: float = field(default=1.0, metadata={
-        "help": "weight of stage 1's scene-fact loss (shapes data: the language model's [CLS] predicts "
-                "the facts each answer is computed from, see SceneHeads; 0 = off)"})
+        "help": "weight of stage 1's scene-fact loss (shapes data: the language model's [CLS] "
+                "predicts the facts each answer is computed from, see SceneHeads; 0 = off)"})
     sample_families: str = field(default="by-error", metadata={
-        "help": "shapes data, stage 1: uniform (every family asked as often) or by-error (each epoch's "
-                "scenes ask each family in proportion to its training error, see family_weights)",
-        "choices": ["uniform", "by-error"]})
+        "help": "shapes data, stage 1: uniform (every family asked as often) or by-error (each "
+                "epoch's scenes ask each family in proportion to its training error, see "
+                "family_weights)", "choices": ["uniform", "by-error"]})
     seed: int = field(default=0, metadata={
         "help": "seed of initialisation, batch order and labelled fraction"})
     device: str = field(default="auto", metadata={
         "help": "auto (cuda, then mps, then cpu), cuda, mps or cpu",
         "choices": ["auto", "cuda", "mps", "cpu"]})
     threads: int = field(default=0, metadata={
-        "help": "CPU threads for torch (0 = the cores not busy with other work, printed at the start)"})
+        "help": "CPU threads for torch (0 = the cores not busy with other work, printed at the "
+                "start)"})
     stage: str = field(default="all", metadata={
-        "help": "all: backbone then exits; backbone: stage 1 only; exits: stage 2 only, on --backbone "
-                "(or OUT/ckpt.pt)", "choices": ["all", "backbone", "exits"]})
+        "help": "all: backbone then exits; backbone: stage 1 only; exits: stage 2 only, on "
+                "--backbone (or OUT/ckpt.pt)", "choices": ["all", "backbone", "exits"]})
     backbone: str = field(default="", metadata={
         "help": "stage 2: a trained checkpoint whose backbone is reused, frozen"})
     resume: bool = field(default=False, metadata={
@@ -78,35 +82,35 @@ class TrainConfig:
     final_eval: bool = field(default=True, metadata={
         "help": "end with infer.py's early-exit report on the test split"})
     export: str = field(default="", metadata={
-        "help": "also write the run's checkpoint to this file in fp16, without optimizer state (after "
-                "stage 1, then after stage 2 with the exits and their calibrated point): how "
-                "backbones/ is made"})
+        "help": "also write the run's checkpoint to this file in fp16, without optimizer state "
+                "(after stage 1, then after stage 2 with the exits and their calibrated point): "
+                "how backbones/ is made"})
 
 
-# Named presets: overrides of the dataclass defaults (default = the dataclass defaults), and their use.
+# Named presets: overrides of the dataclass defaults (default: none), and what each is for.
 PRESETS = {
-    "tiny": dict(train_images=300, val_images=40, test_images=40, dim=64, depth=4, heads=2, epochs=4,
-                 batch_size=32, warmup_steps=20, lr=2e-3, exit_epochs=2),
+    "tiny": dict(train_images=300, val_images=40, test_images=40, dim=64, depth=4, heads=2,
+                 epochs=4, batch_size=32, warmup_steps=20, lr=2e-3, exit_epochs=2),
     "default": dict(),
     "base": dict(train_images=20000, val_images=1000, test_images=1000, dim=256, depth=12, heads=8,
                  vit_dim=128, vit_depth=2, epochs=12, batch_size=128, lr=5e-4, warmup_steps=1000),
 }
 PRESET_USE = {"tiny": "a first look, a minute on a CPU", "default": "a 2-core CPU or a laptop GPU",
               "base": "a bigger model, for a GPU"}
-SHIPPED_BACKBONE = "backbones/shapes-default.pt"   # the trained stage-1 backbone the repo ships (README)
+SHIPPED_BACKBONE = "backbones/shapes-default.pt"   # the trained backbone the repo ships (README)
 EVAL_BATCH = 256
 
 
 def parse_args(argv=None):
     """--preset picks the defaults; every config field is a flag that overrides them.
     Returns (args, DataConfig, ModelConfig, TrainConfig, ExitConfig)."""
-    return parse_configs(argv, __doc__, (DataConfig, ModelConfig, TrainConfig, ExitConfig), PRESETS,
-                         PRESET_USE)
+    configs = (DataConfig, ModelConfig, TrainConfig, ExitConfig)
+    return parse_configs(argv, __doc__, configs, PRESETS, PRESET_USE)
 
 
-# ----------------------------------------------------------------------------------------------------
+# --------------------------------------------------------------------------------------------------
 # Stage 1: the backbone VLM on VQA-as-classification
-# ----------------------------------------------------------------------------------------------------
+# --------------------------------------------------------------------------------------------------
 def get_lr(step: int, total_steps: int, cfg: TrainConfig) -> float:
     """Linear warm-up to cfg.lr, then cosine decay to 0 at total_steps."""
     if step < cfg.warmup_steps:
@@ -116,8 +120,8 @@ def get_lr(step: int, total_steps: int, cfg: TrainConfig) -> float:
 
 
 def stage1_optimizer(model: VLM, heads: dict, tcfg: TrainConfig, scaler=None) -> Optimizer:
-    """AdamW over the VLM and its auxiliary heads; with the label-free aids, the encoder's transformer
-    blocks and final norm in a group of their own at LABEL_FREE['vit_blocks_lr'] x the rate."""
+    """AdamW over the VLM and its auxiliary heads; with the label-free aids, the encoder's
+    transformer blocks and final norm in a group of their own at LABEL_FREE['vit_blocks_lr'] x."""
     params = [p for p in model.parameters() if p.requires_grad]
     params += [p for _, head in heads.values() for p in head.parameters()]
     groups = [{"params": params}]
@@ -140,18 +144,18 @@ def backbone_batch(model: VLM, split, ids: torch.Tensor) -> dict:
     return batch | aux_inputs(model, split, ids, batch["images"])
 
 
-def backbone_step(model: VLM, heads: dict, batch: dict, opt: Optimizer) -> tuple[float, torch.Tensor]:
+def backbone_step(model: VLM, heads: dict, batch: dict, opt: Optimizer) -> tuple[float, Tensor]:
     """One optimizer step of stage 1: soft cross-entropy on the answers, plus the auxiliary heads'
     losses. Returns the answer loss (float) and the logits (B, A)."""
+    images, patches = batch["images"], batch["patches"]            # patches: a frozen encoder's
     with autocast():
-        patches = batch["patches"]                                        # a frozen encoder's, or None
         if patches is None:
-            patches = model.patch_features(batch["images"])               # (B, P, Dv)
-        states, _ = model.hidden_states(batch["images"], batch["tokens"], batch["text_mask"], patches)
-        logits = model.head(states[-1][:, 0])                             # (B, A)
+            patches = model.patch_features(images)                     # (B, P, Dv)
+        states, _ = model.hidden_states(images, batch["tokens"], batch["text_mask"], patches)
+        logits = model.head(states[-1][:, 0])                          # (B, A)
     # L = soft CE(answers); NOTE (deviation): + the stand-ins' losses, sum_j w_j L_j (stand_ins.py)
     loss = soft_cross_entropy(logits, batch["targets"])
-    aux = batch | {"states": states}                                      # L+1 x (B, S, D)
+    aux = batch | {"states": states}                                   # L+1 x (B, S, D)
     total = loss + sum(weight * head.loss(patches, aux) for weight, head in heads.values())
     if not torch.isfinite(total):
         raise FloatingPointError(f"non-finite loss ({total.item()})")
@@ -159,25 +163,13 @@ def backbone_step(model: VLM, heads: dict, batch: dict, opt: Optimizer) -> tuple
     return loss.item(), logits.detach()
 
 
-# Spend the steps where the learning is (--sample-families by-error): the easy families are learned in
-# a third of stage 1, and after that their questions teach little. Each later epoch's scenes then ask
-# every family in proportion to its error on the training questions of the epoch before (the floor
-# keeps the learned ones from being forgotten). The training questions, not val: no choice is made on
-# val here.
-FAMILY_FLOOR = 0.05
-
-
-def family_weights(per_family_accuracy: dict[str, float], families: list[str]) -> dict[str, float]:
-    """Family -> sampling weight: its error rate plus FAMILY_FLOOR (1 + floor for a family not seen)."""
-    return {f: 1 - per_family_accuracy.get(f, 0.0) / 100 + FAMILY_FLOOR for f in families}
-
-
 def train_backbone(model: VLM, splits: dict, tcfg: TrainConfig, save, state: dict | None = None,
                    scenes=None) -> None:
-    """Stage 1: the whole VLM (and its auxiliary heads) on the train split of each epoch (scenes(epoch),
-    a data.TrainScenes; None: splits['train'] every epoch); val accuracy per family and a checkpoint
-    (save(epoch, step, opt, scaler, heads)) after every epoch. `state` continues an interrupted run."""
-    heads = {name: (w, h.to(RUN["device"])) for name, (w, h) in aux_heads(model, splits["train"], tcfg).items()}
+    """Stage 1: the whole VLM and its auxiliary heads on each epoch's train split (scenes(epoch), a
+    data.TrainScenes, or splits['train']); after every epoch the val accuracy per family and a
+    checkpoint (save(epoch, step, opt, scaler, heads)). `state` continues an interrupted run."""
+    heads = {name: (w, h.to(RUN["device"]))
+             for name, (w, h) in aux_heads(model, splits["train"], tcfg).items()}
     scaler = grad_scaler()
     opt = stage1_optimizer(model, heads, tcfg, scaler)
     total_steps = tcfg.epochs * math.ceil(int(splits["train"].trainable().sum()) / tcfg.batch_size)
@@ -187,7 +179,7 @@ def train_backbone(model: VLM, splits: dict, tcfg: TrainConfig, save, state: dic
     for epoch in range(first_epoch, tcfg.epochs):
         model.train()
         train = splits["train"] if scenes is None else scenes(epoch)
-        trainable = torch.nonzero(train.trainable()).squeeze(1)     # questions with an answer to learn
+        trainable = torch.nonzero(train.trainable()).squeeze(1)     # questions with an answer
         order = list(batches(len(trainable), tcfg.batch_size, shuffle=True))
         bar, scores = progress_bar(order, f"backbone {epoch + 1}/{tcfg.epochs}"), EpochScores()
         for ids in bar:
@@ -202,7 +194,7 @@ def train_backbone(model: VLM, splits: dict, tcfg: TrainConfig, save, state: dic
             bar.set_postfix(scores.postfix())
         if tcfg.sample_families == "by-error" and scenes is not None:
             scenes.weights = family_weights(scores.family_accuracy(FAMILIES), list(FAMILIES))
-        sums = all_sum([scores.loss, scores.hits, scores.seen])        # every process, then process 0
+        sums = all_sum([scores.loss, scores.hits, scores.seen])        # every process, then one
         if is_main():
             record = {"epoch": epoch + 1, "step": step, "time_s": clock.elapsed(),
                       "family_weights": getattr(scenes, "weights", None)}
@@ -214,8 +206,8 @@ def train_backbone(model: VLM, splits: dict, tcfg: TrainConfig, save, state: dic
 
 @torch.no_grad()
 def evaluate(model: VLM, split, device) -> dict:
-    """Official-metric accuracy (%) overall and per family, and the predictions (n,). In float32 on every
-    device, as infer.py's report runs: the accuracy a checkpoint records is the one its report gives."""
+    """Official-metric accuracy (%) overall and per family, and the predictions (n,). In float32 on
+    every device, as infer.py's report runs: a checkpoint records the accuracy its report gives."""
     model.eval()
     preds = [model(**to_device(split.batch(ids), device)).argmax(dim=1).cpu()
              for ids in batches(len(split), EVAL_BATCH)]
@@ -228,47 +220,37 @@ def evaluate(model: VLM, split, device) -> dict:
             "per_family": {f: 100.0 * sum(v) / len(v) for f, v in sorted(per_family.items())}}
 
 
-# ----------------------------------------------------------------------------------------------------
+# --------------------------------------------------------------------------------------------------
 # Stage 2: FREE exits on the frozen backbone
-# ----------------------------------------------------------------------------------------------------
-def labelled_mask(n: int, fraction: float, seed: int) -> torch.Tensor:
-    """(n,) bool: the questions whose labels the exits may see, a fixed random `fraction` of the train
-    split (round(fraction * n) of them, the same for every method and epoch of a seed, nested as it
-    grows)."""
-    order = torch.randperm(n, generator=torch.Generator().manual_seed(seed + 12345))
-    mask = torch.zeros(n, dtype=torch.bool)
-    mask[order[:round(fraction * n)]] = True
-    return mask
-
-
+# --------------------------------------------------------------------------------------------------
 @torch.no_grad()
 def frozen_states(free: FREE, split) -> dict:
-    """What stage 2 reads of the frozen backbone, computed once for every question of `split` (each epoch
-    then costs the exits alone): 'inputs' (n, K, S, D) float16, the hidden states entering each exit;
-    'mask' (n, S) bool, True = real token; 'real' (n, D), the final layer's [CLS] feature h_L. S = the
-    longest question + N; a row keeps the layout of the batch it was computed in, the rest masked.
+    """What stage 2 reads of the frozen backbone, computed once for every question of `split` (each
+    epoch then costs the exits alone): 'inputs' (n, K, S, D) float16, the hidden states entering
+    each exit; 'mask' (n, S) bool, True = real token; 'real' (n, D), the final layer's [CLS]
+    feature h_L. S = the longest question + N; a row keeps the layout of its batch, the rest masked.
     NOTE (deviation): stored in float16 (half the memory), read back in float32."""
     n, K, D = len(split), free.num_exits, free.backbone.cfg.dim
     S = int(split.text_mask.sum(dim=1).max()) + free.backbone.num_visual
     out = {"inputs": torch.zeros(n, K, S, D, dtype=torch.float16),
            "mask": torch.zeros(n, S, dtype=torch.bool), "real": torch.zeros(n, D)}
-    print(f"frozen backbone states: {out['inputs'].nbytes / 1e9:.2f} GB of host memory ({n} questions x "
-          f"{K} exits x {S} tokens x width {D}, float16)")
+    print(f"frozen backbone states: {out['inputs'].nbytes / 1e9:.2f} GB of host memory ({n} "
+          f"questions x {K} exits x {S} tokens x width {D}, float16)")
     free.eval()
     for ids in progress_bar(list(batches(n, EVAL_BATCH)), "frozen backbone states"):
         with autocast():
             states, mask = free.backbone.hidden_states(**to_device(split.batch(ids), RUN["device"]))
         s = states[0].shape[1]
-        exit_inputs = torch.stack([states[layer] for layer in free.exit_layers], dim=1)  # (B, K, s, D)
+        exit_inputs = torch.stack([states[l] for l in free.exit_layers], dim=1)     # (B, K, s, D)
         out["inputs"][ids, :, :s] = exit_inputs.half().cpu()
-        out["mask"][ids, :s] = True if mask is None else mask[:, 0, 0].cpu()              # (B, s)
-        out["real"][ids] = states[-1][:, 0].float().cpu()                                 # (B, D)
+        out["mask"][ids, :s] = True if mask is None else mask[:, 0, 0].cpu()        # (B, s)
+        out["real"][ids] = states[-1][:, 0].float().cpu()                           # (B, D)
     return out
 
 
 def states_batch(states: dict, ids: torch.Tensor, device) -> dict:
-    """The frozen states of questions ids, on the device: 'inputs' K x (B, s, D), 'mask' (B, 1, 1, s),
-    'real' (B, D); the trailing columns that no row of this batch uses are cut (s <= S)."""
+    """The frozen states of questions ids, on the device: 'inputs' K x (B, s, D), 'mask'
+    (B, 1, 1, s), 'real' (B, D); the trailing columns no row of this batch uses are cut (s <= S)."""
     mask = states["mask"][ids]                                                     # (B, S)
     s = int(mask.any(dim=0).nonzero().max()) + 1
     inputs = states["inputs"][ids, :, :s].to(device).float()                       # (B, K, s, D)
@@ -276,10 +258,20 @@ def states_batch(states: dict, ids: torch.Tensor, device) -> dict:
             "real": states["real"][ids].to(device)}
 
 
+def exit_batch(free: FREE, states: dict, train, ids: Tensor, labelled: Tensor) -> dict:
+    """Stage 2's batch: the frozen states of questions `ids` (states_batch), their answers' soft
+    'targets' (B, A) (None when no label may be read) and which of them are 'labelled' (B,)."""
+    device, targets = RUN["device"], None
+    if free.cfg.label_fraction > 0:
+        targets = train.soft_targets(ids, free.backbone.cfg.num_answers).to(device)
+    labels = {"targets": targets, "labelled": labelled[ids].to(device)}
+    return states_batch(states, ids, device) | labels
+
+
 def exit_step(free: FREE, batch: dict, opt_g: Optimizer, opt_d: Optimizer) -> dict:
-    """One batch of stage 2 on the frozen backbone's states (states_batch, with the answers' soft
-    'targets' and which questions are 'labelled'): a D step, then a G step. Returns the losses."""
-    real, mask = batch["real"], batch["mask"]                          # h_L[CLS] (B, D), (B, 1, 1, s)
+    """One batch of stage 2 on the frozen backbone's states (exit_batch): a D step, then a G step.
+    Returns the losses."""
+    real, mask = batch["real"], batch["mask"]                      # h_L[CLS] (B, D), (B, 1, 1, s)
     with autocast():                                                   # G_k(h_{l_k}): K x (B, D)
         fakes = [free.exit_feature(k, h, mask) for k, h in enumerate(batch["inputs"])]
     stats = {}
@@ -288,7 +280,8 @@ def exit_step(free: FREE, batch: dict, opt_g: Optimizer, opt_d: Optimizer) -> di
         with autocast():
             d_loss, stats = discriminator_loss(free, real, fakes)
         opt_d.step(d_loss)
-    # Generator step: exit features should fool D and let the frozen head answer as the final layer does
+    # Generator step: exit features should fool D, and the frozen head should answer from them as
+    # it does from the final layer's
     with autocast():
         g_loss, g_stats = generator_loss(free, real, fakes, batch["targets"], batch["labelled"])
     opt_g.step(g_loss)
@@ -299,7 +292,7 @@ def exit_step(free: FREE, batch: dict, opt_g: Optimizer, opt_d: Optimizer) -> di
 
 
 def exit_optimizers(free: FREE, scaler) -> tuple[Optimizer, Optimizer]:
-    """AdamW for the exits (G) and for the discriminator D (the GAN's betas), sharing one grad scaler."""
+    """AdamW for the exits (G) and for the discriminator D (with a GAN's betas), one grad scaler."""
     fused = on_gpu(free.exits.parameters())
     opt_g = torch.optim.AdamW(free.exits.parameters(), lr=free.cfg.exit_lr, weight_decay=0.01,
                               fused=fused)
@@ -310,11 +303,12 @@ def exit_optimizers(free: FREE, scaler) -> tuple[Optimizer, Optimizer]:
 
 def train_exits(free: FREE, states: dict, splits: dict, tcfg: TrainConfig, save,
                 progress: dict | None = None) -> None:
-    """Stage 2: the exits (and D) for exit_epochs over the train questions, from their frozen `states`
-    (frozen_states); every exit's val accuracy and a checkpoint (save(progress)) after each epoch."""
-    ecfg, train, device = free.cfg, splits["train"], RUN["device"]
+    """Stage 2: the exits (and D) for exit_epochs over the train questions, from their frozen
+    `states` (frozen_states); after each epoch every exit's val accuracy and a checkpoint
+    (save(progress), progress None once the last epoch is done)."""
+    ecfg, train = free.cfg, splits["train"]
     labelled = labelled_mask(len(train), ecfg.label_fraction, tcfg.seed)
-    pool = torch.arange(len(train))                  # the ce baseline learns from labelled answers only
+    pool = torch.arange(len(train))                   # the ce baseline learns from labelled answers
     if ecfg.exit_method == "ce":
         pool = torch.nonzero(labelled & train.trainable()).squeeze(1)
     scaler, order = grad_scaler(), torch.Generator().manual_seed(tcfg.seed)
@@ -322,71 +316,51 @@ def train_exits(free: FREE, states: dict, splits: dict, tcfg: TrainConfig, save,
     first_epoch = 0 if progress is None else resume_exits(progress, opt_g, opt_d, scaler, order)
     for epoch in range(first_epoch, ecfg.exit_epochs):
         free.train()
-        sums, t0 = defaultdict(float), time.time()
+        sums, t0, name = defaultdict(float), time.time(), f"{epoch + 1}/{ecfg.exit_epochs}"
         bar = progress_bar(list(batches(len(pool), tcfg.batch_size, shuffle=True, generator=order)),
-                           f"exits ({ecfg.exit_method}) {epoch + 1}/{ecfg.exit_epochs}")
+                           f"exits ({ecfg.exit_method}) {name}")
         for n, ids in enumerate(bar, 1):
             ids = shard(pool[ids])                                     # all of it in one process
-            targets = None
-            if ecfg.label_fraction > 0:
-                targets = train.soft_targets(ids, free.backbone.cfg.num_answers).to(device)
-            batch = states_batch(states, ids, device) | {"targets": targets,
-                                                         "labelled": labelled[ids].to(device)}
+            batch = exit_batch(free, states, train, ids, labelled)
             for k, v in exit_step(free, batch, opt_g, opt_d).items():
                 sums[k] += v
             scaler.update()
             bar.set_postfix({k: f"{v / n:.3f}" for k, v in sums.items()})
-        means = dict(zip(sums, (v / len(bar) / WORLD["size"] for v in all_sum(list(sums.values())))))
+        totals = all_sum(list(sums.values()))                         # over the processes
+        means = {k: v / len(bar) / WORLD["size"] for k, v in zip(sums, totals)}
         if is_main():
-            val = infer.exit_profile(splits["val"], infer.collect(free, splits["val"], EVAL_BATCH),
-                                     free.exit_layers)
-            report.log_exit_epoch(tcfg.out, free.cfg, f"{epoch + 1}/{ecfg.exit_epochs}", means | {
-                "seconds": time.time() - t0}, val)
+            val = infer.collect(free, splits["val"], EVAL_BATCH)
+            profile = infer.exit_profile(splits["val"], val, free.exit_layers)
+            seconds = {"seconds": time.time() - t0}
+            report.log_exit_epoch(tcfg.out, ecfg, name, means | seconds, profile)
             last = epoch + 1 == ecfg.exit_epochs
-            save(None if last else {"epoch": epoch, "opt_g": opt_g.state_dict(), "opt_d": opt_d.state_dict(),
-                                    "scaler": scaler.state_dict(), "batch_order": order.get_state(),
-                                    "rng": rng_state()})
+            save(None if last else exit_progress(epoch, opt_g, opt_d, scaler, order))
         wait_for_main()
 
 
-# ----------------------------------------------------------------------------------------------------
+# --------------------------------------------------------------------------------------------------
 # The run: stage 1, then stage 2, then the report (main reads top to bottom)
-# ----------------------------------------------------------------------------------------------------
-@dataclass
-class Run:
-    """One run's settings (parse_args) and where it writes."""
-    data: DataConfig
-    model: ModelConfig
-    train: TrainConfig
-    exits: ExitConfig
-    describe: dict                 # what the run prints and logs as its config
-
-    @property
-    def ckpt(self) -> str:
-        return os.path.join(self.train.out, "ckpt.pt")
-
-
+# --------------------------------------------------------------------------------------------------
 def run_backbone(run: Run, state: dict | None) -> tuple[VLM, dict]:
-    """Stage 1 into OUT/ckpt.pt (continuing `state` if given), its test accuracy, and --export. Returns
-    the model and the splits."""
+    """Stage 1 into OUT/ckpt.pt (continuing `state` if given), its test accuracy, and --export.
+    Returns the model and the splits."""
     splits, tokenizer, answers = load_run_data(run, state)
     model = VLM(cfg=run.model).to(RUN["device"])
     if state is not None:
         model.load_state_dict(state["model"])
-    if WORLD["size"] > 1 and RUN["device"].type == "cuda":  # the stem's batch statistics: global batch
+    if WORLD["size"] > 1 and RUN["device"].type == "cuda":     # the global batch's statistics
         model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
-    print(f"model: {sum(p.numel() for p in model.parameters()) / 1e6:.2f}M parameters, {run.model.depth} "
-          f"language-model layers of width {run.model.dim}")
+    print(f"model: {sum(p.numel() for p in model.parameters()) / 1e6:.2f}M parameters, "
+          f"{run.model.depth} language-model layers of width {run.model.dim}")
     if run.model.freeze_vit:
         cache_patches(model, splits)
-    # shapes data: new training scenes every epoch (data.TrainScenes), which cannot be learned by heart
-    scenes = None
+    scenes = None                  # shapes data: new scenes every epoch, not to be learned by heart
     if run.data.data == "shapes":
         scenes = TrainScenes(run.data, splits["train"], tokenizer, answers, run.train.epochs)
         if (state or {}).get("scenes"):
             scenes.resume(state["scenes"], state["epoch"] + 1)
-    save = stage1_saver(run, model, tokenizer, answers, scenes)         # writes OUT/ckpt.pt
     try:
+        save = stage1_saver(run, model, tokenizer, answers, scenes)
         train_backbone(model, splits, run.train, save, state, scenes)
     except FloatingPointError as e:
         raise SystemExit(f"error: {e} in stage 1; the last good checkpoint is kept in {run.ckpt}. "
@@ -403,22 +377,22 @@ def run_backbone(run: Run, state: dict | None) -> tuple[VLM, dict]:
 
 
 def run_exits(run: Run, model: VLM, state: dict, source: dict, splits: dict) -> None:
-    """Stage 2 into OUT/ckpt.pt on the frozen `model` (from `source`), continuing a stage 2 in progress
-    (`state`); then the report."""
+    """Stage 2 into OUT/ckpt.pt on the frozen `model` (from `source`), continuing a stage 2 in
+    progress (`state`); then the report."""
     free = FREE(model.to(RUN["device"]), run.exits).to(RUN["device"])
     progress = state.get("exit_progress") if run.train.resume else None
     if progress is not None:
         free.load_exits(state["exits"])
     if model.cfg.freeze_vit and splits["train"].patches is None:
         cache_patches(model, splits)
+    size = sum(p.numel() for p in free.exits.parameters()) / 1e6
     print(f"stage 2: {run.exits.exit_method} exits after layers {free.exit_layers}, label fraction "
-          f"{run.exits.label_fraction}; {sum(p.numel() for p in free.exits.parameters()) / 1e6:.2f}M "
-          f"trainable exit parameters")
+          f"{run.exits.label_fraction}; {size:.2f}M trainable exit parameters")
     if progress is None and is_main():
         val = infer.collect(free, splits["val"], EVAL_BATCH)
         report.print_depth_profile(infer.exit_profile(splits["val"], val, free.exit_layers),
                                    "val before stage 2")
-    save = stage2_saver(run, free, state, source)                      # writes OUT/ckpt.pt
+    save = stage2_saver(run, free, state, source)
     try:
         train_exits(free, frozen_states(free, splits["train"]), splits, run.train, save, progress)
     except FloatingPointError as e:
@@ -429,40 +403,31 @@ def run_exits(run: Run, model: VLM, state: dict, source: dict, splits: dict) -> 
 
 
 def report_exits(free: FREE, splits: dict, run: Run) -> None:
-    """After stage 2: the exits' test depth profile (printed and logged), then the early-exit report."""
+    """After stage 2: the exits' test depth profile (printed and logged); infer.py's early-exit
+    report, run and timed where the model trained, its calibrated point stored in the checkpoint for
+    infer.py --image; then --export."""
     test = infer.exit_profile(splits["test"], infer.collect(free, splits["test"], EVAL_BATCH),
                               free.exit_layers)
-    report.print_depth_profile(test, "test")
-    log_json(run.train.out, {"stage": "exits", "split": "test", "method": free.cfg.exit_method,
-                             "label_fraction": free.cfg.label_fraction, "test_final": test["final"],
-                             "test_exits": test["exits"]})
+    report.log_exit_test(run.train.out, free.cfg, test)
     if run.train.final_eval:
-        final_report(free, splits, run.ckpt)
+        icfg = infer.InferConfig(ckpt=run.ckpt)
+        results = infer.build_report(free, splits, "test", icfg)
+        report.write_report(results, free, *report_paths(icfg))      # report.json, speedup.png
+        record_calibrated(run.ckpt, results["calibrated"])
     if run.train.export:
         export_checkpoint(run.train.export, run.ckpt)
 
 
-def final_report(free: FREE, splits: dict, ckpt_path: str) -> None:
-    """infer.py's early-exit report on the test split, run and timed where the model trained; its
-    calibrated point (rule, threshold, exits) is stored in the checkpoint for infer.py --image."""
-    icfg = infer.InferConfig(ckpt=ckpt_path)
-    json_path, plot_path = report_paths(icfg)                           # report.json, speedup.png beside it
-    results = infer.build_report(free, splits, "test", icfg)
-    report.write_report(results, free, json_path, plot_path)
-    keys = ("rule", "threshold", "exit_layers", "calibration", "risk", "max_drop", "delta")
-    calibrated = {k: results["calibrated"].get(k) for k in keys}
-    save_atomic(ckpt_path, load_checkpoint(ckpt_path) | {"calibrated": calibrated})
-
-
 def main(argv=None) -> None:
     args, dcfg, mcfg, tcfg, ecfg = parse_args(argv)
-    run = Run(dcfg, mcfg, tcfg, ecfg, {"preset": args.preset, "train": asdict(tcfg), "exits": asdict(ecfg)})
+    run = Run(dcfg, mcfg, tcfg, ecfg, {"preset": args.preset, "train": asdict(tcfg),
+                                       "exits": asdict(ecfg)})
     try:
-        state = validate(dcfg, mcfg, tcfg, ecfg)        # every flag, before any data is made or step taken
-        print(setup(tcfg.device, tcfg.threads))          # processes (torchrun), threads, device, dtype
+        state = validate(dcfg, mcfg, tcfg, ecfg)     # every flag, before any data or step
+        print(setup(tcfg.device, tcfg.threads))      # processes (torchrun), threads, device, dtype
         os.makedirs(tcfg.out, exist_ok=True)
         torch.manual_seed(tcfg.seed)
-        if state is None or not (tcfg.stage == "exits" or "exits" in state):      # stage 1, new or resumed
+        if state is None or not (tcfg.stage == "exits" or "exits" in state):  # stage 1 (or resumed)
             if state is None and is_main():
                 start_fresh(tcfg.out)
             model, splits = run_backbone(run, state)
@@ -470,7 +435,7 @@ def main(argv=None) -> None:
                 return
             state = load_checkpoint(run.ckpt)
             source = {"path": run.ckpt, "train_config": state["train_config"]}
-        else:                                                                      # a trained backbone
+        else:                                                                 # a trained backbone
             model, splits, source = trained_backbone(run, state)
         run_exits(run, model, state, source, splits)
     except UsageError as e:

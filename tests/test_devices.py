@@ -144,8 +144,8 @@ def test_weighted_epochs_draw_the_families_asked_for_and_resume_alike():
 
 
 def test_family_weights_follow_the_training_error():
-    weights = train.family_weights({"exist": 100.0, "relate": 50.0}, ["exist", "relate", "count"])
-    assert weights == {"exist": train.FAMILY_FLOOR, "relate": 0.5 + train.FAMILY_FLOOR, "count": 1 + train.FAMILY_FLOOR}
+    weights = data.family_weights({"exist": 100.0, "relate": 50.0}, ["exist", "relate", "count"])
+    assert weights == {"exist": data.FAMILY_FLOOR, "relate": 0.5 + data.FAMILY_FLOOR, "count": 1 + data.FAMILY_FLOOR}
 
 
 PARENT = """import sys, time, data
