@@ -47,82 +47,63 @@ class DataError(UsageError):
 
 @dataclass
 class DataConfig:
-    data: str = field(default="shapes", metadata={
-        "help": "dataset: shapes (built-in, generated) or vqa2 (VQA v2 files)",
-        "choices": ["shapes", "vqa2"]})
-    data_seed: int = field(default=0, metadata={
-        "help": "seed of the shapes generator and of the vqa2 image split"})
-    image_size: int = field(default=64, metadata={
-        "help": "images are (resized to) image_size x image_size RGB"})
-    train_images: int = field(default=6000, metadata={
-        "help": "shapes: training images per epoch (new scenes every epoch of stage 1)"})
-    val_images: int = field(default=600, metadata={"help": "shapes: validation images"})
-    test_images: int = field(default=600, metadata={"help": "shapes: test images"})
-    questions_per_image: int = field(default=4, metadata={
-        "help": "shapes: questions asked about each image"})
-    vqa_questions: str = field(default="", metadata={
-        "help": "vqa2: questions JSON file (official format)"})
-    vqa_annotations: str = field(default="", metadata={
-        "help": "vqa2: annotations JSON file (official format)"})
-    vqa_images: str = field(default="", metadata={
-        "help": "vqa2: folder of images named *{image_id:012d}.* or {image_id}.*"})
-    vqa_max_questions: int = field(default=0, metadata={
-        "help": "vqa2: use only the first N questions (0 = all)"})
-    num_answers: int = field(default=1000, metadata={
-        "help": "answer vocabulary: the most frequent train answers, at most this many (the usual "
-                "VQA classification setting)"})
-    max_question_len: int = field(default=24, metadata={
-        "help": "question tokens kept, [CLS] and [SEP] included"})
-    tokenizer_vocab: int = field(default=2000, metadata={
-        "help": "WordPiece vocabulary of the question tokenizer"})
-    crop_pct: float = field(default=0.0, metadata={
-        "help": "0 = stretch to a square; > 0 = timm's resize and centre crop (from a --vit "
-                "encoder)", "flag": False})
-    interpolation: str = field(default="bilinear", metadata={
-        "help": "resize interpolation", "flag": False})
+    # dataset: shapes (built-in, generated) or vqa2 (VQA v2 files)
+    data: str = field(default="shapes", metadata={"choices": ["shapes", "vqa2"]})
+    data_seed: int = 0  # seed of the shapes generator and of the vqa2 image split
+    image_size: int = 64  # images are (resized to) image_size x image_size RGB
+    # shapes: training images per epoch (new scenes every epoch of stage 1)
+    train_images: int = 6000
+    val_images: int = 600  # shapes: validation images
+    test_images: int = 600  # shapes: test images
+    questions_per_image: int = 4  # shapes: questions asked about each image
+    vqa_questions: str = ""  # vqa2: questions JSON file (official format)
+    vqa_annotations: str = ""  # vqa2: annotations JSON file (official format)
+    vqa_images: str = ""  # vqa2: folder of images named *{image_id:012d}.* or {image_id}.*
+    vqa_max_questions: int = 0  # vqa2: use only the first N questions (0 = all)
+    # answer vocabulary: the most frequent train answers, at most this many (the usual VQA
+    # classification setting)
+    num_answers: int = 1000
+    max_question_len: int = 24  # question tokens kept, [CLS] and [SEP] included
+    tokenizer_vocab: int = 2000  # WordPiece vocabulary of the question tokenizer
+    # 0 = stretch to a square; > 0 = timm's resize and centre crop (from a --vit encoder)
+    crop_pct: float = field(default=0.0, metadata={"flag": False})
+    interpolation: str = field(default="bilinear", metadata={"flag": False})  # resize interpolation
 
 
 def check_data_config(cfg: DataConfig) -> None:
     """Refuse data settings that cannot work, naming the flag (DataError), before anything is
     generated or read. (Whether the VQA v2 files parse is checked when they are read, also before
     training.)"""
-    for name in (
-        "image_size",
-        "train_images",
-        "val_images",
-        "test_images",
-        "num_answers",
-        "tokenizer_vocab",
-    ):
+    sizes = ("image_size", "train_images", "val_images", "test_images", "num_answers",
+             "tokenizer_vocab")
+    for name in sizes:
         if getattr(cfg, name) < 1:
-            raise DataError(
-                f"--{name.replace('_', '-')} must be at least 1 (got {getattr(cfg, name)})"
-            )
+            raise DataError(f"--{name.replace('_', '-')} must be at least 1 "
+                            f"(got {getattr(cfg, name)})")
     if not 1 <= cfg.questions_per_image <= len(FAMILIES):
-        raise DataError(
-            f"--questions-per-image must be between 1 and {len(FAMILIES)} (one per question family;"
-            f" got {cfg.questions_per_image})"
-        )
+        raise DataError(f"--questions-per-image must be between 1 and {len(FAMILIES)} (one per "
+                        f"question family; got {cfg.questions_per_image})")
     if cfg.max_question_len < 3:
-        raise DataError(
-            "--max-question-len must be at least 3 ([CLS], one word, [SEP]; got"
-            f" {cfg.max_question_len})"
-        )
+        raise DataError(f"--max-question-len must be at least 3 ([CLS], one word, [SEP]; got "
+                        f"{cfg.max_question_len})")
     if cfg.vqa_max_questions < 0:
         raise DataError(f"--vqa-max-questions must be >= 0 (0 = all; got {cfg.vqa_max_questions})")
     if cfg.data == "vqa2":
-        for flag, value in (
-            ("--vqa-questions", cfg.vqa_questions),
-            ("--vqa-annotations", cfg.vqa_annotations),
-        ):
-            if not value:
-                raise DataError(f"--data vqa2 needs {flag} FILE")
-            if not os.path.isfile(value):
-                raise DataError(f"{flag} {value}: file not found")
-        if not cfg.vqa_images:
-            raise DataError("--data vqa2 needs --vqa-images DIR")
-        if not os.path.isdir(cfg.vqa_images):
-            raise DataError(f"--vqa-images {cfg.vqa_images}: directory not found")
+        check_vqa_files(cfg)
+
+
+def check_vqa_files(cfg: DataConfig) -> None:
+    """--data vqa2: the questions' and annotations' files and the images' folder exist."""
+    for flag, value in (("--vqa-questions", cfg.vqa_questions),
+                        ("--vqa-annotations", cfg.vqa_annotations)):
+        if not value:
+            raise DataError(f"--data vqa2 needs {flag} FILE")
+        if not os.path.isfile(value):
+            raise DataError(f"{flag} {value}: file not found")
+    if not cfg.vqa_images:
+        raise DataError("--data vqa2 needs --vqa-images DIR")
+    if not os.path.isdir(cfg.vqa_images):
+        raise DataError(f"--vqa-images {cfg.vqa_images}: directory not found")
 
 
 # --------------------------------------------------------------------------------------------------
@@ -372,27 +353,32 @@ def _unique(objs, attr):
     return [v for v, k in counts.items() if k == 1]
 
 
-def _q_query_color(objs, rng):
-    shapes = _unique(objs, "shape")
-    if not shapes:
+# query_color and query_shape: the asked attribute of an object named by its other one, which no
+# other object shares; three phrasings each.
+_QUERY_PHRASINGS = {
+    "color": ["what color is the {}?", "what is the color of the {}?", "the {} is what color?"],
+    "shape": ["what shape is the {} object?", "what is the shape of the {} thing?",
+              "which shape is {}?"],
+}
+
+
+def _q_query(objs, rng, asked: str):
+    named_by = "shape" if asked == "color" else "color"
+    values = _unique(objs, named_by)
+    if not values:
         return None
-    s = shapes[rng.integers(len(shapes))]
-    o = next(o for o in objs if o.shape == s)
-    text = rng.choice(
-        [f"what color is the {s}?", f"what is the color of the {s}?", f"the {s} is what color?"]
-    )
-    return text, o.color, {}
+    v = values[rng.integers(len(values))]
+    o = next(o for o in objs if getattr(o, named_by) == v)
+    text = rng.choice([p.format(v) for p in _QUERY_PHRASINGS[asked]])
+    return text, getattr(o, asked), {}
+
+
+def _q_query_color(objs, rng):
+    return _q_query(objs, rng, "color")
 
 
 def _q_query_shape(objs, rng):
-    colors = _unique(objs, "color")
-    if not colors:
-        return None
-    c = colors[rng.integers(len(colors))]
-    o = next(o for o in objs if o.color == c)
-    text = rng.choice([f"what shape is the {c} object?", f"what is the shape of the {c} thing?",
-                       f"which shape is {c}?"])
-    return text, o.shape, {}
+    return _q_query(objs, rng, "shape")
 
 
 def _count_questions(objs):
@@ -905,36 +891,30 @@ def vqa2_splits(cfg: DataConfig):
               f"(e.g. image_id {missing[0]['image_id']}); they are skipped")
     records = [r for r in records if r["image_id"] in index]
     ids = sorted({r["image_id"] for r in records})
-    # each image's place
-    rank = np.argsort(np.random.default_rng(cfg.data_seed).permutation(len(ids)))
+    order = np.random.default_rng(cfg.data_seed).permutation(len(ids))
+    rank = np.argsort(order)                                                  # each image's place
     n_train, n_val = round(0.8 * len(ids)), round(0.1 * len(ids))
-    split_of = {
-        i: "train" if r < n_train else "val" if r < n_train + n_val else "test"
-        for i, r in zip(ids, rank)
-    }
+    split_of = {i: "train" if r < n_train else "val" if r < n_train + n_val else "test"
+                for i, r in zip(ids, rank)}
     splits = {}
     for name in ("train", "val", "test"):
         recs = [dict(r) for r in records if split_of[r["image_id"]] == name]
         if not recs:
-            raise DataError(
-                f"--vqa-questions {cfg.vqa_questions}: the {name} split is empty:"
-                f" {len(records)} questions on {len(ids)} images were found, and the 80/10/10 split"
-                " by image needs at least 10 images"
-            )
-        pos = {iid: i for i, iid in enumerate(sorted({r["image_id"] for r in recs}))}
-        images = np.stack(
-            [
-                load_image(index[iid], cfg.image_size, cfg.crop_pct, cfg.interpolation)
-                .permute(1, 2, 0)
-                .numpy()
-                # (n_img, H, W, 3)
-                for iid in pos
-            ]
-        )
-        for r in recs:
-            r["image_index"] = pos[r["image_id"]]
-        splits[name] = (images, recs, None)
+            raise DataError(f"--vqa-questions {cfg.vqa_questions}: the {name} split is empty: "
+                            f"{len(records)} questions on {len(ids)} images were found, and the "
+                            f"80/10/10 split by image needs at least 10 images")
+        splits[name] = vqa_split_images(cfg, recs, index)
     return splits
+
+
+def vqa_split_images(cfg: DataConfig, recs: list[dict], index: dict[int, str]):
+    """One split's (images uint8 (n_img, H, W, 3), records with their 'image_index', None)."""
+    pos = {iid: i for i, iid in enumerate(sorted({r["image_id"] for r in recs}))}
+    images = np.stack([load_image(index[iid], cfg.image_size, cfg.crop_pct, cfg.interpolation)
+                       .permute(1, 2, 0).numpy() for iid in pos])              # (n_img, H, W, 3)
+    for r in recs:
+        r["image_index"] = pos[r["image_id"]]
+    return images, recs, None
 
 
 # --------------------------------------------------------------------------------------------------
@@ -1196,72 +1176,52 @@ def unseen_words(tokenizer, question: str) -> list[str]:
 
 
 def main(argv=None) -> None:
-    p = Parser(
-        description=(
-            "The built-in shapes data from the command line: one scene to ask about, or the whole "
-            "set in the VQA v2 file format."
-        ),
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
-    )
-    p.add_argument(
-        "--scene",
-        metavar="PNG",
-        help=(
-            "draw one scene into this PNG file and print a question of each "
-            "family about it, with its answer"
-        ),
-    )
-    p.add_argument(
-        "--write",
-        metavar="DIR",
-        help="write the set in VQA v2 format (questions.json, annotations.json, images/)",
-    )
+    p = Parser(description="The built-in shapes data from the command line: one scene to ask "
+                           "about, or the whole set in the VQA v2 file format.",
+               formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.add_argument("--scene", metavar="PNG", help="draw one scene into this PNG file and print a "
+                   "question of each family about it, with its answer")
+    p.add_argument("--write", metavar="DIR",
+                   help="write the set in VQA v2 format (questions.json, annotations.json, "
+                        "images/)")
     for name, default in [("train-images", 400), ("val-images", 50), ("test-images", 50)]:
-        p.add_argument(
-            f"--{name}",
-            type=int,
-            default=default,
-            help=f"--write: number of {name.split('-')[0]} images",
-        )
-    p.add_argument(
-        "--questions-per-image", type=int, default=4, help="--write: questions per image"
-    )
+        p.add_argument(f"--{name}", type=int, default=default,
+                       help=f"--write: number of {name.split('-')[0]} images")
+    p.add_argument("--questions-per-image", type=int, default=4,
+                   help="--write: questions per image")
     p.add_argument("--seed", type=int, default=0, help="generator seed")
     args = p.parse_args(argv)
     if bool(args.scene) == bool(args.write):
         p.error("give --scene PNG or --write DIR")
-    cfg = DataConfig(
-        train_images=args.train_images,
-        val_images=args.val_images,
-        test_images=args.test_images,
-        questions_per_image=args.questions_per_image,
-        data_seed=args.seed,
-    )
+    cfg = DataConfig(train_images=args.train_images, val_images=args.val_images,
+                     test_images=args.test_images, questions_per_image=args.questions_per_image,
+                     data_seed=args.seed)
     try:
         check_data_config(cfg)
         if args.scene:
-            folder = os.path.dirname(args.scene) or "."
-            if not os.path.isdir(folder):
-                raise DataError(f"--scene {args.scene}: folder {folder} not found")
-            image, _, qas = make_image_with_questions(np.random.default_rng(args.seed), FAMILIES)
-            Image.fromarray(image).save(args.scene)
-            # the same pixels, big enough to see
-            large = os.path.splitext(args.scene)[0] + "_x4.png"
-            Image.fromarray(image).resize(
-                (4 * image.shape[1], 4 * image.shape[0]), Image.NEAREST
-            ).save(large)
-            print(
-                f"wrote {args.scene} (the model's input) and {large} (enlarged to look at);"
-                " questions about it (family: question -> answer):"
-            )
-            print("\n".join(f"  {fam}: {q} -> {a}" for fam, q, a, _ in qas))
-            return
+            return draw_scene(args.scene, args.seed)
         write_vqa_format(cfg, args.write)
     except (DataError, OSError, ValueError) as e:
         print(f"error: {e}", file=sys.stderr)
         raise SystemExit(2)
     n = args.train_images + args.val_images + args.test_images
     print(f"wrote {n} images and {n * args.questions_per_image} questions to {args.write}")
+
+
+def draw_scene(path: str, seed: int) -> None:
+    """data.py --scene: one scene into `path` (and enlarged beside it), and a question of each
+    family about it with its answer."""
+    folder = os.path.dirname(path) or "."
+    if not os.path.isdir(folder):
+        raise DataError(f"--scene {path}: folder {folder} not found")
+    image, _, qas = make_image_with_questions(np.random.default_rng(seed), FAMILIES)
+    Image.fromarray(image).save(path)
+    large = os.path.splitext(path)[0] + "_x4.png"             # the same pixels, big enough to see
+    height, width = image.shape[:2]
+    Image.fromarray(image).resize((4 * width, 4 * height), Image.NEAREST).save(large)
+    print(f"wrote {path} (the model's input) and {large} (enlarged to look at); questions about it "
+          f"(family: question -> answer):")
+    print("\n".join(f"  {fam}: {q} -> {a}" for fam, q, a, _ in qas))
 
 
 if __name__ == "__main__":

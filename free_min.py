@@ -39,36 +39,27 @@ from model import VLM, soft_cross_entropy
 
 @dataclass
 class ExitConfig:
-    exit_layers: str = field(default="", metadata={
-        "help": "comma-separated language-model layers (1-based) that get an exit; '' = layer 1 "
-                "and every second layer before the last (1,2,4,6 for 8 layers): a first exit as "
-                "early as possible, then evenly spaced ones"})
-    exit_method: str = field(default="free", metadata={
-        "help": "free: adversarial + KD (+ CE on labels), the paper's; kd: distillation only "
-                "(FastBERT); ce: labels only (DeeBERT)", "choices": ["free", "kd", "ce"]})
-    adv_loss: str = field(default="fm", metadata={
-        "help": "the adversarial term ADV_k: gan (the paper's non-saturating GAN loss) or fm "
-                "(feature matching on D's hidden layer, the default: it ties distillation where "
-                "gan costs accuracy, RESULTS.md)", "choices": ["gan", "fm"]})
-    label_fraction: float = field(default=1.0, metadata={
-        "help": "fraction of training questions whose labels the exits may see (0 = label-free; ce "
-                "needs > 0)"})
-    lambda_adv: float = field(default=1.0, metadata={
-        "help": "weight of ADV_k in L_G (the paper weighs its terms equally)"})
-    lambda_kd: float = field(default=1.0, metadata={
-        "help": "weight of the distillation term in L_G"})
-    lambda_ce: float = field(default=1.0, metadata={
-        "help": "weight of the cross-entropy term in L_G"})
-    temperature: float = field(default=2.0, metadata={
-        "help": "distillation temperature T (a common choice for KD)"})
-    exit_epochs: int = field(default=6, metadata={
-        "help": "stage-2 epochs (exits trained for 2 were still learning, RESULTS.md)"})
-    exit_lr: float = field(default=5e-4, metadata={
-        "help": "AdamW learning rate of the exit layers G_k"})
-    disc_lr: float = field(default=2e-4, metadata={
-        "help": "AdamW learning rate of D (with beta1 = 0.5, as in DCGAN)"})
-    disc_hidden: int = field(default=256, metadata={
-        "help": "hidden width of the discriminator MLP (twice the default language-model width)"})
+    # comma-separated language-model layers (1-based) that get an exit; '' = layer 1 and every
+    # second layer before the last (1,2,4,6 for 8 layers): a first exit as early as possible, then
+    # evenly spaced ones
+    exit_layers: str = ""
+    # free: adversarial + KD (+ CE on labels), the paper's; kd: distillation only (FastBERT); ce:
+    # labels only (DeeBERT)
+    exit_method: str = field(default="free", metadata={"choices": ["free", "kd", "ce"]})
+    # the adversarial term ADV_k: gan (the paper's non-saturating GAN loss) or fm (feature matching
+    # on D's hidden layer, the default: it ties distillation where gan costs accuracy, RESULTS.md)
+    adv_loss: str = field(default="fm", metadata={"choices": ["gan", "fm"]})
+    # fraction of training questions whose labels the exits may see (0 = label-free; ce needs > 0)
+    label_fraction: float = 1.0
+    lambda_adv: float = 1.0  # weight of ADV_k in L_G (the paper weighs its terms equally)
+    lambda_kd: float = 1.0  # weight of the distillation term in L_G
+    lambda_ce: float = 1.0  # weight of the cross-entropy term in L_G
+    temperature: float = 2.0  # distillation temperature T (a common choice for KD)
+    exit_epochs: int = 6  # stage-2 epochs (exits trained for 2 were still learning, RESULTS.md)
+    exit_lr: float = 5e-4  # AdamW learning rate of the exit layers G_k
+    disc_lr: float = 2e-4  # AdamW learning rate of D (with beta1 = 0.5, as in DCGAN)
+    # hidden width of the discriminator MLP (twice the default language-model width)
+    disc_hidden: int = 256
 
 
 def resolve_exit_layers(spec: str, depth: int) -> list[int]:

@@ -34,57 +34,50 @@ RISKS = ("harm", "disagree")          # the losses calibration can bound (see ri
 
 @dataclass
 class InferConfig:
-    ckpt: str = field(default="", metadata={
-        "help": "checkpoint written by train.py (backbone + exits); default: out/ckpt.pt if it "
-                "exists, else the exits the repo ships (backbones/shapes-default-free.pt)"})
-    image: str = field(default="", metadata={"help": "answer one question about this image file"})
-    question: str = field(default="", metadata={"help": "the question to answer about --image"})
-    explain: bool = field(default=False, metadata={
-        "help": "with --image: show every exit's answer and the rule's measure against its "
-                "threshold, and why it left where it did"})
-    eval: bool = field(default=False, metadata={
-        "help": "evaluate on --split, print the report and write it (--json, --plot)"})
-    split: str = field(default="test", metadata={
-        "help": "split to report on", "choices": ["train", "val", "test"]})
-    rule: str = field(default="maxprob", metadata={
-        "help": "exit rule (maxprob = FREE's)", "choices": list(RULES)})
-    threshold: float = field(default=-1.0, metadata={
-        "help": "exit threshold for --image (-1 = the calibrated one, else the rule's default)"})
-    max_drop: float = field(default=1.0, metadata={
-        "help": "calibration: the accuracy drop (points) the calibrated point may cost on new "
-                "questions"})
-    calibration: str = field(default="guaranteed", metadata={
-        "help": "guaranteed: Learn-then-Test, the drop stays within --max-drop with probability >= "
-                "1 - --delta (see calibrate); empirical: the fastest point within --max-drop on "
-                "val, no guarantee", "choices": ["guaranteed", "empirical"]})
-    delta: float = field(default=0.1, metadata={
-        "help": "guaranteed calibration: the probability that the promise fails (over the draw of "
-                "the calibration questions)"})
-    risk: str = field(default="auto", metadata={
-        "help": "the loss calibration bounds: harm (an early answer loses credit the full model "
-                "had; reads labels) or disagree (it differs from the full model's; reads none); "
-                "auto = harm if the exits were trained with labels, else disagree",
-        "choices": ["auto", *RISKS]})
-    json: str = field(default="", metadata={
-        "help": "--eval: the report's JSON file (default: report.json in the checkpoint's folder; "
-                "report_SPLIT.json for another --split)"})
-    plot: str = field(default="", metadata={
-        "help": "--eval: the figure, accuracy vs speedup, depth profile and depth per family "
-                "(default: speedup.png beside report.json)"})
-    batch_size: int = field(default=64, metadata={
-        "help": "batch size of evaluation and of the batched timing"})
-    timing_samples: int = field(default=256, metadata={
-        "help": "questions timed per measurement (half of them at batch 1)"})
-    repeats: int = field(default=5, metadata={"help": "timing rounds; the median is reported"})
-    threads: int = field(default=0, metadata={
-        "help": "CPU threads for torch (0 = the cores not busy with other work; the report prints "
-                "it)"})
-    device: str = field(default="auto", metadata={
-        "help": "where the report runs and is timed: auto (cuda, then mps, then cpu; printed), "
-                "cuda, mps or cpu", "choices": ["auto", "cuda", "mps", "cpu"]})
-    timing: bool = field(default=True, metadata={
-        "help": "measure wall-clock speedups and calibrate by costs measured here (--no-timing: "
-                "the layer view and FLOPs only, deterministic)"})
+    # checkpoint written by train.py (backbone + exits); default: out/ckpt.pt if it exists, else the
+    # exits the repo ships (backbones/shapes-default-free.pt)
+    ckpt: str = ""
+    image: str = ""  # answer one question about this image file
+    question: str = ""  # the question to answer about --image
+    # with --image: show every exit's answer and the rule's measure against its threshold, and why
+    # it left where it did
+    explain: bool = False
+    eval: bool = False  # evaluate on --split, print the report and write it (--json, --plot)
+    # split to report on
+    split: str = field(default="test", metadata={"choices": ["train", "val", "test"]})
+    # exit rule (maxprob = FREE's)
+    rule: str = field(default="maxprob", metadata={"choices": list(RULES)})
+    # exit threshold for --image (-1 = the calibrated one, else the rule's default)
+    threshold: float = -1.0
+    # calibration: the accuracy drop (points) the calibrated point may cost on new questions
+    max_drop: float = 1.0
+    # guaranteed: Learn-then-Test, the drop stays within --max-drop with probability >= 1 - --delta
+    # (see calibrate); empirical: the fastest point within --max-drop on val, no guarantee
+    calibration: str = field(default="guaranteed",
+                             metadata={"choices": ["guaranteed", "empirical"]})
+    # guaranteed calibration: the probability that the promise fails (over the draw of the
+    # calibration questions)
+    delta: float = 0.1
+    # the loss calibration bounds: harm (an early answer loses credit the full model had; reads
+    # labels) or disagree (it differs from the full model's; reads none); auto = harm if the exits
+    # were trained with labels, else disagree
+    risk: str = field(default="auto", metadata={"choices": ["auto", *RISKS]})
+    # --eval: the report's JSON file (default: report.json in the checkpoint's folder;
+    # report_SPLIT.json for another --split)
+    json: str = ""
+    # --eval: the figure, accuracy vs speedup, depth profile and depth per family (default:
+    # speedup.png beside report.json)
+    plot: str = ""
+    batch_size: int = 64  # batch size of evaluation and of the batched timing
+    timing_samples: int = 256  # questions timed per measurement (half of them at batch 1)
+    repeats: int = 5  # timing rounds; the median is reported
+    # CPU threads for torch (0 = the cores not busy with other work; the report prints it)
+    threads: int = 0
+    # where the report runs and is timed: auto (cuda, then mps, then cpu; printed), cuda, mps or cpu
+    device: str = field(default="auto", metadata={"choices": ["auto", "cuda", "mps", "cpu"]})
+    # measure wall-clock speedups and calibrate by costs measured here (--no-timing: the layer view
+    # and FLOPs only, deterministic)
+    timing: bool = True
 
 
 # --------------------------------------------------------------------------------------------------

@@ -36,41 +36,35 @@ import torch.nn.functional as F
 
 @dataclass
 class ModelConfig:
-    image_size: int = field(default=64, metadata={
-        "help": "input side in pixels (from the data)", "flag": False})
-    patch_size: int = field(default=8, metadata={
-        "help": "pixels per side of one ViT token (the conv stem's stride)"})
-    vit_dim: int = field(default=64, metadata={"help": "ViT width"})
-    vit_depth: int = field(default=1, metadata={
-        "help": "ViT blocks (kept light: exits cannot skip them)"})
-    vit_heads: int = field(default=2, metadata={"help": "ViT attention heads"})
-    vit: str = field(default="", metadata={
-        "help": "a timm ViT by name (e.g. vit_small_patch16_224) in place of the built-in one; its "
-                "input size and normalisation come from timm"})
-    vit_weights: str = field(default="", metadata={
-        "help": "local weights file for --vit (never downloaded)"})
-    vit_pretrained: bool = field(default=False, metadata={
-        "help": "with --vit: let timm download its pretrained weights (the one flag that reaches "
-                "the network)"})
-    freeze_vit: bool = field(default=False, metadata={
-        "help": "freeze the image encoder (as BLIP-2 does): its tokens are computed once per image "
-                "and stage 1 trains the rest"})
-    merge: int = field(default=2, metadata={
-        "help": "merge k x k neighbouring ViT tokens into one visual token"})
-    dim: int = field(default=128, metadata={"help": "language-model width D"})
-    depth: int = field(default=8, metadata={
-        "help": "language-model layers L (the layers exits can skip)"})
-    heads: int = field(default=4, metadata={"help": "language-model attention heads"})
-    max_text_len: int = field(default=24, metadata={
-        "help": "question tokens (from the data)", "flag": False})
-    vocab_size: int = field(default=0, metadata={
-        "help": "tokenizer vocabulary (from the data)", "flag": False})
-    num_answers: int = field(default=0, metadata={
-        "help": "answer vocabulary A (from the data)", "flag": False})
-    pixel_mean: tuple = field(default=(0.5, 0.5, 0.5), metadata={
-        "help": "image normalisation", "flag": False})
-    pixel_std: tuple = field(default=(0.25, 0.25, 0.25), metadata={
-        "help": "image normalisation", "flag": False})
+    # input side in pixels (from the data)
+    image_size: int = field(default=64, metadata={"flag": False})
+    patch_size: int = 8  # pixels per side of one ViT token (the conv stem's stride)
+    vit_dim: int = 64  # ViT width
+    vit_depth: int = 1  # ViT blocks (kept light: exits cannot skip them)
+    vit_heads: int = 2  # ViT attention heads
+    # a timm ViT by name (e.g. vit_small_patch16_224) in place of the built-in one; its input size
+    # and normalisation come from timm
+    vit: str = ""
+    vit_weights: str = ""  # local weights file for --vit (never downloaded)
+    # with --vit: let timm download its pretrained weights (the one flag that reaches the network)
+    vit_pretrained: bool = False
+    # freeze the image encoder (as BLIP-2 does): its tokens are computed once per image and stage 1
+    # trains the rest
+    freeze_vit: bool = False
+    merge: int = 2  # merge k x k neighbouring ViT tokens into one visual token
+    dim: int = 128  # language-model width D
+    depth: int = 8  # language-model layers L (the layers exits can skip)
+    heads: int = 4  # language-model attention heads
+    # question tokens (from the data)
+    max_text_len: int = field(default=24, metadata={"flag": False})
+    # tokenizer vocabulary (from the data)
+    vocab_size: int = field(default=0, metadata={"flag": False})
+    # answer vocabulary A (from the data)
+    num_answers: int = field(default=0, metadata={"flag": False})
+    # image normalisation
+    pixel_mean: tuple = field(default=(0.5, 0.5, 0.5), metadata={"flag": False})
+    # image normalisation
+    pixel_std: tuple = field(default=(0.25, 0.25, 0.25), metadata={"flag": False})
 
 
 def check_model_config(cfg: ModelConfig) -> None:

@@ -9,11 +9,16 @@
 """
 import argparse
 import copy
+import inspect
+import io
 import json
 import os
 import random
+import re
 import sys
+import textwrap
 import time
+import tokenize
 from collections import defaultdict
 from dataclasses import fields
 
@@ -50,15 +55,16 @@ class Parser(argparse.ArgumentParser):
 
 
 def add_config_args(parser, cfg_class, defaults: dict | None = None) -> None:
-    """Add --field-name for each field of a config dataclass (typed, with the field's help text and
-    default). Fields with metadata flag=False are derived from the data and have no flag."""
-    defaults = defaults or {}
+    """Add --field-name for each field of a config dataclass, typed, with the field's comment as
+    its help (field_help) and its default. Fields with metadata flag=False are derived from the
+    data and have no flag."""
+    defaults, helps = defaults or {}, field_help(cfg_class)
     group = parser.add_argument_group(cfg_class.__name__)
     for f in fields(cfg_class):
         if not f.metadata.get("flag", True):
             continue
         default = defaults.get(f.name, f.default)
-        help_text = f"{f.metadata.get('help', '')} (default: {default!r})"
+        help_text = f"{helps.get(f.name, '')} (default: {default!r})"
         kwargs = {"default": default, "help": help_text, "dest": f.name}
         if f.type in (bool, "bool"):
             kwargs["action"] = argparse.BooleanOptionalAction
@@ -66,7 +72,26 @@ def add_config_args(parser, cfg_class, defaults: dict | None = None) -> None:
             kwargs["type"] = {"int": int, "float": float, "str": str}.get(f.type, f.type)
             if "choices" in f.metadata:
                 kwargs["choices"] = f.metadata["choices"]
-        group.add_argument("--" + f.name.replace("_", "-"), **kwargs)
+        group.add_argument(flag(f.name), **kwargs)
+
+
+def field_help(cfg_class) -> dict[str, str]:
+    """Each field's help text: the comment beside the field, or else the comment lines right above
+    it, read from the dataclass's source (every config field is commented, as in nanoGPT)."""
+    src = textwrap.dedent(inspect.getsource(cfg_class))
+    comments = {tok.start[0]: tok.string[1:].strip()
+                for tok in tokenize.generate_tokens(io.StringIO(src).readline)
+                if tok.type == tokenize.COMMENT}
+    names, helps, above = {f.name for f in fields(cfg_class)}, {}, []
+    for n, line in enumerate(src.splitlines(), 1):
+        if line.strip().startswith("#"):
+            above.append(comments[n])
+            continue
+        name = re.match(r"\s*(\w+)\s*:", line)
+        if name and name.group(1) in names:
+            helps[name.group(1)] = comments.get(n) or " ".join(above)
+        above = []
+    return helps
 
 
 def config_from_args(cfg_class, args):

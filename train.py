@@ -42,49 +42,39 @@ from stand_ins import LABEL_FREE, aux_heads, aux_inputs
 
 @dataclass
 class TrainConfig:
-    out: str = field(default="out", metadata={
-        "help": "output folder (ckpt.pt, log.jsonl, report.json, speedup.png)"})
-    epochs: int = field(default=60, metadata={
-        "help": "stage-1 epochs: a model trained from scratch needs this many to learn the "
-                "relational families (22,500 steps of 64)"})
-    batch_size: int = field(default=64, metadata={"help": "training batch size (both stages)"})
-    lr: float = field(default=1e-3, metadata={"help": "stage-1 peak AdamW learning rate"})
-    weight_decay: float = field(default=0.05, metadata={"help": "stage-1 AdamW weight decay"})
-    warmup_steps: int = field(default=300, metadata={
-        "help": "stage-1 linear warm-up steps before the cosine decay"})
-    grad_clip: float = field(default=1.0, metadata={"help": "stage-1 gradient-norm clip (0 = off)"})
-    aux_weight: float = field(default=1.0, metadata={
-        "help": "weight of stage 1's pixel-label loss (shapes data: ViT tokens predict the colour "
-                "and shape under them); 0 = off, and then two label-free aids teach the encoder "
-                "instead (an answer head on its tokens, and each token reconstructing its patch)"})
-    scene_weight: float = field(default=1.0, metadata={
-        "help": "weight of stage 1's scene-fact loss (shapes data: the language model's [CLS] "
-                "predicts the facts each answer is computed from, see SceneHeads; 0 = off)"})
-    sample_families: str = field(default="by-error", metadata={
-        "help": "shapes data, stage 1: uniform (every family asked as often) or by-error (each "
-                "epoch's scenes ask each family in proportion to its training error, see "
-                "family_weights)", "choices": ["uniform", "by-error"]})
-    seed: int = field(default=0, metadata={
-        "help": "seed of initialisation, batch order and labelled fraction"})
-    device: str = field(default="auto", metadata={
-        "help": "auto (cuda, then mps, then cpu), cuda, mps or cpu",
-        "choices": ["auto", "cuda", "mps", "cpu"]})
-    threads: int = field(default=0, metadata={
-        "help": "CPU threads for torch (0 = the cores not busy with other work, printed at the "
-                "start)"})
-    stage: str = field(default="all", metadata={
-        "help": "all: backbone then exits; backbone: stage 1 only; exits: stage 2 only, on "
-                "--backbone (or OUT/ckpt.pt)", "choices": ["all", "backbone", "exits"]})
-    backbone: str = field(default="", metadata={
-        "help": "stage 2: a trained checkpoint whose backbone is reused, frozen"})
-    resume: bool = field(default=False, metadata={
-        "help": "continue the interrupted run in OUT (same settings)"})
-    final_eval: bool = field(default=True, metadata={
-        "help": "end with infer.py's early-exit report on the test split"})
-    export: str = field(default="", metadata={
-        "help": "also write the run's checkpoint to this file in fp16, without optimizer state "
-                "(after stage 1, then after stage 2 with the exits and their calibrated point): "
-                "how backbones/ is made"})
+    out: str = "out"  # output folder (ckpt.pt, log.jsonl, report.json, speedup.png)
+    # stage-1 epochs: a model trained from scratch needs this many to learn the relational families
+    # (22,500 steps of 64)
+    epochs: int = 60
+    batch_size: int = 64  # training batch size (both stages)
+    lr: float = 1e-3  # stage-1 peak AdamW learning rate
+    weight_decay: float = 0.05  # stage-1 AdamW weight decay
+    warmup_steps: int = 300  # stage-1 linear warm-up steps before the cosine decay
+    grad_clip: float = 1.0  # stage-1 gradient-norm clip (0 = off)
+    # weight of stage 1's pixel-label loss (shapes data: ViT tokens predict the colour and shape
+    # under them); 0 = off, and then two label-free aids teach the encoder instead (an answer head
+    # on its tokens, and each token reconstructing its patch)
+    aux_weight: float = 1.0
+    # weight of stage 1's scene-fact loss (shapes data: the language model's [CLS] predicts the
+    # facts each answer is computed from, see SceneHeads; 0 = off)
+    scene_weight: float = 1.0
+    # shapes data, stage 1: uniform (every family asked as often) or by-error (each epoch's scenes
+    # ask each family in proportion to its training error, see family_weights)
+    sample_families: str = field(default="by-error", metadata={"choices": ["uniform", "by-error"]})
+    seed: int = 0  # seed of initialisation, batch order and labelled fraction
+    # auto (cuda, then mps, then cpu), cuda, mps or cpu
+    device: str = field(default="auto", metadata={"choices": ["auto", "cuda", "mps", "cpu"]})
+    # CPU threads for torch (0 = the cores not busy with other work, printed at the start)
+    threads: int = 0
+    # all: backbone then exits; backbone: stage 1 only; exits: stage 2 only, on --backbone (or
+    # OUT/ckpt.pt)
+    stage: str = field(default="all", metadata={"choices": ["all", "backbone", "exits"]})
+    backbone: str = ""  # stage 2: a trained checkpoint whose backbone is reused, frozen
+    resume: bool = False  # continue the interrupted run in OUT (same settings)
+    final_eval: bool = True  # end with infer.py's early-exit report on the test split
+    # also write the run's checkpoint to this file in fp16, without optimizer state (after stage 1,
+    # then after stage 2 with the exits and their calibrated point): how backbones/ is made
+    export: str = ""
 
 
 # Named presets: overrides of the dataclass defaults (default: none), and what each is for.

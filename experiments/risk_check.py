@@ -19,6 +19,7 @@ import torch
 from tqdm import tqdm
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+import free_min                                                    # noqa: E402
 import infer                                                       # noqa: E402
 import prepare                                                    # noqa: E402
 import report                                                     # noqa: E402
@@ -80,7 +81,7 @@ def main(argv=None) -> None:
     p.add_argument("--delta", type=float, default=0.1, help="the guaranteed rule's failure probability")
     p.add_argument("--risk", default="auto", choices=["auto", *infer.RISKS], help="the loss bounded (auto: as the "
                    "report picks)")
-    p.add_argument("--rule", default="maxprob", choices=list(infer.RULES), help="exit rule")
+    p.add_argument("--rule", default="maxprob", choices=list(free_min.RULES), help="exit rule")
     p.add_argument("--threads", type=int, default=2, help="CPU threads for torch")
     p.add_argument("--device", default="auto", choices=["auto", "cuda", "mps", "cpu"],
                    help="where the model runs and the costs are measured (auto: cuda, then mps, then cpu)")
