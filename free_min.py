@@ -71,10 +71,9 @@ def resolve_exit_layers(spec: str, depth: int) -> list[int]:
     layers = []
     for part in (p.strip() for p in spec.split(",")):
         if not part.isdigit() or not 1 <= int(part) < depth:
-            raise ValueError(
-                f"--exit-layers: '{part}' is not a layer between 1 and {depth - 1} (the model has"
-                f" {depth} language-model layers; after the last comes the final head)"
-            )
+            raise ValueError(f"--exit-layers: '{part}' is not a layer between 1 and {depth - 1} "
+                             f"(the model has {depth} language-model layers; after the last comes "
+                             f"the final head)")
         layers.append(int(part))
     return sorted(set(layers))
 
@@ -82,10 +81,8 @@ def resolve_exit_layers(spec: str, depth: int) -> list[int]:
 def check_exit_config(cfg: ExitConfig, depth: int) -> None:
     """Refuse stage-2 settings that cannot work, naming the flag at fault (ValueError)."""
     resolve_exit_layers(cfg.exit_layers, depth)
-    for flag, value, table in (
-        ("--exit-method", cfg.exit_method, METHODS),
-        ("--adv-loss", cfg.adv_loss, ADVERSARIAL),
-    ):
+    for flag, value, table in (("--exit-method", cfg.exit_method, METHODS),
+                               ("--adv-loss", cfg.adv_loss, ADVERSARIAL)):
         if value not in table:
             raise ValueError(f"{flag} {value}: choose from {', '.join(table)}")
     if not 0.0 <= cfg.label_fraction <= 1.0:
@@ -128,9 +125,8 @@ class Discriminator(nn.Module):
 
     def __init__(self, dim: int, hidden: int):
         super().__init__()
-        self.body = nn.Sequential(
-            nn.Linear(dim, hidden), nn.LeakyReLU(0.2), nn.Linear(hidden, hidden), nn.LeakyReLU(0.2)
-        )
+        self.body = nn.Sequential(nn.Linear(dim, hidden), nn.LeakyReLU(0.2),
+                                  nn.Linear(hidden, hidden), nn.LeakyReLU(0.2))
         self.out = nn.Linear(hidden, 1)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -169,39 +165,31 @@ class FREE(nn.Module):
         """Exit k's answer logits (B, A): G_k, then the frozen shared norm + head."""
         return self.backbone.head(self.exit_feature(k, h, attn_mask))
 
-    def all_outputs(
-        self, images, tokens: torch.Tensor, text_mask: torch.Tensor, patches=None
-    ) -> dict:
-        """One backbone pass with every exit read (no early exit): 'states' (h_0..h_L, each (B,
-        S, D)), 'attn_mask', 'final' logits (B, A) and 'exits' (K logits (B, A)). For evaluation
-        and reports."""
+    def all_outputs(self, images, tokens: torch.Tensor, text_mask: torch.Tensor,
+                    patches=None) -> dict:
+        """One backbone pass with every exit read (no early exit): 'states' (h_0..h_L, each
+        (B, S, D)), 'attn_mask', 'final' logits (B, A) and 'exits' (K logits (B, A)). For
+        evaluation and reports."""
         states, mask = self.backbone.hidden_states(images, tokens, text_mask, patches)
         exits = [self.exit_logits(k, states[l], mask) for k, l in enumerate(self.exit_layers)]
-        return {
-            "states": states,
-            "attn_mask": mask,
-            "final": self.backbone.head(states[-1][:, 0]),
-            "exits": exits,
-        }
+        return {"states": states, "attn_mask": mask, "final": self.backbone.head(states[-1][:, 0]),
+                "exits": exits}
 
     def load_exits(self, exits: dict) -> None:
         """Load the exit layers and D that train.py saved (everything but the backbone)."""
         missing, unexpected = self.load_state_dict(exits, strict=False)
         missing = [k for k in missing if not k.startswith("backbone.")]
         if unexpected or missing:
-            raise ValueError(
-                "checkpoint exits do not match their config (exits after layers"
-                f" {self.exit_layers}): missing {missing[:4]}, unexpected {unexpected[:4]}"
-            )
+            raise ValueError(f"checkpoint exits do not match their config (exits after layers "
+                             f"{self.exit_layers}): missing {missing[:4]}, unexpected "
+                             f"{unexpected[:4]}")
 
 
 # --------------------------------------------------------------------------------------------------
-# The losses. real = h_L[CLS] (B, D) from the frozen backbone; fakes = [G_k(h_{l_k}) for each exit
-# k].
+# The losses. real = h_L[CLS] (B, D) from the frozen backbone; fakes = [G_k(h_{l_k}) per exit k]
 # --------------------------------------------------------------------------------------------------
-def distillation_loss(
-    exit_logits: torch.Tensor, final_logits: torch.Tensor, temperature: float
-) -> torch.Tensor:
+def distillation_loss(exit_logits: torch.Tensor, final_logits: torch.Tensor,
+                      temperature: float) -> torch.Tensor:
     """T^2 KL(p_L^T || p_k^T): the exit matches the final layer's softened answer distribution
     (Hinton et al.)."""
     log_p_exit = F.log_softmax(exit_logits.float() / temperature, dim=1)
@@ -209,8 +197,7 @@ def distillation_loss(
     return temperature ** 2 * F.kl_div(log_p_exit, p_final, reduction="batchmean")
 
 
-# The adversarial terms ADV_k a generator can be trained with: name -> f(free, fake, real) ->
-# scalar.
+# The adversarial terms ADV_k a generator can be trained with: name -> f(free, fake, real) -> scalar
 def gan_term(free: "FREE", fake: torch.Tensor, real: torch.Tensor) -> torch.Tensor:
     """The paper's ADV_k = BCE(D(G_k(h_{l_k})), 1), the non-saturating GAN loss: fool D."""
     d_fake = free.disc(free.backbone.norm(fake))                                          # (B,)
@@ -242,9 +229,8 @@ METHODS = {"free": ("adv", "kd", "ce"), "kd": ("kd",), "ce": ("ce",)}
 # NOTE (deviation): the paper's sum over k is a mean here, so that real and fake weigh the same:
 # summed, the K fake terms outweighed the one real term K to 1 and D learned to call everything
 # fake.
-def discriminator_loss(
-    free: "FREE", real: torch.Tensor, fakes: list[torch.Tensor]
-) -> tuple[torch.Tensor, dict]:
+def discriminator_loss(free: "FREE", real: torch.Tensor,
+                       fakes: list[torch.Tensor]) -> tuple[torch.Tensor, dict]:
     """L_D on the normed [CLS] features (fakes detached: this step trains D only), and D's
     accuracies."""
     norm = free.backbone.norm
@@ -256,16 +242,11 @@ def discriminator_loss(
                   "d_fake_acc": (d_fake < 0).float().mean()}
 
 
-# Generator step: exit features should fool D and let the frozen head answer as the final layer
-# does.
+# Generator step: exit features should fool D and let the frozen head answer as the final layer does
 #   L_G = sum_k [ lambda_adv ADV_k + lambda_kd T^2 KL(p_L^T || p_k^T) + lambda_ce CE(p_k, y) ]
-def generator_loss(
-    free: "FREE",
-    real: torch.Tensor,
-    fakes: list[torch.Tensor],
-    targets: torch.Tensor | None,
-    labelled: torch.Tensor,
-) -> tuple[torch.Tensor, dict]:
+def generator_loss(free: "FREE", real: torch.Tensor, fakes: list[torch.Tensor],
+                   targets: torch.Tensor | None,
+                   labelled: torch.Tensor) -> tuple[torch.Tensor, dict]:
     """L_G with the terms of the method (METHODS). targets (B, A) soft labels or None (label-free);
     labelled (B,) bool: the questions whose labels the exits may see (CE reads only those)."""
     cfg = free.cfg
@@ -308,9 +289,8 @@ class ExitRule:
     what: str
     whole: bool = False          # thresholds are whole numbers
 
-    def fires(
-        self, conf: torch.Tensor, probs: torch.Tensor, streak: torch.Tensor, threshold: float
-    ) -> torch.Tensor:
+    def fires(self, conf: torch.Tensor, probs: torch.Tensor, streak: torch.Tensor,
+              threshold: float) -> torch.Tensor:
         """(B,) bool: the samples that leave here."""
         m = self.measure(conf, probs, streak)
         return m >= threshold if self.high else m <= threshold
@@ -322,35 +302,18 @@ def normalised_entropy(probs: torch.Tensor) -> torch.Tensor:
 
 
 RULES = {
-    # FREE's rule (and DeeBERT's confidence rule): the answer's probability is at least the
-    # threshold
-    "maxprob": ExitRule(
-        lambda conf, probs, streak: conf,
-        True,
-        lambda K: [0.5, 0.6, 0.7, 0.8, 0.85, 0.9, 0.95, 0.98, 0.99, 0.995, 0.999],
-        0.9,
-        (0.0, 1.0),
-        "the answer's probability",
-    ),
+    # FREE's rule (and DeeBERT's confidence rule): the answer's probability reaches the threshold
+    "maxprob": ExitRule(lambda conf, probs, streak: conf, True,
+                        lambda K: [0.5, 0.6, 0.7, 0.8, 0.85, 0.9, 0.95, 0.98, 0.99, 0.995, 0.999],
+                        0.9, (0.0, 1.0), "the answer's probability"),
     # DeeBERT's entropy rule: the answer distribution is peaked enough
-    "entropy": ExitRule(
-        lambda conf, probs, streak: normalised_entropy(probs),
-        False,
-        lambda K: [0.6, 0.5, 0.4, 0.3, 0.2, 0.15, 0.1, 0.05, 0.02, 0.01, 0.001],
-        0.1,
-        (0.0, 1.0),
-        "the answer distribution's entropy / log A",
-    ),
+    "entropy": ExitRule(lambda conf, probs, streak: normalised_entropy(probs), False,
+                        lambda K: [0.6, 0.5, 0.4, 0.3, 0.2, 0.15, 0.1, 0.05, 0.02, 0.01, 0.001],
+                        0.1, (0.0, 1.0), "the answer distribution's entropy / log A"),
     # PABEE: the same answer at `threshold` consecutive exits
-    "patience": ExitRule(
-        lambda conf, probs, streak: streak.float(),
-        True,
-        lambda K: list(range(1, K + 1)),
-        2,
-        (1, math.inf),
-        "exits in a row with this answer",
-        whole=True,
-    ),
+    "patience": ExitRule(lambda conf, probs, streak: streak.float(), True,
+                         lambda K: list(range(1, K + 1)), 2, (1, math.inf),
+                         "exits in a row with this answer", whole=True),
 }
 
 

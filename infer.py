@@ -4,14 +4,21 @@
     python infer.py --ckpt out/ckpt.pt --eval [--split test] [--json FILE.json] [--plot FILE.png]
 
 The paper's promise: inference is input-adaptive (a sample leaves at the first exit confident
-enough) and so faster at comparable accuracy. Here samples that exit leave the batch and stop
-computing (free_min.early_exit_predict), and the speedup is measured in wall-clock time against the
-full model in the same process, beside the paper's layer-count view. The report (--eval) holds the
-full model's accuracy and every exit's (the depth profile, beside a raw readout of the same layer
-without G_k); mid-crisis and overthinking; a threshold sweep per exit rule (free_min.RULES); a
-calibrated operating point, picked on *val* (the fastest whose accuracy drop is <= --max-drop
-points), reported on the eval split and timed at batch 1 and batched; and the depth each question
-family runs to there. Its statistics, cost models, printing and figure are in report.py.
+enough) and so faster at comparable accuracy (free_min.early_exit_predict):
+
+    h = embed(image, question)
+    for l = 1..L:  h = layer_l(h);  at an exit k (l = l_k):  p_k = softmax(head(G_k(h)))
+                   the rows with max p_k >= alpha answer argmax p_k and leave the batch
+    the rows left answer from the final layer
+
+Samples that exit stop computing, and the speedup is measured in wall-clock time against the full
+model in the same process (time_speedup), beside the paper's layer-count view. The report (--eval)
+holds the full model's accuracy and every exit's (the depth profile, beside a raw readout of the
+same layer without G_k); mid-crisis and overthinking; a threshold sweep per exit rule
+(free_min.RULES); a calibrated operating point, picked on *val* (the fastest whose accuracy drop
+is <= --max-drop points), reported on the eval split and timed at batch 1 and batched; and the
+depth each question family runs to there. Its statistics, cost models, printing and figure are in
+report.py.
 """
 import argparse
 import os

@@ -61,9 +61,8 @@ class ModelConfig:
     vocab_size: int = field(default=0, metadata={"flag": False})
     # answer vocabulary A (from the data)
     num_answers: int = field(default=0, metadata={"flag": False})
-    # image normalisation
+    # image normalisation (mean and std)
     pixel_mean: tuple = field(default=(0.5, 0.5, 0.5), metadata={"flag": False})
-    # image normalisation
     pixel_std: tuple = field(default=(0.25, 0.25, 0.25), metadata={"flag": False})
 
 
@@ -71,31 +70,23 @@ def check_model_config(cfg: ModelConfig) -> None:
     """Refuse an architecture that cannot be built, naming the flag at fault (ValueError)."""
     for name in ("patch_size", "vit_dim", "vit_heads", "merge", "dim", "depth", "heads"):
         if getattr(cfg, name) < 1:
-            raise ValueError(
-                f"--{name.replace('_', '-')} must be at least 1 (got {getattr(cfg, name)})"
-            )
+            raise ValueError(f"--{name.replace('_', '-')} must be at least 1 "
+                             f"(got {getattr(cfg, name)})")
     if cfg.vit_depth < 0:
         raise ValueError(f"--vit-depth must be >= 0 (got {cfg.vit_depth})")
     if not cfg.vit and cfg.patch_size != 2 ** round(math.log2(cfg.patch_size)):
-        raise ValueError(
-            f"--patch-size {cfg.patch_size}: the conv stem halves the image log2(patch size) times,"
-            " so it needs a power of two (2, 4, 8, 16)"
-        )
+        raise ValueError(f"--patch-size {cfg.patch_size}: the conv stem halves the image "
+                         f"log2(patch size) times, so it needs a power of two (2, 4, 8, 16)")
     if cfg.image_size % (cfg.patch_size * cfg.merge):
-        what = (
-            f"the {cfg.image_size} px input of --vit {cfg.vit}"
-            if cfg.vit
-            else f"--image-size {cfg.image_size}"
-        )
-        raise ValueError(
-            f"{what} is not a multiple of patch size x --merge = {cfg.patch_size} x {cfg.merge}"
-        )
+        what = f"--image-size {cfg.image_size}"
+        if cfg.vit:
+            what = f"the {cfg.image_size} px input of --vit {cfg.vit}"
+        raise ValueError(f"{what} is not a multiple of patch size x --merge = {cfg.patch_size} x "
+                         f"{cfg.merge}")
     for width, heads in (("dim", "heads"), ("vit_dim", "vit_heads")):
         if getattr(cfg, width) % getattr(cfg, heads):
-            raise ValueError(
-                f"--{width.replace('_', '-')} {getattr(cfg, width)} is not divisible by "
-                f"--{heads.replace('_', '-')} {getattr(cfg, heads)}"
-            )
+            raise ValueError(f"--{width.replace('_', '-')} {getattr(cfg, width)} is not divisible "
+                             f"by --{heads.replace('_', '-')} {getattr(cfg, heads)}")
     if cfg.vit_weights and not os.path.isfile(cfg.vit_weights):
         raise ValueError(f"--vit-weights {cfg.vit_weights}: file not found")
     if (cfg.vit_pretrained or cfg.vit_weights) and not cfg.vit:
@@ -112,11 +103,8 @@ def conv_stem(patch_size: int, width: int) -> nn.Module:
     layers, c_in, n = [], 3, int(math.log2(patch_size))
     for i in range(n):
         c_out = width if i == n - 1 else max(16, width // 2)
-        layers += [
-            nn.Conv2d(c_in, c_out, 3, stride=2, padding=1, bias=False),
-            nn.BatchNorm2d(c_out),
-            nn.ReLU(),
-        ]
+        layers += [nn.Conv2d(c_in, c_out, 3, stride=2, padding=1, bias=False),
+                   nn.BatchNorm2d(c_out), nn.ReLU()]
         c_in = c_out
     return nn.Sequential(*layers)
 
@@ -125,32 +113,20 @@ def make_vit(cfg: ModelConfig) -> nn.Module:
     """The image encoder, a timm ViT without a head: the built-in small one (conv stem, random
     init), or the timm model --vit names (random init, --vit-weights, or timm's download with
     --vit-pretrained)."""
-    # here, not at the top: its import takes seconds that -h and a bad flag need not wait
-    import timm
+    import timm                # here: its import takes seconds that -h and a bad flag need not wait
     from timm.layers import HybridEmbed
     if cfg.vit:
         pretrained = cfg.vit_pretrained or bool(cfg.vit_weights)
         overlay = dict(pretrained_cfg_overlay=dict(file=cfg.vit_weights)) if cfg.vit_weights else {}
-        return timm.create_model(
-            cfg.vit, pretrained=pretrained, num_classes=0, img_size=cfg.image_size, **overlay
-        )
+        return timm.create_model(cfg.vit, pretrained=pretrained, num_classes=0,
+                                 img_size=cfg.image_size, **overlay)
     # HybridEmbed runs the CNN, then a 1x1 projection to the ViT width: one token per stem output
     # pixel. fc_norm=False: the final LayerNorm is applied to every token in forward_features.
     stem = partial(HybridEmbed, backbone=conv_stem(cfg.patch_size, cfg.vit_dim))
-    return timm.create_model(
-        "vit_tiny_patch16_224",
-        pretrained=False,
-        img_size=cfg.image_size,
-        patch_size=1,
-        embed_layer=stem,
-        embed_dim=cfg.vit_dim,
-        depth=cfg.vit_depth,
-        num_heads=cfg.vit_heads,
-        num_classes=0,
-        class_token=False,
-        global_pool="avg",
-        fc_norm=False,
-    )
+    return timm.create_model("vit_tiny_patch16_224", pretrained=False, img_size=cfg.image_size,
+                             patch_size=1, embed_layer=stem, embed_dim=cfg.vit_dim,
+                             depth=cfg.vit_depth, num_heads=cfg.vit_heads, num_classes=0,
+                             class_token=False, global_pool="avg", fc_norm=False)
 
 
 def describe_timm_vit(name: str) -> dict:
@@ -160,15 +136,10 @@ def describe_timm_vit(name: str) -> dict:
     import timm
     vit = timm.create_model(name, pretrained=False, num_classes=0)
     data = timm.data.resolve_data_config({}, model=vit)
-    return {
-        "image_size": data["input_size"][-1],
-        "patch_size": vit.patch_embed.patch_size[0],
-        "vit_dim": vit.embed_dim,
-        "pixel_mean": tuple(data["mean"]),
-        "pixel_std": tuple(data["std"]),
-        "crop_pct": data["crop_pct"],
-        "interpolation": data["interpolation"],
-    }
+    return {"image_size": data["input_size"][-1], "patch_size": vit.patch_embed.patch_size[0],
+            "vit_dim": vit.embed_dim, "pixel_mean": tuple(data["mean"]),
+            "pixel_std": tuple(data["std"]), "crop_pct": data["crop_pct"],
+            "interpolation": data["interpolation"]}
 
 
 class Block(nn.Module):
@@ -189,11 +160,10 @@ class Block(nn.Module):
         self.attn = nn.ModuleDict({"qkv": nn.Linear(dim, 3 * dim), "proj": nn.Linear(dim, dim)})
         self.mlp = nn.ModuleDict({"fc1": nn.Linear(dim, 4 * dim), "fc2": nn.Linear(4 * dim, dim)})
 
-    def forward(
-        self, x: torch.Tensor, attn_mask: torch.Tensor | None = None, cls_only: bool = False
-    ) -> torch.Tensor:
-        """x (B, S, D), attn_mask (B, 1, 1, S) bool (True = may be attended) or None -> (B, S,
-        D), or (B, 1, D)."""
+    def forward(self, x: torch.Tensor, attn_mask: torch.Tensor | None = None,
+                cls_only: bool = False) -> torch.Tensor:
+        """x (B, S, D), attn_mask (B, 1, 1, S) bool (True = may be attended) or None
+        -> (B, S, D), or (B, 1, D)."""
         B, S, D = x.shape
         # (B, S, 3, H, hd)
         qkv = self.attn["qkv"](self.norm1(x)).view(B, S, 3, self.heads, D // self.heads)
@@ -214,11 +184,9 @@ def soft_cross_entropy(logits: torch.Tensor, targets: torch.Tensor) -> torch.Ten
     mass = targets.sum(dim=1)                                                  # (B,)
     has = mass > 0
     t = targets[has] / mass[has, None]                                         # (B', A)
-    return (
-        -(t * F.log_softmax(logits[has].float(), dim=1)).sum(dim=1).mean()
-        if has.any()
-        else logits.sum() * 0.0
-    )
+    if not has.any():
+        return logits.sum() * 0.0                    # no answer to learn: a zero that backprops
+    return -(t * F.log_softmax(logits[has].float(), dim=1)).sum(dim=1).mean()
 
 
 class VLM(nn.Module):
@@ -240,12 +208,9 @@ class VLM(nn.Module):
         self.norm = nn.LayerNorm(cfg.dim)
         self.classifier = nn.Linear(cfg.dim, cfg.num_answers)
         self.init_language_model()
-        self.register_buffer(
-            "pixel_mean", torch.tensor(cfg.pixel_mean).view(1, 3, 1, 1), persistent=False
-        )
-        self.register_buffer(
-            "pixel_std", torch.tensor(cfg.pixel_std).view(1, 3, 1, 1), persistent=False
-        )
+        mean, std = torch.tensor(cfg.pixel_mean), torch.tensor(cfg.pixel_std)
+        self.register_buffer("pixel_mean", mean.view(1, 3, 1, 1), persistent=False)
+        self.register_buffer("pixel_std", std.view(1, 3, 1, 1), persistent=False)
 
     def train(self, mode: bool = True):
         """A frozen image encoder stays in eval mode (its BatchNorm statistics must not move
@@ -275,9 +240,8 @@ class VLM(nn.Module):
             for proj in (block.attn["proj"], block.mlp["fc2"]):
                 nn.init.trunc_normal_(proj.weight, std=0.02 / math.sqrt(2 * len(self.blocks)))
         nn.init.normal_(self.tok_emb.weight, std=1.0)
-        nn.init.trunc_normal_(
-            self.visual_proj.weight, std=1.0 / math.sqrt(self.visual_proj.in_features)
-        )
+        visual_std = 1.0 / math.sqrt(self.visual_proj.in_features)
+        nn.init.trunc_normal_(self.visual_proj.weight, std=visual_std)
         nn.init.trunc_normal_(self.text_pos, std=0.02)
         nn.init.trunc_normal_(self.visual_pos, std=0.02)
 
@@ -292,9 +256,8 @@ class VLM(nn.Module):
         tokens = self.vit.forward_features((images - self.pixel_mean) / self.pixel_std)
         return tokens[:, self.vit.num_prefix_tokens:]                                   # (B, P, Dv)
 
-    def encode_image(
-        self, images: torch.Tensor | None, patches: torch.Tensor | None = None
-    ) -> torch.Tensor:
+    def encode_image(self, images: torch.Tensor | None,
+                     patches: torch.Tensor | None = None) -> torch.Tensor:
         """images (B, 3, H, W), or their ViT tokens `patches` (B, P, Dv) -> visual tokens (B, N,
         D)."""
         x = self.patch_features(images) if patches is None else patches     # (B, P, Dv)
@@ -338,9 +301,8 @@ class VLM(nn.Module):
             states.append(self.layer(i, states[-1], attn_mask))
         return states, attn_mask
 
-    def forward(
-        self, images, tokens: torch.Tensor, text_mask: torch.Tensor, patches=None
-    ) -> torch.Tensor:
+    def forward(self, images, tokens: torch.Tensor, text_mask: torch.Tensor,
+                patches=None) -> torch.Tensor:
         """The full model: logits (B, A). `patches` = patch_features(images), if at hand."""
         h, attn_mask = self.embed(images, tokens, text_mask, patches)
         for i in range(self.depth):

@@ -1,9 +1,11 @@
-"""What the two commands do before their work starts; nothing here is needed to follow the paper.
+"""What the two commands do around the method; nothing here is needed to follow the paper.
 
-* train.py: every flag checked and the checkpoint the run starts from read, before any data is made
-  or any step taken (a bad flag costs seconds and touches nothing written); --resume refuses other
-  settings than the interrupted run's; --vit NAME takes its input size and normalisation from timm;
-* infer.py: its flags checked; a trained checkpoint rebuilt into the backbone and its exits.
+  * train.py: every flag checked and the checkpoint the run starts from read, before any data is
+    made or any step taken (a bad flag costs seconds and touches nothing written); --resume
+    refuses other settings than the interrupted run's; --vit NAME takes its input size and
+    normalisation from timm; the run's data; what each stage's checkpoint holds;
+  * infer.py: its flags checked; a trained checkpoint rebuilt into the backbone and its exits;
+    the files it reads and writes; the threshold --image uses.
 """
 
 import json
@@ -16,16 +18,8 @@ from tokenizers import Tokenizer
 from data import DataConfig, DataError, check_data_config, load_data
 from free_min import FREE, RULES, ExitConfig, check_exit_config, resolve_exit_layers
 from model import VLM, ModelConfig, check_model_config, describe_timm_vit, make_vit
-from runtime import (
-    ConfigError,
-    export_checkpoint,
-    flag,
-    is_main,
-    load_checkpoint,
-    require,
-    rng_state,
-    save_atomic,
-)
+from runtime import (ConfigError, export_checkpoint, flag, is_main, load_checkpoint, require,
+                     rng_state, save_atomic)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -40,16 +34,10 @@ def adopt_timm_encoder(dcfg: DataConfig, mcfg: ModelConfig) -> None:
         raise ValueError(f"--vit {mcfg.vit}: not a timm model name "
                          f"(python -c \"import timm; print(timm.list_models('vit*'))\")")
     enc = describe_timm_vit(mcfg.vit)
-    dcfg.image_size, dcfg.crop_pct, dcfg.interpolation = (
-        enc["image_size"],
-        enc["crop_pct"],
-        enc["interpolation"],
-    )
-    mcfg.image_size, mcfg.patch_size, mcfg.vit_dim = (
-        enc["image_size"],
-        enc["patch_size"],
-        enc["vit_dim"],
-    )
+    dcfg.image_size, dcfg.crop_pct = enc["image_size"], enc["crop_pct"]
+    dcfg.interpolation = enc["interpolation"]
+    mcfg.image_size, mcfg.patch_size = enc["image_size"], enc["patch_size"]
+    mcfg.vit_dim = enc["vit_dim"]
     mcfg.pixel_mean, mcfg.pixel_std = enc["pixel_mean"], enc["pixel_std"]
     if mcfg.vit_weights:
         try:
@@ -370,9 +358,8 @@ def report_paths(cfg) -> tuple[str, str]:
     """--json and --plot, or beside the checkpoint: report.json and speedup.png for the test
     split (the names train.py gives the same report), report_SPLIT.json and speedup_SPLIT.png for
     another split."""
-    folder, tail = os.path.dirname(os.path.abspath(cfg.ckpt)), (
-        "" if cfg.split == "test" else f"_{cfg.split}"
-    )
+    folder = os.path.dirname(os.path.abspath(cfg.ckpt))
+    tail = "" if cfg.split == "test" else f"_{cfg.split}"
     return (cfg.json or os.path.join(folder, f"report{tail}.json"),
             cfg.plot or os.path.join(folder, f"speedup{tail}.png"))
 
@@ -381,26 +368,13 @@ def pick_threshold(free, cfg, calibrated: dict) -> tuple[float, list[int] | None
     """The threshold and exits --image uses, and how they were chosen: --threshold if given; else
     the run's calibrated point for this rule (none evaluated, i.e. the full model, where
     calibration found no point that keeps its promise); else the rule's default."""
+    default = RULES[cfg.rule].default
     if cfg.threshold != -1:
         return cfg.threshold, None, f"threshold {cfg.threshold:g}"
     if calibrated.get("rule") == cfg.rule and calibrated.get("threshold") is not None:
-        how = (
-            f"threshold {calibrated['threshold']:g} (calibrated,"
-            f" {calibrated.get('calibration', 'empirical')})"
-        )
-        return (
-            calibrated["threshold"],
-            [free.exit_layers.index(l) for l in calibrated["exit_layers"]],
-            how,
-        )
+        exits = [free.exit_layers.index(l) for l in calibrated["exit_layers"]]
+        how = f"calibrated, {calibrated.get('calibration', 'empirical')}"
+        return calibrated["threshold"], exits, f"threshold {calibrated['threshold']:g} ({how})"
     if calibrated.get("rule") == cfg.rule:
-        return (
-            RULES[cfg.rule].default,
-            [],
-            "no exit: calibration found no point that keeps its promise",
-        )
-    return (
-        RULES[cfg.rule].default,
-        None,
-        f"threshold {RULES[cfg.rule].default:g} (the rule's default; not calibrated)",
-    )
+        return default, [], "no exit: calibration found no point that keeps its promise"
+    return default, None, f"threshold {default:g} (the rule's default; not calibrated)"

@@ -129,25 +129,16 @@ def per_family_depth(free, split, probs: dict, sim: dict | None) -> dict:
 
         def acc(pred):
             return 100.0 * split.score(idx, pred[idx]).mean().item()
-        out[fam] = {
-            "exits": [acc(p.argmax(1)) for p in probs["exits"]],
-            "final": acc(probs["final"].argmax(1)),
-        }
-        if sim is not None:
-            shares = torch.bincount(sim["exit"][idx], minlength=free.num_exits + 1).float() / len(
-                idx
-            )
-            where = free.exit_layers + ["final"]
-            out[fam] |= {
-                "avg_layers": torch.tensor(free.exit_layers + [free.backbone.depth])[sim["exit"]][
-                    idx
-                ]
-                .float()
-                .mean()
-                .item(),
-                "accuracy": acc(sim["pred"]),
-                "exit_share": {str(l): 100.0 * s.item() for l, s in zip(where, shares)},
-            }
+        out[fam] = {"exits": [acc(p.argmax(1)) for p in probs["exits"]],
+                    "final": acc(probs["final"].argmax(1))}
+        if sim is None:
+            continue
+        depth_of = torch.tensor(free.exit_layers + [free.backbone.depth]).float()   # exits, final
+        shares = torch.bincount(sim["exit"][idx], minlength=free.num_exits + 1).float() / len(idx)
+        where = free.exit_layers + ["final"]
+        out[fam] |= {"avg_layers": depth_of[sim["exit"][idx]].mean().item(),
+                     "accuracy": acc(sim["pred"]),
+                     "exit_share": {str(l): 100.0 * s.item() for l, s in zip(where, shares)}}
     return out
 
 

@@ -108,11 +108,9 @@ def parse_configs(argv, description: str, classes: tuple, presets: dict, uses: d
     pre.add_argument("--preset", default="default", choices=list(presets))
     preset = pre.parse_known_args(argv)[0].preset
     p = Parser(description=description, formatter_class=argparse.RawDescriptionHelpFormatter)
-    changes = [
-        f"{name} ({uses[name]}) changes " + ", ".join(f"{flag(k)} {v}" for k, v in values.items())
-        for name, values in presets.items()
-        if values
-    ]
+    changes = [f"{name} ({uses[name]}) changes "
+               + ", ".join(f"{flag(k)} {v}" for k, v in kw.items())
+               for name, kw in presets.items() if kw]
     p.add_argument("--preset", default="default", choices=list(presets),
                    help=f"named defaults: default ({uses['default']}); " + "; ".join(changes)
                    + ". The defaults shown below are those of the preset given")
@@ -132,9 +130,8 @@ def require(cfg, names, low: float, strict: bool) -> None:
     for name in names:
         value = getattr(cfg, name)
         if value < low or (strict and value == low):
-            raise ConfigError(
-                f"{flag(name)} must be {'>' if strict else '>='} {low:g} (got {value})"
-            )
+            sign = ">" if strict else ">="
+            raise ConfigError(f"{flag(name)} must be {sign} {low:g} (got {value})")
 
 
 # --------------------------------------------------------------------------------------------------
@@ -172,32 +169,22 @@ def pick_threads(requested: int) -> tuple[int, str]:
         cores = os.cpu_count() or 1
     load = os.getloadavg()[0] if hasattr(os, "getloadavg") else 0.0
     free = max(1, min(cores, round(cores - load)))
-    return (
-        free,
-        (
-            f"{cores} cores, {load:.1f} of them busy with other work (load average); --threads N to"
-            " choose"
-        ),
-    )
+    return free, (f"{cores} cores, {load:.1f} of them busy with other work (load average); "
+                  f"--threads N to choose")
 
 
 def pick_dtype(device: torch.device) -> tuple[torch.dtype, str]:
     """The autocast dtype and why: mixed precision on CUDA (bf16 where supported, else fp16 with
     loss scaling), float32 elsewhere (on CPUs, bf16 autocast was slower than float32,
     RESULTS.md)."""
-    # including_emulation=False: a GPU without bf16 units (T4, V100, RTX 20xx) would emulate it,
-    # slowly
+    # including_emulation=False: a GPU without bf16 units (T4, V100, RTX 20xx) would emulate it
     if device.type == "cuda" and torch.cuda.is_bf16_supported(including_emulation=False):
-        return (
-            torch.bfloat16,
-            "bf16 autocast: this GPU computes in bfloat16 (no loss scaling needed)",
-        )
+        return torch.bfloat16, ("bf16 autocast: this GPU computes in bfloat16 "
+                                "(no loss scaling needed)")
     if device.type == "cuda":
         return torch.float16, "fp16 autocast with a grad scaler: this GPU has no bfloat16"
-    return (
-        torch.float32,
-        f"float32: mixed precision is used on CUDA only, and this is {device.type}",
-    )
+    return torch.float32, (f"float32: mixed precision is used on CUDA only, and this is "
+                           f"{device.type}")
 
 
 def setup(device_choice: str, threads: int) -> str:
@@ -332,9 +319,8 @@ def wait_for_main() -> None:
 
 def progress_bar(iterable, desc: str):
     """A progress bar (process 0 only)."""
-    return tqdm(
-        iterable, desc=desc, leave=False, dynamic_ncols=True, disable=None if is_main() else True
-    )
+    disable = None if is_main() else True                   # None: off where output is no terminal
+    return tqdm(iterable, desc=desc, leave=False, dynamic_ncols=True, disable=disable)
 
 
 class EpochScores:
@@ -354,10 +340,8 @@ class EpochScores:
             family[0], family[1] = family[0] + s, family[1] + 1
 
     def postfix(self) -> dict:
-        return {
-            "loss": f"{self.loss / self.seen:.3f}",
-            "acc": f"{100 * self.hits / self.seen:.1f}%",
-        }
+        loss, accuracy = self.loss / self.seen, 100 * self.hits / self.seen
+        return {"loss": f"{loss:.3f}", "acc": f"{accuracy:.1f}%"}
 
     def family_accuracy(self, families: list[str]) -> dict[str, float]:
         """Family -> accuracy (%) over all processes (each sums the same list of `families`)."""
@@ -429,9 +413,8 @@ def load_checkpoint(path: str, flag_name: str = "") -> dict:
     except Exception as e:  # a truncated or foreign file: say which file, not a traceback
         raise CheckpointError(f"{where}: not a readable checkpoint ({e.__class__.__name__})")
     if not isinstance(state, dict) or not {"model", "model_config", "data_config"} <= set(state):
-        raise CheckpointError(
-            f"{where}: not a free-min checkpoint (no backbone weights and configs in it)"
-        )
+        raise CheckpointError(f"{where}: not a free-min checkpoint (no backbone weights and "
+                              f"configs in it)")
     return state
 
 
@@ -469,9 +452,8 @@ def export_checkpoint(path: str, ckpt: str) -> None:
     state = {k: v for k, v in load_checkpoint(ckpt).items() if k not in TRAINING_STATE}
     for key in ("model", "exits"):
         if key in state:
-            state[key] = {
-                k: v.half() if v.is_floating_point() else v for k, v in state[key].items()
-            }
+            state[key] = {k: v.half() if v.is_floating_point() else v
+                          for k, v in state[key].items()}
     save_atomic(path, state)
     print(f"wrote {path} ({os.path.getsize(path) / 1e6:.1f} MB)")
 
@@ -525,16 +507,8 @@ def fold_batchnorm(model: nn.Module) -> nn.Module:
 def folded_conv(conv: nn.Conv2d, bn: nn.Module) -> nn.Conv2d:
     """The convolution w' * x + c' that computes bn(conv(x)) in eval mode (see fold_batchnorm)."""
     scale = bn.weight / torch.sqrt(bn.running_var + bn.eps)                       # (C_out,)
-    fused = nn.Conv2d(
-        conv.in_channels,
-        conv.out_channels,
-        conv.kernel_size,
-        conv.stride,
-        conv.padding,
-        conv.dilation,
-        conv.groups,
-        bias=True,
-    ).to(conv.weight.device)
+    fused = nn.Conv2d(conv.in_channels, conv.out_channels, conv.kernel_size, conv.stride,
+                      conv.padding, conv.dilation, conv.groups, bias=True).to(conv.weight.device)
     fused.weight.copy_(conv.weight * scale[:, None, None, None])               # (C_out, C_in, k, k)
     bias = conv.bias if conv.bias is not None else torch.zeros_like(bn.running_mean)
     fused.bias.copy_(bn.bias + (bias - bn.running_mean) * scale)
@@ -583,8 +557,7 @@ class StepClock:
             self.t5 = time.perf_counter()
         if self.n == 25 and self.steps_left > 50:
             per_step = (time.perf_counter() - self.t5) / 20
-            tqdm.write(
-                f"stage 1 will take about {per_step * (self.steps_left - 25) / 60:.1f} min more "
-                f"here ({per_step:.3f} s a step on {self.device}, {torch.get_num_threads()} "
-                "threads; evaluations not included)"
-            )
+            minutes = per_step * (self.steps_left - 25) / 60
+            tqdm.write(f"stage 1 will take about {minutes:.1f} min more here ({per_step:.3f} s a "
+                       f"step on {self.device}, {torch.get_num_threads()} threads; evaluations "
+                       f"not included)")

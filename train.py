@@ -8,11 +8,18 @@
 
 Stage 1 trains the backbone VLM (model.py) on VQA-as-classification: the paper starts from a
 pretrained BLIP-2, which we have none of offline. Stage 2 freezes it and trains the exits
-(free_min.py): one D step and one G step per batch (exit_step). Then infer.py's early-exit report
-runs on the test split. Each stage prints its progress, logs one JSON line per evaluation to
-OUT/log.jsonl and writes OUT/ckpt.pt after every epoch (weights, optimizer, step, RNG, configs,
-tokenizer, answers), atomically. What is not the method (processes, precision, checkpoints, flags)
-is in runtime.py and prepare.py.
+(free_min.py), FREE's loop:
+
+    h_0..h_L = the frozen backbone's states of every question, computed once    (frozen_states)
+    for every batch:                                                             (exit_step)
+        fake_k = G_k(h_{l_k}) for each exit k;  real = h_L[CLS]
+        D step:  L_D = BCE(D(real), 1) + (1/K) sum_k BCE(D(fake_k), 0)
+        G step:  L_G = sum_k [l_adv ADV_k + l_kd T^2 KL(p_L^T || p_k^T) + l_ce CE(p_k, y)]
+
+Then infer.py's early-exit report runs on the test split. Each stage prints its progress, logs
+one JSON line per evaluation to OUT/log.jsonl and writes OUT/ckpt.pt after every epoch (weights,
+optimizer, step, RNG, configs, tokenizer, answers), atomically. What is not the method (processes,
+precision, checkpoints, flags) is in runtime.py and prepare.py.
 """
 import math
 import os
