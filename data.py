@@ -1094,16 +1094,6 @@ def load_data(cfg: DataConfig, tokenizer: Tokenizer | None = None, answers: list
     return splits, tokenizer, answers
 
 
-def labelled_mask(n: int, fraction: float, seed: int) -> torch.Tensor:
-    """(n,) bool: the questions whose labels the exits may see, a fixed random `fraction` of the
-    train split (round(fraction * n) of them; the same for every method and epoch of a seed, and
-    nested as it grows)."""
-    order = torch.randperm(n, generator=torch.Generator().manual_seed(seed + 12345))
-    mask = torch.zeros(n, dtype=torch.bool)
-    mask[order[:round(fraction * n)]] = True
-    return mask
-
-
 def batches(
     n: int, batch_size: int, shuffle: bool = False, generator: torch.Generator | None = None
 ):

@@ -29,12 +29,11 @@ from collections import defaultdict
 from dataclasses import asdict, dataclass, field
 
 import torch
-import torch.nn as nn
 from torch import Tensor
 
 import infer
 import report
-from data import (FAMILIES, DataConfig, TrainScenes, batches, family_weights, labelled_mask,
+from data import (FAMILIES, DataConfig, TrainScenes, batches, family_weights,
                   majority_baseline)
 from free_min import FREE, METHODS, ExitConfig, discriminator_loss, generator_loss
 from model import VLM, ModelConfig, soft_cross_entropy
@@ -84,8 +83,7 @@ class TrainConfig:
     export: str = ""
 
 
-# Named presets: overrides of the dataclass defaults (default: none), and what each is for.
-PRESETS = {
+PRESETS = {                    # named overrides of the dataclass defaults; PRESET_USE: what for
     "tiny": dict(train_images=300, val_images=40, test_images=40, dim=64, depth=4, heads=2,
                  epochs=4, batch_size=32, warmup_steps=20, lr=2e-3, exit_epochs=2),
     "default": dict(),
@@ -220,13 +218,21 @@ def evaluate(model: VLM, split, device) -> dict:
 # --------------------------------------------------------------------------------------------------
 # Stage 2: FREE exits on the frozen backbone
 # --------------------------------------------------------------------------------------------------
+def labelled_mask(n: int, fraction: float, seed: int) -> torch.Tensor:
+    """(n,) bool: the questions whose labels the exits may see, a fixed random `fraction` of the
+    train split (the same for every method and epoch of a seed, and nested as it grows)."""
+    order = torch.randperm(n, generator=torch.Generator().manual_seed(seed + 12345))
+    mask = torch.zeros(n, dtype=torch.bool)
+    mask[order[:round(fraction * n)]] = True
+    return mask
+
+
 @torch.no_grad()
 def frozen_states(free: FREE, split) -> dict:
-    """What stage 2 reads of the frozen backbone, computed once for every question of `split` (each
-    epoch then costs the exits alone): 'inputs' (n, K, S, D) float16, the hidden states entering
-    each exit; 'mask' (n, S) bool, True = real token; 'real' (n, D), the final layer's [CLS]
-    feature h_L. S = the longest question + N; a row keeps the layout of its batch, the rest masked.
-    NOTE (deviation): stored in float16 (half the memory), read back in float32."""
+    """What stage 2 reads of the frozen backbone, computed once per question of `split` (an epoch
+    then costs the exits alone): 'inputs' (n, K, S, D), the states entering each exit; 'mask' (n, S)
+    bool, True = real token; 'real' (n, D), h_L[CLS]. S = the longest question + N; a row keeps the
+    layout of its batch. NOTE (deviation): float16 (half the memory), read back in float32."""
     n, K, D = len(split), free.num_exits, free.backbone.cfg.dim
     S = int(split.text_mask.sum(dim=1).max()) + free.backbone.num_visual
     out = {"inputs": torch.zeros(n, K, S, D, dtype=torch.float16),
@@ -300,9 +306,8 @@ def exit_optimizers(free: FREE, scaler) -> tuple[Optimizer, Optimizer]:
 
 def train_exits(free: FREE, states: dict, splits: dict, tcfg: TrainConfig, save,
                 progress: dict | None = None) -> None:
-    """Stage 2: the exits (and D) for exit_epochs over the train questions, from their frozen
-    `states` (frozen_states); after each epoch every exit's val accuracy and a checkpoint
-    (save(progress), progress None once the last epoch is done)."""
+    """Stage 2: the exits (and D) for exit_epochs over the train questions' frozen `states`; after
+    each epoch every exit's val accuracy and a checkpoint (save(progress), None after the last)."""
     ecfg, train = free.cfg, splits["train"]
     labelled = labelled_mask(len(train), ecfg.label_fraction, tcfg.seed)
     pool = torch.arange(len(train))                   # the ce baseline learns from labelled answers
@@ -346,7 +351,7 @@ def run_backbone(run: Run, state: dict | None) -> tuple[VLM, dict]:
     if state is not None:
         model.load_state_dict(state["model"])
     if WORLD["size"] > 1 and RUN["device"].type == "cuda":     # the global batch's statistics
-        model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
+        model = torch.nn.SyncBatchNorm.convert_sync_batchnorm(model)
     print(f"model: {sum(p.numel() for p in model.parameters()) / 1e6:.2f}M parameters, "
           f"{run.model.depth} language-model layers of width {run.model.dim}")
     if run.model.freeze_vit:
@@ -400,9 +405,8 @@ def run_exits(run: Run, model: VLM, state: dict, source: dict, splits: dict) -> 
 
 
 def report_exits(free: FREE, splits: dict, run: Run) -> None:
-    """After stage 2: the exits' test depth profile (printed and logged); infer.py's early-exit
-    report, run and timed where the model trained, its calibrated point stored in the checkpoint for
-    infer.py --image; then --export."""
+    """After stage 2: the exits' test depth profile; infer.py's report, timed where the model
+    trained, its calibrated point kept in the checkpoint for infer.py --image; then --export."""
     test = infer.exit_profile(splits["test"], infer.collect(free, splits["test"], EVAL_BATCH),
                               free.exit_layers)
     report.log_exit_test(run.train.out, free.cfg, test)

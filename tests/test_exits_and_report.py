@@ -85,11 +85,11 @@ def test_label_free_methods_never_read_a_label(backbone, tmp_path, monkeypatch, 
 
 def test_label_fraction_selects_round_f_n_fixed_questions():
     for n, f in [(1000, 0.1), (999, 0.01), (37, 0.5), (10, 0.0), (10, 1.0)]:
-        mask = data.labelled_mask(n, f, seed=0)
+        mask = train.labelled_mask(n, f, seed=0)
         assert mask.sum().item() == round(f * n)
-        assert torch.equal(mask, data.labelled_mask(n, f, seed=0))                   # fixed for a seed
-    assert not torch.equal(data.labelled_mask(1000, 0.1, 0), data.labelled_mask(1000, 0.1, 1))
-    assert (data.labelled_mask(1000, 0.1, 0) <= data.labelled_mask(1000, 0.2, 0)).all()  # nested as F grows
+        assert torch.equal(mask, train.labelled_mask(n, f, seed=0))                   # fixed for a seed
+    assert not torch.equal(train.labelled_mask(1000, 0.1, 0), train.labelled_mask(1000, 0.1, 1))
+    assert (train.labelled_mask(1000, 0.1, 0) <= train.labelled_mask(1000, 0.2, 0)).all()  # nested as F grows
 
 
 @pytest.mark.parametrize("method", ["free", "ce"])
@@ -97,8 +97,8 @@ def test_cross_entropy_reads_only_the_labelled_fraction(backbone, tmp_path, monk
     """At 0 < F < 1 the exits depend on the labels of the round(F n) labelled questions and on no other."""
     args = ["--exit-method", method, "--label-fraction", "0.25", "--exit-epochs", "1"]
     a = exits_run(backbone, tmp_path / "a", *args)
-    labelled = lambda n: torch.nonzero(data.labelled_mask(n, 0.25, seed=0)).squeeze(1)
-    unlabelled = lambda n: torch.nonzero(~data.labelled_mask(n, 0.25, seed=0)).squeeze(1)
+    labelled = lambda n: torch.nonzero(train.labelled_mask(n, 0.25, seed=0)).squeeze(1)
+    unlabelled = lambda n: torch.nonzero(~train.labelled_mask(n, 0.25, seed=0)).squeeze(1)
     with monkeypatch.context() as m:
         scrambled_loader(m, unlabelled)
         assert same_exits(a, exits_run(backbone, tmp_path / "b", *args))
