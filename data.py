@@ -485,11 +485,11 @@ GENERATORS = {"exist": _q_exist, "query_color": _q_query_color, "query_shape": _
 
 
 # NOTE (deviation): the scene facts. Each generator also returns the intermediate facts its answer
-# is computed from, which stage 1 may teach the language model (train.SceneHeads), as a stand-in for
-# what a pretrained BLIP-2 brings: `count`, the count; `compare`, the counts of the first- and the
-# second-named group; `relate`, where the reference object and the target are (a cell of a FACT_GRID
-# x FACT_GRID grid over the image). Other families carry none, and VQA v2 data has none.
-# name -> classes (0: cells)
+# is computed from, which stage 1 may teach the language model (stand_ins.SceneHeads), as a stand-in
+# for what a pretrained BLIP-2 brings: `count`, the count; `compare`, the counts of the first- and
+# the second-named group; `relate`, where the reference object and the target are (a cell of a
+# FACT_GRID x FACT_GRID grid over the image). Other families carry none, and VQA v2 data has none.
+# name -> classes (0: a cell of the grid, FACT_GRID ** 2 of them)
 FACTS = {"reference": 0, "target": 0, "first_count": 7, "second_count": 7}
 FACT_GRID = 8
 
@@ -1027,8 +1027,8 @@ class Split:
         inputs = {"images": None, "tokens": self.tokens[ids], "text_mask": self.text_mask[ids]}
         if self.patches is not None and not raw_images:
             return inputs | {"patches": self.patches[self.image_index[ids]].float()}    # (B, P, Dv)
-        # (B, 3, H, W)
-        return inputs | {"images": self.images[self.image_index[ids]].float() / 255.0}
+        images = self.images[self.image_index[ids]].float() / 255.0              # (B, 3, H, W)
+        return inputs | {"images": images}
 
     def soft_targets(self, ids: torch.Tensor, num_answers: int) -> torch.Tensor:
         """Dense soft targets (B, A) from the stored (index, score) pairs."""

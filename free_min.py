@@ -227,8 +227,7 @@ METHODS = {"free": ("adv", "kd", "ce"), "kd": ("kd",), "ce": ("ce",)}
 # Discriminator step: final-layer features are real, exit features fake.
 #   L_D = BCE(D(h_L), 1) + (1/K) sum_k BCE(D(G_k(h_{l_k})), 0)
 # NOTE (deviation): the paper's sum over k is a mean here, so that real and fake weigh the same:
-# summed, the K fake terms outweighed the one real term K to 1 and D learned to call everything
-# fake.
+# summed, the K fake terms outweighed the one real term K to 1, and D learned to call all fake.
 def discriminator_loss(free: "FREE", real: torch.Tensor,
                        fakes: list[torch.Tensor]) -> tuple[torch.Tensor, dict]:
     """L_D on the normed [CLS] features (fakes detached: this step trains D only), and D's
