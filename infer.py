@@ -266,12 +266,13 @@ def accuracy_drop(val, full_pred: torch.Tensor, pred: torch.Tensor) -> float:
 
 # Learn-then-Test (Angelopoulos et al. 2021), as CALM does for early exit in language models
 # (Schuster et al. 2022): for each threshold, from the most conservative to the most aggressive,
-# test H0: risk > eps with a p-value (report.hb_pvalue), and stop at the first one not rejected at
-# level delta. Every threshold rejected before it has risk <= eps with probability >= 1 - delta over
-# the draw of the calibration questions (testing in a fixed order controls the family-wise error).
-# Searching several sets of exits would void that, so each set is tested at delta / (number of
-# sets) (Bonferroni): all certified points hold at once with probability >= 1 - delta, and so does
-# the fastest of them, which is the one chosen.
+# test H0: risk > eps with the Hoeffding-Bentkus p-value of the mean loss r over n questions,
+#   p = min(exp(-n h(r, eps)), e P(Binomial(n, eps) <= ceil(n r))),  h(a, b) = KL(Ber(a) || Ber(b))
+# (report.hb_pvalue); stop at the first one not rejected at level delta. Every threshold rejected
+# before it has risk <= eps with probability >= 1 - delta over the draw of the calibration questions
+# (testing in a fixed order controls the family-wise error). Searching several sets of exits would
+# void that, so each set is tested at delta / (number of sets) (Bonferroni): all certified points
+# hold at once with probability >= 1 - delta, and so does the fastest of them, the one chosen.
 def calibrate(free, val, val_probs: dict, costs: dict, promise: InferConfig) -> dict:
     """On val: the threshold *and the set of exits evaluated* with the highest predicted speedup
     under the cost model `costs` that keeps the promise (promise.rule, .max_drop, .calibration,
@@ -333,7 +334,7 @@ def time_point(free, split, cal: dict, timing_ids: torch.Tensor, cfg: InferConfi
     for ready, prefix in ((False, ""), (True, "lm_")):
         for ids, batch, name in ((half, 1, "batch1"), (timing_ids, cfg.batch_size, "batched")):
             inputs = timing_batches(free, split, ids, batch, ready)
-            t = time_speedup(free, inputs, point, cfg.repeats)
+            t = time_speedup(free, inputs, point, cfg.repeats) | {"batch_size": batch}
             out |= {f"{prefix}wallclock_speedup_{name}": t["speedup"], f"{prefix}timing_{name}": t}
     return out
 
@@ -421,7 +422,8 @@ def main(argv=None) -> None:
         if cfg.eval:
             splits, _, _ = load_data(dcfg, tokenizer, answers, only=tuple({"val", cfg.split}))
             results = build_report(free, splits, cfg.split, cfg)
-            report.write_report(results, free, *report_paths(cfg))
+            hint = "; choose the files with --json and --plot"
+            report.write_report(results, free, *report_paths(cfg), hint)
         else:
             answer_command(free, answers, state, tokenizer, cfg)
     except UsageError as e:

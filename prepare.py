@@ -15,11 +15,11 @@ from dataclasses import asdict, dataclass, replace
 
 from tokenizers import Tokenizer
 
-from data import DataConfig, DataError, check_data_config, load_data
+from data import DataConfig, check_data_config, load_data
 from free_min import FREE, RULES, ExitConfig, check_exit_config, resolve_exit_layers
 from model import VLM, ModelConfig, check_model_config, describe_timm_vit, make_vit
-from runtime import (ConfigError, export_checkpoint, flag, is_main, load_checkpoint, require,
-                     rng_state, save_atomic)
+from runtime import (CheckpointError, ConfigError, export_checkpoint, flag, is_main,
+                     load_checkpoint, require, rng_state, save_atomic)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -193,11 +193,11 @@ def load_free(cfg):
     try:
         _, free, tokenizer, answers, dcfg = build_from_checkpoint(state)
     except (KeyError, TypeError, ValueError, RuntimeError) as e:
-        raise DataError(f"--ckpt {cfg.ckpt}: not a free-min checkpoint ({e.__class__.__name__}: "
-                        f"{str(e)[:120]})")
+        raise CheckpointError(f"--ckpt {cfg.ckpt}: not a free-min checkpoint "
+                              f"({e.__class__.__name__}: {str(e)[:120]})")
     if free is None:
-        raise DataError(f"--ckpt {cfg.ckpt}: has a backbone but no exits; train them with python "
-                        f"train.py --stage exits")
+        raise CheckpointError(f"--ckpt {cfg.ckpt}: has a backbone but no exits; train them with "
+                              f"python train.py --stage exits")
     return free, tokenizer, answers, dcfg, state
 
 
@@ -342,7 +342,7 @@ def stage2_saver(run, free: FREE, state: dict, source: dict):
 
 
 # --------------------------------------------------------------------------------------------------
-# infer.py's files
+# infer.py's files, and the threshold --image uses
 # --------------------------------------------------------------------------------------------------
 SHIPPED_EXITS = os.path.join(
     os.path.dirname(os.path.abspath(__file__)), "backbones", "shapes-default-free.pt"

@@ -1,4 +1,4 @@
-"""What infer.py's report needs beside FREE itself; nothing here is needed to follow the paper.
+"""The report's parts beside the early-exit measurement in infer.py, and what train.py prints.
 
   * cost models: FLOPs of a layer and of an exit (the paper's layer view), and the seconds each
     part of an early-exit forward takes here at batch 1 (what calibration weighs exit sets by);
@@ -16,9 +16,8 @@ from collections import defaultdict
 
 import torch
 
-from data import DataError
 from free_min import RULES
-from runtime import log_json, save_atomic, synchronize, to_device
+from runtime import ConfigError, log_json, save_atomic, synchronize, to_device
 
 
 # --------------------------------------------------------------------------------------------------
@@ -205,17 +204,15 @@ def promise_text(c: dict) -> str:
     )
 
 
-def write_report(r: dict, free, json_path: str, plot_path: str) -> None:
-    """Print the report and write its JSON and figure (DataError naming the file if it cannot)."""
+def write_report(r: dict, free, json_path: str, plot_path: str, hint: str = "") -> None:
+    """Print the report and write its JSON and figure (ConfigError naming the file, and `hint`,
+    if it cannot)."""
     print_report(r, free)
     try:
         save_atomic(json_path, r)
         plot_report(r, plot_path)
     except OSError as e:
-        raise DataError(
-            f"cannot write the report ({e.strerror}: {e.filename}); choose the files with "
-            "--json and --plot"
-        )
+        raise ConfigError(f"cannot write the report ({e.strerror}: {e.filename}){hint}")
     print(f"wrote {os.path.relpath(json_path)} and {os.path.relpath(plot_path)}")
 
 

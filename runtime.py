@@ -4,8 +4,10 @@
   * flags made from the config dataclasses; the device, the CPU threads and the precision
   * several processes (torchrun): each one's slice of a batch, the gradients' mean, sums of numbers
   * the optimizer step: backward, the mean over processes, clipping, fp16's loss scaling
-  * checkpoints: atomic writes, reading one back, random states, export, resume checks, the JSON log
-  * an inference copy of a model (BatchNorm folded into the convolutions), and a clock for stage 1
+  * checkpoints: atomic writes, reading one back, random states, export, the optimizers' and RNG's
+    restore on --resume, the JSON log
+  * an inference copy of a model (BatchNorm folded into the convolutions), a frozen encoder's token
+    cache, a stage-1 epoch's running scores and a clock for stage 1
 """
 import argparse
 import copy
@@ -193,12 +195,18 @@ def setup(device_choice: str, threads: int) -> str:
     init_distributed(device_choice)
     threads, why_threads = pick_threads(threads)
     torch.set_num_threads(threads)
-    RUN["device"] = pick_device(device_choice)
-    RUN["dtype"], why = pick_dtype(RUN["device"])
+    why = use_device(device_choice)
     line = f"device: {RUN['device']} ({why}); torch threads: {threads} ({why_threads})"
     if WORLD["size"] > 1:
         line += f"; {WORLD['size']} processes (torchrun), each on its slice of every batch"
     return line
+
+
+def use_device(device_choice: str) -> str:
+    """Set RUN's device (--device) and its autocast dtype; returns why that dtype."""
+    RUN["device"] = pick_device(device_choice)
+    RUN["dtype"], why = pick_dtype(RUN["device"])
+    return why
 
 
 def autocast():
@@ -357,7 +365,8 @@ class Optimizer:
     """A torch optimizer stepped as every process must step it. step(loss): backward (the loss
     times this process's share of the batch, through the grad scaler), the gradients' mean over
     the processes, clipping of their global norm if `clip` > 0, and the step; outside autocast.
-    The scaler, shared by a stage's optimizers, is updated once a batch by its loop."""
+    The share is the one shard() set for the batch in hand (1 in a single process). The scaler,
+    shared by a stage's optimizers, is updated once a batch by its loop."""
 
     def __init__(self, opt: torch.optim.Optimizer, scaler: torch.amp.GradScaler, clip: float = 0.0):
         self.opt, self.scaler, self.clip = opt, scaler, clip

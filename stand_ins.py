@@ -21,7 +21,7 @@ from model import VLM, soft_cross_entropy
 # --------------------------------------------------------------------------------------------------
 # NOTE (deviation): BLIP-2 starts from a ViT pretrained on web-scale data, whose tokens already say
 # what is where. Ours is trained from scratch on answers, which reach a visual token only through
-# every language- model layer and an attention that starts out spread evenly: for thousands of steps
+# every language-model layer and an attention that starts out spread evenly: for thousands of steps
 # every token is told the same thing, and the encoder is slow to learn shapes. Stage 1 therefore
 # trains an auxiliary head beside the VLM (dropped afterwards): on shapes data, the pixel labels of
 # the generator (PatchProbe); without them (--aux-weight 0, or VQA v2), the label-free aids below,
@@ -177,9 +177,9 @@ def aux_heads(model: VLM, split, tcfg) -> dict:
 
 
 def aux_inputs(model: VLM, split, ids: torch.Tensor, images: torch.Tensor | None) -> dict:
-    """What the heads read beside the model's inputs, for questions `ids` of `split`, on the images'
-    device: 'pixels' (B, 3, H, W) normalised as the encoder sees them, 'pixel_labels' (B, 2, H, W),
-    'facts' (B, len(FACTS)) and 'patch_size' (None where the data has none of them)."""
+    """What the heads read beside the model's inputs, for questions `ids` of `split`, on the
+    model's device: 'pixels' (B, 3, H, W) normalised as the encoder sees them, 'pixel_labels'
+    (B, 2, H, W) and 'facts' (B, len(FACTS)) (each None where the data has none), 'patch_size'."""
     device = model.pixel_mean.device
     pixels = None if images is None else (images - model.pixel_mean) / model.pixel_std
     labels = (

@@ -19,7 +19,8 @@ pretrained BLIP-2, which we have none of offline. Stage 2 freezes it and trains 
 Then infer.py's early-exit report runs on the test split. Each stage prints its progress, logs
 one JSON line per evaluation to OUT/log.jsonl and writes OUT/ckpt.pt after every epoch (weights,
 optimizer, step, RNG, configs, tokenizer, answers), atomically. What is not the method (processes,
-precision, checkpoints, flags) is in runtime.py and prepare.py.
+precision, checkpoints, flags) is in runtime.py and prepare.py; stage 1's stand-ins for pretraining
+are in stand_ins.py; what is printed and logged, in report.py.
 """
 import math
 import os
@@ -62,10 +63,10 @@ class TrainConfig:
     # on its tokens, and each token reconstructing its patch)
     aux_weight: float = 1.0
     # weight of stage 1's scene-fact loss (shapes data: the language model's [CLS] predicts the
-    # facts each answer is computed from, see SceneHeads; 0 = off)
+    # facts each answer is computed from, see stand_ins.SceneHeads; 0 = off)
     scene_weight: float = 1.0
     # shapes data, stage 1: uniform (every family asked as often) or by-error (each epoch's scenes
-    # ask each family in proportion to its training error, see family_weights)
+    # ask each family in proportion to its training error, see data.family_weights)
     sample_families: str = field(default="by-error", metadata={"choices": ["uniform", "by-error"]})
     seed: int = 0  # seed of initialisation, batch order and labelled fraction
     # auto (cuda, then mps, then cpu), cuda, mps or cpu
@@ -142,7 +143,7 @@ def backbone_batch(model: VLM, split, ids: torch.Tensor) -> dict:
 def backbone_step(model: VLM, heads: dict, batch: dict, opt: Optimizer) -> tuple[float, Tensor]:
     """One optimizer step of stage 1: soft cross-entropy on the answers, plus the auxiliary heads'
     losses. Returns the answer loss (float) and the logits (B, A)."""
-    images, patches = batch["images"], batch["patches"]            # patches: a frozen encoder's
+    images, patches = batch["images"], batch["patches"]            # a frozen encoder's, or None
     with autocast():
         if patches is None:
             patches = model.patch_features(images)                     # (B, P, Dv)
@@ -282,9 +283,8 @@ def exit_step(free: FREE, batch: dict, opt_g: Optimizer, opt_d: Optimizer) -> di
         # Discriminator step: tell final-layer features (real) from exit features (fake)
         with autocast():
             d_loss, stats = discriminator_loss(free, real, fakes)
-        opt_d.step(d_loss)
-    # Generator step: exit features should fool D, and the frozen head should answer from them as
-    # it does from the final layer's
+        opt_d.step(d_loss)                           # backward, mean over processes, step (runtime)
+    # Generator step: exit features should fool D, and the frozen head answer from them as from h_L
     with autocast():
         g_loss, g_stats = generator_loss(free, real, fakes, batch["targets"], batch["labelled"])
     opt_g.step(g_loss)
@@ -331,9 +331,9 @@ def train_exits(free: FREE, states: dict, splits: dict, tcfg: TrainConfig, save,
         totals = all_sum(list(sums.values()))                         # over the processes
         means = {k: v / len(bar) / WORLD["size"] for k, v in zip(sums, totals)}
         if is_main():
+            seconds = {"seconds": time.time() - t0}                   # the epoch, not its val pass
             val = infer.collect(free, splits["val"], EVAL_BATCH)
             profile = infer.exit_profile(splits["val"], val, free.exit_layers)
-            seconds = {"seconds": time.time() - t0}
             report.log_exit_epoch(tcfg.out, ecfg, name, means | seconds, profile)
             last = epoch + 1 == ecfg.exit_epochs
             save(None if last else exit_progress(epoch, opt_g, opt_d, scaler, order))
@@ -421,10 +421,10 @@ def report_exits(free: FREE, splits: dict, run: Run) -> None:
 
 def main(argv=None) -> None:
     args, dcfg, mcfg, tcfg, ecfg = parse_args(argv)
-    run = Run(dcfg, mcfg, tcfg, ecfg, {"preset": args.preset, "train": asdict(tcfg),
-                                       "exits": asdict(ecfg)})
     try:
         state = validate(dcfg, mcfg, tcfg, ecfg)     # every flag, before any data or step
+        describe = {"preset": args.preset, "train": asdict(tcfg), "exits": asdict(ecfg)}
+        run = Run(dcfg, mcfg, tcfg, ecfg, describe)
         print(setup(tcfg.device, tcfg.threads))      # processes (torchrun), threads, device, dtype
         os.makedirs(tcfg.out, exist_ok=True)
         torch.manual_seed(tcfg.seed)

@@ -149,7 +149,8 @@ def screen(families: list[str], steps: int, seed: int, out: str, flags: list[str
 def proxy_run(seed: int, out: str, flags: list[str], oracle: str, pos_std: float, steps: int) -> dict:
     _, dcfg, mcfg, tcfg, ecfg = train.parse_args(flags + ["--seed", str(seed), "--out", out, "--stage", "backbone"])
     prepare.validate(dcfg, mcfg, tcfg, ecfg)                        # the flags checked and completed as train.py does
-    runtime.setup(tcfg.device, tcfg.threads)                        # threads, device and dtype, as train.py sets them
+    torch.set_num_threads(tcfg.threads or torch.get_num_threads())
+    runtime.use_device(tcfg.device)                                 # device and dtype, as train.py
     torch.manual_seed(seed)
     os.makedirs(out, exist_ok=True)
     splits, tok, answers = data.load_data(dcfg, only=("train", "val"))
