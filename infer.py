@@ -213,7 +213,6 @@ def time_speedup(free, inputs: list[dict], point: dict, repeats: int) -> dict:
     full_s, ee_s = (statistics.median(r[name] for r in rounds) for name in runs)
     ratios = [r["full"] / r["early_exit"] for r in rounds]
     return {"full_s": full_s, "early_exit_s": ee_s, "speedup": full_s / ee_s,
-            "batch_size": len(inputs[0]["tokens"]),
             "samples": sum(len(x["tokens"]) for x in inputs),
             "rounds": repeats, "round_speedup_min": min(ratios), "round_speedup_max": max(ratios)}
 
@@ -369,6 +368,7 @@ def build_report(free, splits: dict, split_name: str, cfg: InferConfig) -> dict:
     point = None
     if cal["threshold"] is not None:
         point = simulate(probs, cfg.rule, cal["threshold"], exit_indices(free, cal))
+        point["layers"] = layers_run(free, point)
     out["per_family"] = report.per_family_depth(free, split, probs, point)
     return out
 

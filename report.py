@@ -120,8 +120,8 @@ def overthinking(split, probs: dict) -> dict:
 
 def per_family_depth(free, split, probs: dict, sim: dict | None) -> dict:
     """Where depth matters, per question family: every exit's standalone accuracy and the final
-    layer's ('exits', 'final'), and where a calibrated point `sim` is given, the mean
-    language-model layers its questions run, its accuracy and the share leaving at each exit."""
+    layer's ('exits', 'final'), and where a calibrated point `sim` is given (with the 'layers' each
+    question runs, infer.layers_run), their mean, its accuracy and the share leaving at each exit."""
     out = {}
     for fam in sorted(set(split.families)):
         idx = torch.tensor([i for i, f in enumerate(split.families) if f == fam])
@@ -132,10 +132,9 @@ def per_family_depth(free, split, probs: dict, sim: dict | None) -> dict:
                     "final": acc(probs["final"].argmax(1))}
         if sim is None:
             continue
-        depth_of = torch.tensor(free.exit_layers + [free.backbone.depth]).float()   # exits, final
         shares = torch.bincount(sim["exit"][idx], minlength=free.num_exits + 1).float() / len(idx)
         where = free.exit_layers + ["final"]
-        out[fam] |= {"avg_layers": depth_of[sim["exit"][idx]].mean().item(),
+        out[fam] |= {"avg_layers": sim["layers"][idx].mean().item(),
                      "accuracy": acc(sim["pred"]),
                      "exit_share": {str(l): 100.0 * s.item() for l, s in zip(where, shares)}}
     return out
