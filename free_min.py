@@ -330,10 +330,8 @@ def early_exit_predict(free: FREE, inputs: dict, rule: str = "maxprob", threshol
     the answer's probability, 'layers' (B,) language-model layers run."""
     bb, K, fires = free.backbone, free.num_exits, RULES[rule].fires
     h, mask = bb.embed(**inputs)                                   # (B, S, D), (B, 1, 1, S) or None
-    tokens = inputs["tokens"]
-    out = {"pred": tokens.new_empty(len(h)), "exit": tokens.new_full((len(h),), K),
-           "confidence": h.new_empty(len(h))}
     rows = torch.arange(len(h), device=h.device)                      # the batch rows still running
+    left = []                                     # the groups that left: (rows, pred, conf, k) each
     at_layer = {free.exit_layers[k]: k for k in (range(K) if exits is None else exits)}
     last = streak = None
     for layer in range(1, bb.depth + 1):
@@ -346,22 +344,27 @@ def early_exit_predict(free: FREE, inputs: dict, rule: str = "maxprob", threshol
         streak = torch.ones_like(pred) if last is None else torch.where(pred == last, streak + 1, 1)
         leave, last = fires(conf, probs, streak, threshold), pred     # (B_run,) bool
         n = int(leave.sum())                                          # the host sync of this exit
-        if n == len(rows):                                     # everyone left: answer them and stop
-            return answered(free, out, rows, pred, conf, k)
+        if n == len(rows):                                            # everyone left: stop here
+            return gather_answers(free, left + [(rows, pred, conf, k)])
         if n:
-            answered(free, out, rows[leave], pred[leave], conf[leave], k)
+            left.append((rows[leave], pred[leave], conf[leave], k))
             keep = ~leave
             rows, h, last, streak = rows[keep], h[keep], last[keep], streak[keep]
             mask = None if mask is None else mask[keep]
     # the rest: the final layer answers
     conf, pred = bb.head(h[:, 0]).float().softmax(dim=1).max(dim=1)
-    return answered(free, out, rows, pred, conf, K)
+    return gather_answers(free, left + [(rows, pred, conf, K)])
 
 
-def answered(free: FREE, out: dict, rows: torch.Tensor, pred, conf, k: int) -> dict:
-    """Write the answers of batch rows `rows`, which leave at exit k (K = the final layer), into
-    `out`; also (re)computes out['layers'], the language-model layers every row ran."""
-    out["pred"][rows], out["confidence"][rows], out["exit"][rows] = pred, conf, k
-    depth_of = torch.tensor(free.exit_layers + [free.backbone.depth], device=rows.device)
-    out["layers"] = depth_of[out["exit"]]
-    return out
+def gather_answers(free: FREE, left: list) -> dict:
+    """The answers of the whole batch from the groups of rows that left together, (rows, pred,
+    conf, k) each, k = K for the final layer: 'pred', 'confidence', 'exit' and 'layers' (B,) each,
+    in batch order. With one group (everyone left at once, always so at batch 1) its rows are the
+    batch in order: nothing to reorder, so a sample pays for no more than its own exit."""
+    depth_of = free.exit_layers + [free.backbone.depth]
+    parts = [{"pred": pred, "confidence": conf, "exit": torch.full_like(pred, k),
+              "layers": torch.full_like(pred, depth_of[k])} for _, pred, conf, k in left]
+    if len(parts) == 1:
+        return parts[0]
+    order = torch.cat([rows for rows, *_ in left]).argsort()                  # back to batch order
+    return {key: torch.cat([part[key] for part in parts])[order] for key in parts[0]}

@@ -120,8 +120,9 @@ def overthinking(split, probs: dict) -> dict:
 
 def per_family_depth(free, split, probs: dict, sim: dict | None) -> dict:
     """Where depth matters, per question family: every exit's standalone accuracy and the final
-    layer's ('exits', 'final'), and where a calibrated point `sim` is given (with the 'layers' each
-    question runs, infer.layers_run), their mean, its accuracy and the share leaving at each exit."""
+    layer's ('exits', 'final'), and where a calibrated point `sim` is given (with the 'layers'
+    each question runs, infer.layers_run), their mean, its accuracy and the share leaving at each
+    exit."""
     out = {}
     for fam in sorted(set(split.families)):
         idx = torch.tensor([i for i, f in enumerate(split.families) if f == fam])
