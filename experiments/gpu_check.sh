@@ -6,7 +6,8 @@
 # lands in one folder.
 #
 #   bash experiments/gpu_check.sh OUTDIR [SECONDS]       # on a machine with a CUDA GPU (default limit 540 s)
-#   DRY_RUN=1 bash experiments/gpu_check.sh OUTDIR       # the same steps on the CPU with tiny settings (gloo)
+#   DRY_RUN=1 bash experiments/gpu_check.sh OUTDIR       # the same steps on the CPU with tiny settings (gloo;
+#                                                          # the report reads the torchrun step's exits)
 #
 # OUTDIR/summary.txt holds one line per step: its exit status (124: stopped at the limit), its wall time and
 # its last lines.
@@ -18,9 +19,10 @@ mkdir -p "$out"
 if [ "${DRY_RUN:-0}" = 1 ]; then
     device=cpu; tiny=(--preset tiny --train-images 40 --val-images 8 --test-images 8 --epochs 1 --exit-epochs 1)
     main=("${tiny[@]}" --no-final-eval); report=(--timing-samples 4 --repeats 1 --split val)
+    exits=$out/torchrun/ckpt.pt
     threads=1      # tiny steps on a CPU that may be shared: a second thread would only wait on the first
 else
-    device=cuda; tiny=(--preset tiny); main=(); report=(); threads=2
+    device=cuda; tiny=(--preset tiny); main=(); report=(); threads=2; exits=backbones/shapes-default-free.pt
 fi
 python - "$device" > "$out/machine.txt" 2>&1 <<'EOF'
 import sys, torch
@@ -41,7 +43,7 @@ step() {   # step NAME COMMAND...: run it within what is left of the limit; its 
 : > "$out/summary.txt"
 step torchrun python -m torch.distributed.run --standalone --nproc_per_node=1 train.py "${tiny[@]}" \
     --no-final-eval --device "$device" --threads "$threads" --out "$out/torchrun"
-step report python infer.py --ckpt backbones/shapes-default-free.pt --eval "${report[@]}" --device "$device" \
+step report python infer.py --ckpt "$exits" --eval "${report[@]}" --device "$device" \
     --threads "$threads" --json "$out/report.json" --plot "$out/report.png"
 step main python train.py "${main[@]}" --device "$device" --threads "$threads" --out "$out/main"
 cat "$out/summary.txt"

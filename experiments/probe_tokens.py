@@ -45,7 +45,7 @@ def probe_accuracy(x_fit: torch.Tensor, fit: torch.Tensor, x_val: torch.Tensor, 
         return (probe(x_val[on_object]).argmax(1) == val[on_object]).float().mean().item()
 
 
-def main() -> None:
+def main(argv=None) -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("ckpt", help="checkpoint or exported backbone (shapes data)")
     p.add_argument("--images", type=int, default=400, help="images to fit the probe on (and a quarter as many to score it)")
@@ -53,7 +53,7 @@ def main() -> None:
     p.add_argument("--random", action="store_true", help="probe the architecture at its random initialisation instead")
     p.add_argument("--device", default="auto", choices=["auto", "cuda", "mps", "cpu"],
                    help="where the encoder runs (auto: cuda, then mps, then cpu; the probe fits on the CPU)")
-    args = p.parse_args()
+    args = p.parse_args(argv)
     torch.set_num_threads(runtime.pick_threads(args.threads)[0])
     try:
         model, _, tokenizer, answers, dcfg = build_from_checkpoint(runtime.load_checkpoint(args.ckpt, "CKPT"))

@@ -500,14 +500,21 @@ def test_a_label_free_run_is_calibrated_without_reading_a_label(backbone, tmp_pa
         timing=False, max_drop=50, rule="patience", risk="harm"))["calibrated"]["risk"] == "harm"   # --risk harm
 
 
-def test_image_answers_with_the_stored_calibrated_point_or_the_full_model(backbone, tmp_path):
+@pytest.fixture(scope="module")
+def finished(backbone, tmp_path_factory):
+    """Stage 2 run to its end: the final evaluation, its report, and --export."""
+    out = tmp_path_factory.mktemp("finished")
+    train.main(SMALL + ["--out", str(out / "run"), "--stage", "exits", "--backbone", str(backbone), "--exit-epochs",
+                        "1", "--exit-layers", "2", "--final-eval", "--export", str(out / "shipped.pt")])
+    return out
+
+
+def test_image_answers_with_the_stored_calibrated_point_or_the_full_model(finished):
     """The training run's report stores its calibrated (guaranteed) point in the checkpoint, and infer.py
     --image uses it; where calibration found none, the full model answers (no exit), never an uncalibrated
     threshold; --threshold overrides both."""
-    train.main(SMALL + ["--out", str(tmp_path), "--stage", "exits", "--backbone", str(backbone), "--exit-epochs", "1",
-                        "--exit-layers", "2", "--final-eval"])
-    state = torch.load(tmp_path / "ckpt.pt", weights_only=False)
-    report = json.loads((tmp_path / "report.json").read_text())
+    state = torch.load(finished / "run" / "ckpt.pt", weights_only=False)
+    report = json.loads((finished / "run" / "report.json").read_text())
     stored, free, cfg = state["calibrated"], build_from_checkpoint(state)[1], infer.InferConfig()
     assert stored == {k: report["calibrated"].get(k) for k in stored} and stored["calibration"] == "guaranteed"
     found = stored | {"threshold": 0.7, "exit_layers": [2]}
@@ -517,18 +524,16 @@ def test_image_answers_with_the_stored_calibrated_point_or_the_full_model(backbo
     assert prepare.pick_threshold(free, infer.InferConfig(threshold=0.3), stored)[:2] == (0.3, None)
 
 
-def test_export_after_stage_2_holds_the_exits_and_their_point_in_fp16(backbone, tmp_path, capsys):
+def test_export_after_stage_2_holds_the_exits_and_their_point_in_fp16(finished, tmp_path, capsys):
     """--export after stage 2: backbone and exits in fp16, the calibrated point, the backbone's test accuracy,
     no optimizer state; infer.py answers from it alone, and names the words it never saw."""
-    train.main(SMALL + ["--out", str(tmp_path / "run"), "--stage", "exits", "--backbone", str(backbone), "--exit-epochs",
-                        "1", "--exit-layers", "2", "--final-eval", "--export", str(tmp_path / "shipped.pt")])
-    state = torch.load(tmp_path / "shipped.pt", weights_only=False)
+    state = torch.load(finished / "shipped.pt", weights_only=False)
     assert {"exits", "calibrated", "test_accuracy", "exit_config"} <= set(state) and "exit_progress" not in state
     assert all(v.dtype == torch.float16 for d in (state["model"], state["exits"]) for v in d.values() if v.is_floating_point())
     rng = np.random.default_rng(5)
     image, _, qas = data.make_image_with_questions(rng, ["query_color"])
     Image.fromarray(image).save(tmp_path / "img.png")
     capsys.readouterr()
-    infer.main(["--ckpt", str(tmp_path / "shipped.pt"), "--image", str(tmp_path / "img.png"), "--question", "zzz qqq circle?"])
+    infer.main(["--ckpt", str(finished / "shipped.pt"), "--image", str(tmp_path / "img.png"), "--question", "zzz qqq circle?"])
     out = capsys.readouterr().out
     assert "answer:" in out and "no training question had the words zzz, qqq" in out and "circle" not in out.split("words")[1]

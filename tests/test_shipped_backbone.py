@@ -18,6 +18,9 @@ from prepare import build_from_checkpoint
 from runtime import load_checkpoint
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, os.path.join(ROOT, "experiments"))
+import probe_tokens  # noqa: E402
+
 SHIPPED = os.path.join(ROOT, train.SHIPPED_BACKBONE)
 
 
@@ -36,16 +39,21 @@ def test_shipped_backbone_reaches_its_stated_accuracy_on_a_regenerated_test_spli
         assert res["per_family"][family] == pytest.approx(acc, abs=3.0), family
 
 
-def test_token_probe_reads_colour_and_shape_from_the_shipped_encoder_but_not_from_a_random_one():
+def test_token_probe_reads_colour_and_shape_from_the_shipped_encoder_but_not_from_a_random_one(capsys):
     """experiments/probe_tokens.py (the README's "does the encoder see shapes?" check): the trained encoder's
     object tokens say their colour and shape; the same encoder at random init does not say the shape."""
+    threads = torch.get_num_threads()
+
     def probe(*flags):
-        out = subprocess.run([sys.executable, "experiments/probe_tokens.py", SHIPPED, "--images", "120", "--threads", "1",
-                              *flags], cwd=ROOT, capture_output=True, text=True, timeout=300, check=True).stdout
+        probe_tokens.main([SHIPPED, "--images", "120", "--threads", "1", *flags])
+        out = capsys.readouterr().out
         read = re.findall(r"^(\w+): ([\d.]+) % of object tokens read right", out, flags=re.M)
         assert len(read) == 2, out                                          # colour and shape, one line each
         return {name: float(acc) for name, acc in read}
-    trained, random = probe(), probe("--random")
+    try:
+        trained, random = probe(), probe("--random")
+    finally:
+        torch.set_num_threads(threads)
     assert trained["colour"] > 95 and trained["shape"] > 95, trained
     assert random["shape"] < 60, random
 
