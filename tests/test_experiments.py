@@ -140,3 +140,38 @@ def test_the_gpu_check_runs_its_three_steps_in_its_cpu_dry_run(tmp_path):
     assert json.loads((tmp_path / "report.json").read_text())["device"] == "cpu"
     assert (tmp_path / "main" / "ckpt.pt").is_file()
     assert "exits" in torch.load(tmp_path / "torchrun" / "ckpt.pt", weights_only=False)
+
+
+# --------------------------------------------------------------------------------------------------
+# experiments/batch1_costs.py: the calibrated point against its own best case
+# --------------------------------------------------------------------------------------------------
+import batch1_costs  # noqa: E402
+import infer  # noqa: E402
+import prepare  # noqa: E402
+
+
+def test_the_best_case_does_the_work_early_exit_did_and_nothing_more(monkeypatch, capsys):
+    """known_exits runs each question's layers and evaluates the exits early exit evaluated for it, and no other;
+    layers_only the same layers and no exit; the script prints the five forwards."""
+    free, tokenizer, answers, dcfg, state = prepare.load_free(infer.InferConfig(ckpt=prepare.SHIPPED_EXITS))
+    cal, test = state["calibrated"], data.load_data(dcfg, tokenizer, answers, only=("test",))[0]["test"]
+    exits, calls = infer.exit_indices(free, cal), []
+    layer, exit_logits = free.backbone.layer, free.exit_logits
+    monkeypatch.setattr(free.backbone, "layer", lambda i, *a: calls.append(("layer", i)) or layer(i, *a))
+    monkeypatch.setattr(free, "exit_logits", lambda k, *a: calls.append(("exit", k)) or exit_logits(k, *a))
+    left = set()
+    for x in infer.timing_batches(free, test, torch.arange(40), 1):
+        calls.clear()
+        out = free_min.early_exit_predict(free, x, cal["rule"], cal["threshold"], exits)
+        done, k = list(calls), int(out["exit"])
+        left.add(k)
+        calls.clear()
+        batch1_costs.known_exits(free, x, exits, k)
+        assert calls == done
+        calls.clear()
+        batch1_costs.layers_only(free, x, int(out["layers"]))
+        assert calls == [c for c in done if c[0] == "layer"]
+    assert len(left) > 1                                                    # questions left at different exits
+    batch1_costs.main(["--questions", "4", "--rounds", "2", "--threads", "1"])
+    rows = capsys.readouterr().out.splitlines()[1:]
+    assert [r.split("  ")[1].strip() for r in rows] == ["full", "early exit", "known exits", "layers only", "embedding"]
