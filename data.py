@@ -414,21 +414,16 @@ def _q_compare(objs, rng):
         groups = {_plural(s): sum(o.shape == s for o in objs) for s in SHAPES}
     fewer = rng.random() < 0.5
     # ties are never asked: the question would hinge on a convention instead of on the image
-    pool = [
-        (a, b)
-        for a in groups
-        for b in groups
-        if a != b
-        and groups[a] != groups[b]
-        and ((groups[a] < groups[b]) if fewer else (groups[a] > groups[b])) == want_yes
-    ]
+    # "are there fewer (more) a than b?" is true
+    holds = lambda a, b: groups[a] < groups[b] if fewer else groups[a] > groups[b]
+    pool = [(a, b) for a in groups for b in groups
+            if a != b and groups[a] != groups[b] and holds(a, b) == want_yes]
     if not pool:
         return None
     a, b = pool[rng.integers(len(pool))]
     word = "fewer" if fewer else "more"
     text = rng.choice(
-        [f"are there {word} {a} than {b}?", f"does the image have {word} {a} than {b}?"]
-    )
+        [f"are there {word} {a} than {b}?", f"does the image have {word} {a} than {b}?"])
     return text, "yes" if want_yes else "no", {"first_count": groups[a], "second_count": groups[b]}
 
 
@@ -453,8 +448,7 @@ def _q_relate(objs, rng):
         return None
     name, ref = refs[rng.integers(len(refs))]
     others = sorted(
-        (math.hypot(o.x - ref.x, o.y - ref.y), i) for i, o in enumerate(objs) if o is not ref
-    )
+        (math.hypot(o.x - ref.x, o.y - ref.y), i) for i, o in enumerate(objs) if o is not ref)
     farthest = rng.random() < 0.5
     d = [dist for dist, _ in others]
     # the answer must not hinge on a near-tie between two distances
@@ -464,19 +458,15 @@ def _q_relate(objs, rng):
     where = "farthest from" if farthest else "closest to"
     facts = {"reference": ref, "target": target}           # positions: scene_facts makes them cells
     if rng.random() < 0.5:
-        text = rng.choice(
-            [
-                f"what color is the object {where} the {name}?",
-                f"the thing {where} the {name} has what color?",
-            ]
-        )
+        text = rng.choice([
+            f"what color is the object {where} the {name}?",
+            f"the thing {where} the {name} has what color?",
+        ])
         return text, target.color, facts
-    text = rng.choice(
-        [
-            f"what shape is the object {where} the {name}?",
-            f"the thing {where} the {name} has what shape?",
-        ]
-    )
+    text = rng.choice([
+        f"what shape is the object {where} the {name}?",
+        f"the thing {where} the {name} has what shape?",
+    ])
     return text, target.shape, facts
 
 
@@ -527,24 +517,17 @@ def make_image_with_questions(rng, families: list[str], image_size: int = 64):
             )
 
 
-def family_plan(
-    n_images: int, questions_per_image: int, seed: int, weights: dict | None = None
-) -> list[list[str]]:
+def family_plan(n_images: int, questions_per_image: int, seed: int,
+                weights: dict | None = None) -> list[list[str]]:
     """The family of every question slot: rotating over FAMILIES, so that each is ~1/6 of the
     questions; or, with weights (family -> weight), each drawn in proportion to them (a family
     may then be asked twice about one image)."""
     if weights is None:
-        return [
-            [
-                FAMILIES[(i * questions_per_image + j) % len(FAMILIES)]
-                for j in range(questions_per_image)
-            ]
-            for i in range(n_images)
-        ]
+        return [[FAMILIES[(i * questions_per_image + j) % len(FAMILIES)]
+                 for j in range(questions_per_image)] for i in range(n_images)]
     p = np.array([weights[f] for f in FAMILIES], dtype=np.float64)
-    drawn = np.random.default_rng([seed, 1]).choice(
-        len(FAMILIES), size=(n_images, questions_per_image), p=p / p.sum()
-    )
+    drawn = np.random.default_rng([seed, 1]).choice(len(FAMILIES), p=p / p.sum(),
+                                                    size=(n_images, questions_per_image))
     return [[FAMILIES[k] for k in row] for row in drawn]
 
 
@@ -561,19 +544,17 @@ def generate_shapes_split(n_images: int, questions_per_image: int, seed: int, im
         labels[i] = scene_labels(objs, image_size)
         image_id = first_image_id + i
         for j, (fam, q, a, facts) in enumerate(qas):
-            records.append(
-                {
-                    "question_id": image_id * 100 + j,
-                    "image_id": image_id,
-                    "image_index": i,
-                    "question": q,
-                    "answers": [a],
-                    "family": fam,
-                    "answer_type": ANSWER_TYPES[fam],
-                    "question_type": fam,
-                    "facts": facts,
-                }
-            )
+            records.append({
+                "question_id": image_id * 100 + j,
+                "image_id": image_id,
+                "image_index": i,
+                "question": q,
+                "answers": [a],
+                "family": fam,
+                "answer_type": ANSWER_TYPES[fam],
+                "question_type": fam,
+                "facts": facts,
+            })
     return images, records, labels
 
 
@@ -586,9 +567,8 @@ def shapes_splits(cfg: DataConfig, only: tuple[str, ...] = ("train", "val", "tes
         if n < 1:
             raise DataError(f"--{name}-images must be at least 1 (got {n})")
         if name in only:
-            splits[name] = generate_shapes_split(
-                n, cfg.questions_per_image, cfg.data_seed * 1000 + k, cfg.image_size, first_id
-            )
+            splits[name] = generate_shapes_split(n, cfg.questions_per_image,
+                                                 cfg.data_seed * 1000 + k, cfg.image_size, first_id)
         first_id += n
     return splits
 
@@ -658,25 +638,19 @@ class TrainScenes:
         # imports the launching script again, so a script calling train.main needs `if __name__ ==
         # "__main__":`). background False: drawn here, in this process, when asked for (for code
         # that changes the generator)
-        self.pool = (
-            ProcessPoolExecutor(
-                max_workers=1,
-                mp_context=multiprocessing.get_context("spawn"),
-                initializer=exit_with_parent,
-                initargs=(os.getpid(),),
-            )
-            if background
-            else None
-        )
+        self.pool = None
+        if background:
+            self.pool = ProcessPoolExecutor(max_workers=1, initializer=exit_with_parent,
+                                            mp_context=multiprocessing.get_context("spawn"),
+                                            initargs=(os.getpid(),))
 
     def start(self, epoch: int) -> None:
         """Begin drawing epoch `epoch`'s scenes in the background (if it is a later epoch of this
         run)."""
         if 1 <= epoch < self.epochs and epoch not in self.pending:
             weights = self.drawn_with.setdefault(epoch, self.weights)
-            self.pending[epoch] = (
-                self.pool.submit(fresh_scenes, self.cfg, epoch, weights) if self.pool else None
-            )
+            self.pending[epoch] = (self.pool.submit(fresh_scenes, self.cfg, epoch, weights)
+                                   if self.pool else None)
 
     def __call__(self, epoch: int) -> "Split":
         """Epoch `epoch`'s train split (waiting for its scenes only if they are not drawn yet);
@@ -687,14 +661,11 @@ class TrainScenes:
             return self.first
         future = self.pending.pop(epoch)
         try:
-            scenes = (
-                future.result() if future else fresh_scenes(self.cfg, epoch, self.drawn_with[epoch])
-            )
+            scenes = (future.result()
+                      if future else fresh_scenes(self.cfg, epoch, self.drawn_with[epoch]))
         except BrokenProcessPool:                 # the drawing process died (killed, out of memory)
-            print(
-                f"note: the process drawing epoch {epoch + 1}'s scenes died; they are drawn here"
-                " instead"
-            )
+            print(f"note: the process drawing epoch {epoch + 1}'s scenes died; they are drawn here"
+                  " instead")
             scenes = fresh_scenes(self.cfg, epoch, self.drawn_with[epoch])
         return make_split(*scenes, self.tokenizer, self.answer_to_idx)
 
@@ -722,30 +693,23 @@ def write_vqa_format(cfg: DataConfig, out_dir: str) -> None:
         for r in records:
             if r["image_id"] not in written:
                 Image.fromarray(images[r["image_index"]]).save(
-                    os.path.join(out_dir, "images", f"shapes_{r['image_id']:012d}.png")
-                )
+                    os.path.join(out_dir, "images", f"shapes_{r['image_id']:012d}.png"))
                 written.add(r["image_id"])
-            questions.append(
-                {
-                    "image_id": r["image_id"],
-                    "question": r["question"],
-                    "question_id": r["question_id"],
-                }
-            )
+            questions.append({
+                "image_id": r["image_id"],
+                "question": r["question"],
+                "question_id": r["question_id"],
+            })
             a = r["answers"][0]
-            annotations.append(
-                {
-                    "question_id": r["question_id"],
-                    "image_id": r["image_id"],
-                    "question_type": r["question_type"],
-                    "answer_type": r["answer_type"],
-                    "multiple_choice_answer": a,
-                    "answers": [
-                        {"answer": a, "answer_confidence": "yes", "answer_id": i + 1}
-                        for i in range(10)
-                    ],
-                }
-            )
+            annotations.append({
+                "question_id": r["question_id"],
+                "image_id": r["image_id"],
+                "question_type": r["question_type"],
+                "answer_type": r["answer_type"],
+                "multiple_choice_answer": a,
+                "answers": [{"answer": a, "answer_confidence": "yes", "answer_id": i + 1}
+                            for i in range(10)],
+            })
     with open(os.path.join(out_dir, "questions.json"), "w") as f:
         json.dump({"data_subtype": "shapes", "questions": questions}, f)
     with open(os.path.join(out_dir, "annotations.json"), "w") as f:
@@ -773,8 +737,7 @@ def _load_json(path: str, flag: str, top_key: str, keys: list[str]) -> list[dict
         missing = [k for k in keys if not isinstance(item, dict) or k not in item]
         if missing:
             raise DataError(
-                f"{flag} {path}: entry {i} of '{top_key}' is missing key '{missing[0]}'"
-            )
+                f"{flag} {path}: entry {i} of '{top_key}' is missing key '{missing[0]}'")
     return obj[top_key]
 
 
@@ -795,9 +758,8 @@ def _index_images(image_dir: str) -> dict[int, str]:
     return index
 
 
-def load_image(
-    path: str, image_size: int, crop_pct: float = 0.0, interpolation: str = "bilinear"
-) -> torch.Tensor:
+def load_image(path: str, image_size: int, crop_pct: float = 0.0,
+               interpolation: str = "bilinear") -> torch.Tensor:
     """Decode an image file to uint8 (3, image_size, image_size) RGB; DataError if it cannot be
     decoded. crop_pct = 0: stretched to the square (the built-in encoder); crop_pct > 0: timm's
     eval transform for a timm encoder (resize the shorter side to image_size / crop_pct, centre
@@ -828,51 +790,41 @@ def timm_resize_crop(image_size: int, crop_pct: float, interpolation: str):
     input size."""
     from timm.data import create_transform    # here: importing timm (and torchvision) takes seconds
     from torchvision import transforms
-    steps = create_transform(
-        input_size=(3, image_size, image_size), crop_pct=crop_pct, interpolation=interpolation
-    ).transforms
+    steps = create_transform(input_size=(3, image_size, image_size), crop_pct=crop_pct,
+                             interpolation=interpolation).transforms
     return transforms.Compose(
-        [t for t in steps if type(t).__name__ not in ("MaybeToTensor", "ToTensor", "Normalize")]
-    )
+        [t for t in steps if type(t).__name__ not in ("MaybeToTensor", "ToTensor", "Normalize")])
 
 
 def _vqa_records(cfg: DataConfig) -> list[dict]:
     """Join questions and annotations (refusing empty questions and questions without answers)."""
-    questions = _load_json(
-        cfg.vqa_questions, "--vqa-questions", "questions", ["question_id", "image_id", "question"]
-    )
-    annotations = _load_json(
-        cfg.vqa_annotations, "--vqa-annotations", "annotations", ["question_id", "answers"]
-    )
+    questions = _load_json(cfg.vqa_questions, "--vqa-questions", "questions",
+                           ["question_id", "image_id", "question"])
+    annotations = _load_json(cfg.vqa_annotations, "--vqa-annotations", "annotations",
+                             ["question_id", "answers"])
     by_qid = {a["question_id"]: a for a in annotations}
     records = []
     for q in questions[:cfg.vqa_max_questions or None]:
         if not isinstance(q["question"], str) or not q["question"].strip():
             raise DataError(
                 f"--vqa-questions {cfg.vqa_questions}: question {q['question_id']} is an empty"
-                " string"
-            )
+                " string")
         ann = by_qid.get(q["question_id"])
         if ann is None:
-            raise DataError(
-                f"--vqa-annotations {cfg.vqa_annotations}: no annotation for question"
-                f" {q['question_id']}"
-            )
+            raise DataError(f"--vqa-annotations {cfg.vqa_annotations}: no annotation for question"
+                            f" {q['question_id']}")
         answers = [a.get("answer", "") if isinstance(a, dict) else str(a) for a in ann["answers"]]
         if not answers:
             raise DataError(
                 f"--vqa-annotations {cfg.vqa_annotations}: question {q['question_id']} has no"
-                " answers"
-            )
-        records.append(
-            {
-                "question_id": q["question_id"],
-                "image_id": q["image_id"],
-                "question": q["question"],
-                "answers": answers,
-                "family": str(ann.get("answer_type", "all")),
-            }
-        )
+                " answers")
+        records.append({
+            "question_id": q["question_id"],
+            "image_id": q["image_id"],
+            "question": q["question"],
+            "answers": answers,
+            "family": str(ann.get("answer_type", "all")),
+        })
     if not records:
         raise DataError(f"--vqa-questions {cfg.vqa_questions}: no questions")
     return records
@@ -933,9 +885,8 @@ def train_tokenizer(questions: list[str], vocab_size: int, max_len: int) -> Toke
     frequency ties in hash-map order, so its vocabulary changes from run to run; counting words
     ourselves keeps runs reproducible."""
     normalizer, pre = normalizers.BertNormalizer(lowercase=True), pre_tokenizers.BertPreTokenizer()
-    counts = Counter(
-        w for q in questions for w, _ in pre.pre_tokenize_str(normalizer.normalize_str(q))
-    )
+    counts = Counter(w for q in questions
+                     for w, _ in pre.pre_tokenize_str(normalizer.normalize_str(q)))
     chars = sorted({c for w in counts for c in w})
     vocab = SPECIAL_TOKENS + chars + ["##" + c for c in chars]
     words = [w for w, _ in sorted(counts.items(), key=lambda kv: (-kv[1], kv[0])) if w not in vocab]
@@ -943,9 +894,9 @@ def train_tokenizer(questions: list[str], vocab_size: int, max_len: int) -> Toke
     tok = Tokenizer(models.WordPiece({t: i for i, t in enumerate(vocab)}, unk_token="[UNK]"))
     tok.normalizer, tok.pre_tokenizer = normalizer, pre
     cls_id, sep_id = tok.token_to_id("[CLS]"), tok.token_to_id("[SEP]")
-    tok.post_processor = processors.TemplateProcessing(
-        single="[CLS] $A [SEP]", special_tokens=[("[CLS]", cls_id), ("[SEP]", sep_id)]
-    )
+    specials = [("[CLS]", cls_id), ("[SEP]", sep_id)]
+    tok.post_processor = processors.TemplateProcessing(single="[CLS] $A [SEP]",
+                                                       special_tokens=specials)
     tok.enable_truncation(max_length=max_len)
     tok.enable_padding(pad_id=tok.token_to_id("[PAD]"), pad_token="[PAD]", length=max_len)
     return tok
@@ -973,14 +924,8 @@ def _score_rows(records: list[dict], answer_to_idx: dict[str, int]):
     earns credit, padded to (n, M) (index -1 = none). The same table is the soft training target
     and the evaluation: training aims at what the official metric rewards (where all humans agree
     on 'Two', that is 'Two')."""
-    rows = [
-        sorted(
-            (answer_to_idx[k], s)
-            for k, s in official_score_table(r["answers"])[0].items()
-            if k in answer_to_idx
-        )
-        for r in records
-    ]
+    rows = [sorted((answer_to_idx[k], s) for k, s in official_score_table(r["answers"])[0].items()
+                   if k in answer_to_idx) for r in records]
     idx = torch.full((len(rows), max(1, max(map(len, rows)))), -1, dtype=torch.long)
     score = torch.zeros(idx.shape)
     for i, pairs in enumerate(rows):
@@ -1078,14 +1023,12 @@ def load_data(cfg: DataConfig, tokenizer: Tokenizer | None = None, answers: list
     makes just those; without "train", pass the tokenizer and answers)."""
     if "train" not in only and (tokenizer is None or answers is None):
         raise ValueError(
-            "load_data without the train split needs the tokenizer and answers it was trained with"
-        )
+            "load_data without the train split needs the tokenizer and answers it was trained with")
     raw = shapes_splits(cfg, only) if cfg.data == "shapes" else vqa2_splits(cfg)
     raw = {name: split for name, split in raw.items() if name in only}
     if tokenizer is None:
-        tokenizer = train_tokenizer(
-            [r["question"] for r in raw["train"][1]], cfg.tokenizer_vocab, cfg.max_question_len
-        )
+        tokenizer = train_tokenizer([r["question"] for r in raw["train"][1]], cfg.tokenizer_vocab,
+                                    cfg.max_question_len)
     if answers is None:
         answers = build_answer_vocab(raw["train"][1], cfg.num_answers)
     answer_to_idx = {a: i for i, a in enumerate(answers)}
@@ -1094,9 +1037,8 @@ def load_data(cfg: DataConfig, tokenizer: Tokenizer | None = None, answers: list
     return splits, tokenizer, answers
 
 
-def batches(
-    n: int, batch_size: int, shuffle: bool = False, generator: torch.Generator | None = None
-):
+def batches(n: int, batch_size: int, shuffle: bool = False,
+            generator: torch.Generator | None = None):
     """Index batches over range(n) (or a shuffled order)."""
     order = torch.randperm(n, generator=generator) if shuffle else torch.arange(n)
     for start in range(0, n, batch_size):
@@ -1110,20 +1052,19 @@ def majority_baseline(train: Split, evaluated: Split) -> dict[str, float]:
         best = Counter(int(train.answer_idx[i, train.answer_score[i].argmax()])
                        for i, f in enumerate(train.families) if f == fam).most_common(1)
         ids = torch.tensor([i for i, f in enumerate(evaluated.families) if f == fam])
-        out[fam] = (
-            100.0 * evaluated.score(ids, torch.full((len(ids),), best[0][0])).mean().item()
-            if best
-            else 0.0
-        )
+        if not best:                                         # no train question of this family
+            out[fam] = 0.0
+            continue
+        answer = torch.full((len(ids),), best[0][0])                                     # (n_fam,)
+        out[fam] = 100.0 * evaluated.score(ids, answer).mean().item()
     return out
 
 
 # --------------------------------------------------------------------------------------------------
 # A user's own question about an image file (infer.py --image --question)
 # --------------------------------------------------------------------------------------------------
-def read_question(
-    tokenizer, image_path: str, question: str, image_size: int
-) -> tuple[dict, list[str]]:
+def read_question(tokenizer, image_path: str, question: str,
+                  image_size: int) -> tuple[dict, list[str]]:
     """The model's inputs for --image and --question (image (1, 3, H, W) in [0, 1], tokens and mask
     (1, T)), and notes on what the model will not see as given: words no training question had, a
     question cut to the tokens the model reads, an image unlike the ones it was trained on."""
@@ -1136,21 +1077,18 @@ def read_question(
     if unseen:
         notes.append(
             f"no training question had the words {', '.join(unseen)}: the answer cannot rest "
-            "on what they mean"
-        )
+            "on what they mean")
     if tokenizer.encode(question).overflowing:
         kept = tokenizer.decode(tokens[0].tolist(), skip_special_tokens=True).replace(" ##", "")
         notes.append(
             f"the question is longer than the {tokens.shape[1]} tokens the model reads; it "
-            f"reads: \"{kept}\""
-        )
+            f"reads: \"{kept}\"")
     with Image.open(image_path) as im:
         mode, size = im.mode, im.size
     if mode != "RGB" or size != (image_size, image_size):
         notes.append(
             f"the image is {size[0]} x {size[1]} {mode}; the model sees it as {image_size} x "
-            f"{image_size} RGB (it was trained on pictures like those of data.py --scene)"
-        )
+            f"{image_size} RGB (it was trained on pictures like those of data.py --scene)")
     return {"images": image, "tokens": tokens, "text_mask": text_mask}, notes
 
 

@@ -62,14 +62,12 @@ def validate(dcfg: DataConfig, mcfg: ModelConfig, tcfg, ecfg: ExitConfig) -> dic
     )
     if tcfg.backbone and tcfg.stage != "exits":
         raise ConfigError(
-            "--backbone is read by --stage exits only (the other stages train their own backbone)"
-        )
+            "--backbone is read by --stage exits only (the other stages train their own backbone)")
     try:
         mcfg.image_size, mcfg.max_text_len = dcfg.image_size, dcfg.max_question_len
         if tcfg.stage == "exits" and not tcfg.resume:
-            named = (
-                "--backbone" if tcfg.backbone else "--stage exits (no --backbone, so OUT/ckpt.pt):"
-            )
+            named = ("--backbone" if tcfg.backbone
+                     else "--stage exits (no --backbone, so OUT/ckpt.pt):")
             state = load_checkpoint(tcfg.backbone or os.path.join(tcfg.out, "ckpt.pt"), named)
         else:
             if mcfg.vit:
@@ -104,8 +102,7 @@ def refuse_changes(path: str, saved: dict, now: dict, keys, what: str) -> None:
         changes = ", ".join(f"{flag(k)} {saved[k]!r} -> {now[k]!r}" for k in diff)
         raise ConfigError(
             f"--resume: {path} was made with other {what} ({changes}); resume with the "
-            "same values, or start over without --resume"
-        )
+            "same values, or start over without --resume")
 
 
 def resume_state(tcfg, dcfg, mcfg, ecfg) -> dict | None:
@@ -123,20 +120,16 @@ def resume_state(tcfg, dcfg, mcfg, ecfg) -> dict | None:
         if "exit_progress" not in state:
             raise ConfigError(
                 f"--resume: {path} holds a finished run; there is nothing to resume (train "
-                f"other exits with --stage exits --backbone {path} --out ANOTHER_FOLDER)"
-            )
-        refuse_changes(
-            path, state["exit_config"], asdict(ecfg), state["exit_config"], "exit settings"
-        )
-        refuse_changes(
-            path, state["train_config"], asdict(tcfg), SCHEDULE["exits"], "training settings"
-        )
+                f"other exits with --stage exits --backbone {path} --out ANOTHER_FOLDER)")
+        refuse_changes(path, state["exit_config"], asdict(ecfg), state["exit_config"],
+                       "exit settings")
+        refuse_changes(path, state["train_config"], asdict(tcfg), SCHEDULE["exits"],
+                       "training settings")
         return state
     if tcfg.stage == "exits":
         raise ConfigError(
             f"--resume --stage exits: {path} holds a backbone but no interrupted stage 2 "
-            "(drop --resume to train exits on it)"
-        )
+            "(drop --resume to train exits on it)")
     for name, cfg in (("data_config", dcfg), ("model_config", mcfg)):
         keys = [k for k in state[name] if k not in DERIVED]
         refuse_changes(path, state[name], asdict(cfg), keys, "data or model settings")
@@ -154,13 +147,11 @@ def check_infer_config(cfg) -> None:
     for name in ("batch_size", "timing_samples", "repeats"):
         if getattr(cfg, name) < 1:
             raise ConfigError(
-                f"--{name.replace('_', '-')} must be at least 1 (got {getattr(cfg, name)})"
-            )
+                f"--{name.replace('_', '-')} must be at least 1 (got {getattr(cfg, name)})")
     if cfg.threads < 0 or not 0 < cfg.max_drop < 100:
         raise ConfigError(
             f"--threads must be >= 0 and --max-drop in (0, 100) points (got {cfg.threads}, "
-            f"{cfg.max_drop})"
-        )
+            f"{cfg.max_drop})")
     if not 0 < cfg.delta < 1:
         raise ConfigError(f"--delta must be a probability in (0, 1) (got {cfg.delta})")
     spec, t = RULES[cfg.rule], cfg.threshold
@@ -245,13 +236,10 @@ def load_run_data(run, state: dict | None):
     splits, tokenizer, answers = load_data(run.data, tokenizer, state["answers"] if state else None)
     run.model.vocab_size, run.model.num_answers = tokenizer.get_vocab_size(), len(answers)
     sizes = ", ".join(f"{k} {len(v)}" for k, v in splits.items())
-    print(
-        f"data: {run.data.data} ({sizes} questions), {len(answers)} answers,"
-        f" {run.model.vocab_size} tokens ({time.time() - t0:.1f}s)"
-    )
-    print(
-        "config:", json.dumps(run.describe | {"data": asdict(run.data), "model": asdict(run.model)})
-    )
+    print(f"data: {run.data.data} ({sizes} questions), {len(answers)} answers,"
+          f" {run.model.vocab_size} tokens ({time.time() - t0:.1f}s)")
+    config = run.describe | {"data": asdict(run.data), "model": asdict(run.model)}
+    print("config:", json.dumps(config))
     return splits, tokenizer, answers
 
 
@@ -344,9 +332,8 @@ def stage2_saver(run, free: FREE, state: dict, source: dict):
 # --------------------------------------------------------------------------------------------------
 # infer.py's files, and the threshold --image uses
 # --------------------------------------------------------------------------------------------------
-SHIPPED_EXITS = os.path.join(
-    os.path.dirname(os.path.abspath(__file__)), "backbones", "shapes-default-free.pt"
-)
+SHIPPED_EXITS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "backbones",
+                             "shapes-default-free.pt")
 
 
 def default_checkpoint() -> str:

@@ -71,9 +71,8 @@ def unit_costs(free, split, ids: torch.Tensor, repeats: int) -> dict:
             timed("head", lambda: bb.head(h[:, 0]).float().softmax(1).max(1))
         if r == 0:
             times.clear()                                                 # the first round warms up
-    return {name: statistics.median(v) for name, v in times.items()} | {
-        "unit": "seconds at batch 1"
-    }
+    medians = {name: statistics.median(v) for name, v in times.items()}
+    return medians | {"unit": "seconds at batch 1"}
 
 
 def oracle_exits(probs: dict) -> dict:
@@ -112,9 +111,10 @@ def overthinking(split, probs: dict) -> dict:
     # (K, n)
     exit_right = torch.stack([split.score(every, p.argmax(1)) >= 1.0 for p in probs["exits"]])
     early_right = (exit_right.any(0) & final_right).sum().item()
+    final_right_n = max(1, final_right.sum().item())
     return {
         "fixable_pct": 100.0 * (exit_right.any(0) & ~final_right).float().mean().item(),
-        "early_right_pct_of_final_right": 100.0 * early_right / max(1, final_right.sum().item()),
+        "early_right_pct_of_final_right": 100.0 * early_right / final_right_n,
     }
 
 
@@ -194,14 +194,12 @@ def promise_text(c: dict) -> str:
         measured = "accuracy drop" if c["risk"] == "harm" else changed
         return (f"no guarantee: the {measured} on the calibration (val) questions was <= "
                 f"{points(c['max_drop'])}")
-    what = (
-        "the accuracy drop" if c["risk"] == "harm" else f"the {changed} (and so the accuracy drop)"
-    )
+    what = ("the accuracy drop" if c["risk"] == "harm"
+            else f"the {changed} (and so the accuracy drop)")
     return (
         f"with probability >= {100 * (1 - c['delta']):g} % over the draw of the "
         f"{c['calibration_questions']} calibration (val) questions, {what} on new questions from "
-        f"this distribution is <= {points(c['max_drop'])}"
-    )
+        f"this distribution is <= {points(c['max_drop'])}")
 
 
 def write_report(r: dict, free, json_path: str, plot_path: str, hint: str = "") -> None:
@@ -220,25 +218,20 @@ def print_report(r: dict, free) -> None:
     """The whole report: the depth profile, mid-crisis and overthinking, the sweep, the oracle, the
     calibrated point and the per-family table."""
     depth = free.backbone.depth
-    print(
-        f"\n== early-exit report on {r['split']} ({r['samples']} questions; measured on"
-        f" {r['device']}, {r['threads']} torch threads) =="
-    )
+    print(f"\n== early-exit report on {r['split']} ({r['samples']} questions; measured on"
+          f" {r['device']}, {r['threads']} torch threads) ==")
     print(f"full model accuracy: {r['full']['accuracy']:.2f}%  ({depth} language-model layers)")
     print("depth profile (every question forced to leave at the exit):")
     for e in r["exits"]:
         print(
             f"  after layer {e['layer']:>2}: FREE exit {e['accuracy']:6.2f}%   raw readout (no G_k)"
-            f" {e['raw_accuracy']:6.2f}%"
-        )
+            f" {e['raw_accuracy']:6.2f}%")
     mc, o = r["mid_crisis"], r["overthinking"]
     print(f"mid-crisis (largest accuracy drop shallower -> deeper): FREE exits "
           f"{mc['free_exits']['drop']:.2f} pts, raw readout {mc['raw_readout']['drop']:.2f} pts")
-    print(
-        f"overthinking: {o['fixable_pct']:.2f}% of questions are right at some exit but wrong at"
-        f" the final layer; {o['early_right_pct_of_final_right']:.1f}% of those the final layer"
-        " gets right were already right at an exit"
-    )
+    print(f"overthinking: {o['fixable_pct']:.2f}% of questions are right at some exit but wrong at"
+          f" the final layer; {o['early_right_pct_of_final_right']:.1f}% of those the final layer"
+          " gets right were already right at an exit")
     print_sweep(r, depth)
     print(
         "oracle (every question leaves at the earliest exit that gives the final layer's answer): "
@@ -251,18 +244,13 @@ def print_report(r: dict, free) -> None:
 def print_sweep(r: dict, depth: int) -> None:
     """The sweep's table, and what its clock column is worth here."""
     timed = "wallclock_speedup" in r["sweep"][0]
-    clock = (
-        f"; clock x: measured wall-clock speedup, batches of {r['batch_size']})" if timed else ")"
-    )
-    print(
-        "sweep, every exit evaluated (layers: language-model layers run, on average; layer x: the "
-        f"paper's view, {depth} / (layers run + exits evaluated x an exit's cost in layers)"
-        + clock
-    )
-    print(
-        f"{'rule':<9}{'thr':>7}{'acc %':>8}{'layers':>8}{'layer x':>9}"
-        + (f"{'clock x':>9}" if timed else "")
-    )
+    clock = (f"; clock x: measured wall-clock speedup, batches of {r['batch_size']})" if timed
+             else ")")
+    print("sweep, every exit evaluated (layers: language-model layers run, on average; layer x: "
+          f"the paper's view, {depth} / (layers run + exits evaluated x an exit's cost in layers)"
+          + clock)
+    print(f"{'rule':<9}{'thr':>7}{'acc %':>8}{'layers':>8}{'layer x':>9}"
+          + (f"{'clock x':>9}" if timed else ""))
     for s in r["sweep"]:
         row = (f"{s['rule']:<9}{s['threshold']:>7g}{s['accuracy']:>8.2f}{s['avg_layers']:>8.2f}"
                f"{s['layer_speedup']:>9.2f}")
@@ -278,8 +266,7 @@ def timing_noise(sweep: list[dict], depth: int) -> str:
     if not idle:
         return (
             "(every threshold lets some question leave early, so the noise of the clock column is "
-            "not seen here)"
-        )
+            "not seen here)")
     spread = f"{min(idle):.2f}-{max(idle):.2f}x"
     far_from_one = abs(math.log(max(idle))) > 0.2 or abs(math.log(min(idle))) > 0.2
     if max(idle) / min(idle) > 1.25 or far_from_one:
@@ -316,16 +303,14 @@ def format_calibrated(c: dict, plain: dict | None = None) -> str:
         f"calibrated on val ({c['calibration']}, risk {c['risk']}; {c['rule']} threshold "
         f"{c['threshold']:g}, exits after layers {','.join(map(str, c['exit_layers']))}): accuracy "
         f"{c['accuracy']:.2f}% (drop {c['accuracy_drop']:+.2f} pts), {c['avg_layers']:.2f} layers, "
-        f"layer speedup {c['layer_speedup']:.2f}x\n  promise: {promise_text(c)}"
-    )
+        f"layer speedup {c['layer_speedup']:.2f}x\n  promise: {promise_text(c)}")
     costs = c["cost_model"]
     if costs["unit"].startswith("seconds"):
         line += (
             "\n  chosen by the costs measured here at batch 1: embedding "
             f"{1e3 * costs['embed']:.2f} ms, a layer {1e3 * costs['layer']:.2f} ms, an exit "
             f"{1e3 * costs['exit']:.2f} ms, the final head {1e3 * costs['head']:.2f} ms (predicted "
-            f"speedup {c['predicted_speedup']:.2f}x)"
-        )
+            f"speedup {c['predicted_speedup']:.2f}x)")
     if "wallclock_speedup_batch1" in c:
         line += "\n  " + format_wallclock(c)
     if plain is not None and plain["threshold"] is not None:
@@ -335,8 +320,7 @@ def format_calibrated(c: dict, plain: dict | None = None) -> str:
             f" {','.join(map(str, plain['exit_layers']))}: drop {plain['accuracy_drop']:+.2f} pts,"
             f" layer speedup {plain['layer_speedup']:.2f}x, predicted"
             f" {plain['predicted_speedup']:.2f}x (the guarantee's price:"
-            f" {plain['predicted_speedup'] / c['predicted_speedup']:.2f}x of predicted speed)"
-        )
+            f" {plain['predicted_speedup'] / c['predicted_speedup']:.2f}x of predicted speed)")
     return line
 
 
@@ -344,15 +328,13 @@ def no_point(c: dict) -> str:
     """Why there is no calibrated point, and what would give one."""
     line = (
         f"calibrated ({c['calibration']}, {c['risk']}): no threshold {c['rule']} keeps the promise"
-        " on val"
-    )
+        " on val")
     need = questions_to_certify(c["max_drop"] / 100, c["delta"] / c.get("exit_sets", 1))
     if c["calibration"] == "guaranteed" and c["calibration_questions"] < need:
         line += (
             f": with {c['calibration_questions']} calibration questions not even a point that "
             f"changes no answer can be certified to a drop <= {points(c['max_drop'])} (that takes "
-            f"{need}; more --val-images, or a larger --max-drop)"
-        )
+            f"{need}; more --val-images, or a larger --max-drop)")
     return line + "; every question runs the full model"
 
 
@@ -360,13 +342,13 @@ def format_wallclock(c: dict) -> str:
     """The calibrated point's measured speedups, end to end and for the language model alone."""
     def spread(t):
         return f" (rounds {t['round_speedup_min']:.2f}-{t['round_speedup_max']:.2f})"
+
     return (
         f"wall-clock speedup end to end: {c['wallclock_speedup_batch1']:.2f}x at batch 1"
         f"{spread(c['timing_batch1'])}, {c['wallclock_speedup_batched']:.2f}x at batch "
         f"{c['timing_batched']['batch_size']}{spread(c['timing_batched'])}; language model only "
         f"(image tokens computed beforehand): {c['lm_wallclock_speedup_batch1']:.2f}x at batch 1, "
-        f"{c['lm_wallclock_speedup_batched']:.2f}x batched"
-    )
+        f"{c['lm_wallclock_speedup_batched']:.2f}x batched")
 
 
 # --------------------------------------------------------------------------------------------------
@@ -423,9 +405,8 @@ def plot_depth_profile(ax, r: dict, layers: list[int]) -> None:
     """Every exit's accuracy, beside the raw readout of its layer and the final layer's."""
     full = r["full"]["accuracy"]
     ax.plot(layers, [e["accuracy"] for e in r["exits"]], "o-", label="FREE exits")
-    ax.plot(
-        layers, [e["raw_accuracy"] for e in r["exits"]], "x--", label="raw readout (no exit layer)"
-    )
+    ax.plot(layers, [e["raw_accuracy"] for e in r["exits"]], "x--",
+            label="raw readout (no exit layer)")
     ax.axhline(full, color="k", ls=":", label="final layer")
     shown = [full] + [e[k] for e in r["exits"] for k in ("accuracy", "raw_accuracy")]
     middle, half = (max(shown) + min(shown)) / 2, max(6.0, (max(shown) - min(shown)) / 2 + 2)
@@ -473,10 +454,8 @@ def log_backbone_epoch(tcfg, record: dict, sums: list[float], val: dict) -> None
 def log_test(out: str, res: dict, baseline: dict) -> None:
     """Stage 1's test accuracy per family (train.evaluate), beside each family's majority
     answer's."""
-    print(
-        f"test accuracy (official VQA metric): {res['accuracy']:.1f}% "
-        f" ({len(res['pred'])} questions)"
-    )
+    print(f"test accuracy (official VQA metric): {res['accuracy']:.1f}% "
+          f" ({len(res['pred'])} questions)")
     for fam, acc in res["per_family"].items():
         print(f"  {fam:<14} {acc:5.1f}%   (majority answer: {baseline[fam]:5.1f}%)")
     log_json(out, {"stage": "backbone", "split": "test", "test_accuracy": res["accuracy"],
@@ -492,8 +471,7 @@ def log_exit_epoch(out: str, ecfg, epoch: str, means: dict, profile: dict) -> No
     losses = "  ".join(f"{k} {v:.3f}" for k, v in means.items())
     print(
         f"exits epoch {epoch}  {losses}  val acc by exit: {by_exit}  final:{profile['final']:.1f}  "
-        f"({seconds:.0f}s)"
-    )
+        f"({seconds:.0f}s)")
     log_json(out, {"stage": "exits", "method": ecfg.exit_method, "epoch": int(epoch.split("/")[0]),
                    **means, "val_final": profile["final"], "val_exits": profile["exits"]})
 
@@ -511,10 +489,8 @@ def print_depth_profile(profile: dict, split_name: str) -> None:
     show."""
     print(f"depth profile on {split_name} (every question forced to leave at that exit):")
     for e in profile["exits"]:
-        print(
-            f"  exit after layer {e['layer']:>2}: {e['accuracy']:5.1f}%   agrees with the final"
-            f" layer {e['agreement']:5.1f}%"
-        )
+        print(f"  exit after layer {e['layer']:>2}: {e['accuracy']:5.1f}%   agrees with the final"
+              f" layer {e['agreement']:5.1f}%")
     print(f"  final layer         : {profile['final']:5.1f}%")
 
 
@@ -541,19 +517,16 @@ def explain(free, answers: list[str], inputs: dict, rule: str, threshold: float,
         conf, pred = probs.max(dim=1)
         if exits is not None and k not in exits:
             lines.append(
-                f"{name:<26} {answers[pred.item()]:<10} not evaluated at this operating point"
-            )
+                f"{name:<26} {answers[pred.item()]:<10} not evaluated at this operating point")
             continue
         streak = torch.ones(1) if last is None or pred != last else streak + 1
         last, measure = pred, spec.measure(conf, probs, streak).item()
         fires = bool(spec.fires(conf, probs, streak, threshold))
-        verdict = (
-            "(not run: the question had left)" if left else ("leaves here" if fires else "goes on")
-        )
+        verdict = ("(not run: the question had left)" if left
+                   else "leaves here" if fires else "goes on")
         mark = sign if fires else {">=": "<", "<=": ">"}[sign]
         lines.append(
-            f"{name:<26} {answers[pred.item()]:<10} {measure:.3f} {mark} {threshold:g}  {verdict}"
-        )
+            f"{name:<26} {answers[pred.item()]:<10} {measure:.3f} {mark} {threshold:g}  {verdict}")
         left = left or fires
     conf, pred = out["final"].float().softmax(dim=1).max(dim=1)
     lines.append(f"  {'final layer:':<24} {answers[pred.item()]:<10} {conf.item():.3f}"

@@ -78,10 +78,8 @@ class PatchDecoder(nn.Module):
         images, p, r = batch["pixels"].float(), batch["patch_size"], self.r
         B, g = images.shape[0], images.shape[-1] // p
         target = F.avg_pool2d(images, p // r)                                     # (B, 3, g*r, g*r)
-        # (B, P, 3r^2)
-        target = (
-            target.view(B, 3, g, r, g, r).permute(0, 2, 4, 1, 3, 5).reshape(B, g * g, 3 * r * r)
-        )
+        target = target.view(B, 3, g, r, g, r).permute(0, 2, 4, 1, 3, 5)          # (B, g, g, 3, r, r)
+        target = target.reshape(B, g * g, 3 * r * r)                                   # (B, P, 3r^2)
         return F.mse_loss(self.pixels(patches.float()), target)
 
 
@@ -95,13 +93,11 @@ class AnswerShortcut(nn.Module):
         super().__init__()
         self.words = nn.Embedding(vocab_size, vit_dim)
         self.query = nn.Linear(vit_dim, vit_dim)
-        self.mlp = nn.Sequential(
-            nn.Linear(3 * vit_dim, hidden), nn.GELU(), nn.Linear(hidden, num_answers)
-        )
+        self.mlp = nn.Sequential(nn.Linear(3 * vit_dim, hidden), nn.GELU(),
+                                 nn.Linear(hidden, num_answers))
 
-    def forward(
-        self, patches: torch.Tensor, tokens: torch.Tensor, text_mask: torch.Tensor
-    ) -> torch.Tensor:
+    def forward(self, patches: torch.Tensor, tokens: torch.Tensor,
+                text_mask: torch.Tensor) -> torch.Tensor:
         """patches (B, P, Dv), tokens (B, T), text_mask (B, T) -> logits (B, A)."""
         x = F.layer_norm(patches.float(), patches.shape[-1:])                           # (B, P, Dv)
         m = text_mask[..., None].float()                                                 # (B, T, 1)
@@ -111,9 +107,8 @@ class AnswerShortcut(nn.Module):
         return self.mlp(torch.cat([x.mean(dim=1), pooled, q], dim=1))                       # (B, A)
 
     def loss(self, patches: torch.Tensor, batch: dict) -> torch.Tensor:
-        return soft_cross_entropy(
-            self(patches, batch["tokens"], batch["text_mask"]), batch["targets"]
-        )
+        return soft_cross_entropy(self(patches, batch["tokens"], batch["text_mask"]),
+                                  batch["targets"])
 
 
 # NOTE (deviation): scene supervision of the language model, the counterpart of PatchProbe for the
@@ -182,11 +177,8 @@ def aux_inputs(model: VLM, split, ids: torch.Tensor, images: torch.Tensor | None
     (B, 2, H, W) and 'facts' (B, len(FACTS)) (each None where the data has none), 'patch_size'."""
     device = model.pixel_mean.device
     pixels = None if images is None else (images - model.pixel_mean) / model.pixel_std
-    labels = (
-        None
-        if split.pixel_labels is None
-        else split.pixel_labels[split.image_index[ids]].to(device)
-    )
+    labels = (None if split.pixel_labels is None
+              else split.pixel_labels[split.image_index[ids]].to(device))
     facts = None if split.facts is None else split.facts[ids].to(device)
     return {
         "pixels": pixels,
