@@ -278,7 +278,7 @@ def calibrate(free, val, val_probs: dict, costs: dict, promise: InferConfig) -> 
     .delta, .risk): certified to risk <= max_drop ('guaranteed', above), or with a measured val drop
     <= max_drop ('empirical': the accuracy drop, or for risk 'disagree' the share of changed
     answers; no guarantee). Why the exits too: an exit pays only if enough questions leave there,
-    and at batch 1 on a CPU an exit costs most of a layer (many small operations)."""
+    and at batch 1 on a CPU an exit costs about a layer (many small operations)."""
     full_pred, sets = val_probs["final"].argmax(1), exit_subsets(free.num_exits)
     eps, best = promise.max_drop / 100, None
     for exits in sets:

@@ -78,8 +78,8 @@ class PatchDecoder(nn.Module):
         images, p, r = batch["pixels"].float(), batch["patch_size"], self.r
         B, g = images.shape[0], images.shape[-1] // p
         target = F.avg_pool2d(images, p // r)                                     # (B, 3, g*r, g*r)
-        target = target.view(B, 3, g, r, g, r).permute(0, 2, 4, 1, 3, 5)          # (B, g, g, 3, r, r)
-        target = target.reshape(B, g * g, 3 * r * r)                                   # (B, P, 3r^2)
+        target = target.view(B, 3, g, r, g, r).permute(0, 2, 4, 1, 3, 5)        # (B, g, g, 3, r, r)
+        target = target.reshape(B, g * g, 3 * r * r)                                 # (B, P, 3r^2)
         return F.mse_loss(self.pixels(patches.float()), target)
 
 

@@ -2,7 +2,7 @@
 
     python experiments/batch1_costs.py [--ckpt backbones/shapes-default-free.pt] [--questions 256] [--rounds 6]
 
-The same test questions, one at a time, through four forwards, interleaved round by round so that all four
+The same test questions, one at a time, through five forwards, interleaved round by round so that all five
 see the same machine load (medians over rounds, the first round a warm-up):
   full         the full model (what the report's wall-clock speedup divides by)
   early exit   free_min.early_exit_predict at the checkpoint's calibrated point (rule, threshold, exits)
@@ -59,6 +59,9 @@ def main(argv=None) -> None:
                    help="rounds of every forward over every question (the first warms up)")
     p.add_argument("--threads", type=int, default=2, help="CPU threads for torch")
     args = p.parse_args(argv)
+    if args.questions < 1 or args.rounds < 2 or args.threads < 1:
+        raise SystemExit(f"error: --questions and --threads must be at least 1, --rounds at least 2 (one warms "
+                         f"up); got {args.questions}, {args.threads}, {args.rounds}")
     torch.set_num_threads(args.threads)
     try:
         free, tokenizer, answers, dcfg, state = prepare.load_free(infer.InferConfig(ckpt=args.ckpt))

@@ -129,8 +129,9 @@ def test_object_patches_put_one_object_in_each_visual_token():
 
 
 def test_the_gpu_check_runs_its_three_steps_in_its_cpu_dry_run(tmp_path):
-    """experiments/gpu_check.sh with DRY_RUN=1: torchrun (one process, gloo here), the shipped exits' report
-    and the main command each run to the end on the CPU with tiny settings, and the summary says so."""
+    """experiments/gpu_check.sh with DRY_RUN=1: torchrun (one process, gloo here), the report of the exits it
+    trained (the shipped exits' on a GPU) and the main command each run to the end on the CPU with tiny
+    settings, and the summary says so."""
     proc = subprocess.run(["bash", "experiments/gpu_check.sh", str(tmp_path), "300"], cwd=ROOT, capture_output=True,
                           text=True, timeout=400, env=dict(os.environ, DRY_RUN="1"))
     assert proc.returncode == 0, proc.stderr

@@ -1,9 +1,11 @@
 """The backbone the repo ships (backbones/): it loads with today's model.py and still reaches the accuracy
 it was exported with. This fails the day a change to model.py or data.py breaks the file."""
+import json
 import os
 import re
 import subprocess
 import sys
+from dataclasses import replace
 
 import numpy as np
 import pytest
@@ -13,6 +15,7 @@ from PIL import Image
 import data
 import free_min
 import infer
+import report
 import train
 from prepare import build_from_checkpoint
 from runtime import load_checkpoint
@@ -51,7 +54,8 @@ def test_token_probe_reads_colour_and_shape_from_the_shipped_encoder_but_not_fro
         assert len(read) == 2, out                                          # colour and shape, one line each
         return {name: float(acc) for name, acc in read}
     try:
-        trained, random = probe(), probe("--random")
+        with torch.random.fork_rng():                             # probe_tokens seeds torch's generator
+            trained, random = probe(), probe("--random")
     finally:
         torch.set_num_threads(threads)
     assert trained["colour"] > 95 and trained["shape"] > 95, trained
@@ -88,6 +92,23 @@ def test_shipped_exits_keep_their_promise_on_the_test_split():
     full, early = torch.cat(full).mean().item(), torch.cat(early).mean().item()
     assert 100 * (full - early) <= 1.0, (full, early)
     assert 100 * full == pytest.approx(state["test_accuracy"], abs=1.0)
+
+
+def test_the_report_of_the_shipped_exits_shows_where_depth_matters(tmp_path, capsys):
+    """infer.py's report (what --eval prints and writes) on the shipped fp16 exits, on a few hundred
+    regenerated questions: it is written, and `compare` and `relate` gain >= 10 points from the first exit to
+    the final layer."""
+    state = load_checkpoint(SHIPPED_EXITS)
+    _, free, tokenizer, answers, dcfg = build_from_checkpoint(state)
+    small = replace(dcfg, val_images=60, test_images=60)
+    splits = data.load_data(small, tokenizer, answers, only=("val", "test"))[0]
+    cfg = infer.InferConfig(timing=False, max_drop=5)
+    r = infer.build_report(free, splits, "test", cfg)
+    report.write_report(r, free, str(tmp_path / "report.json"), str(tmp_path / "report.png"))
+    assert (tmp_path / "report.png").stat().st_size > 0 and "per family" in capsys.readouterr().out
+    written = json.loads((tmp_path / "report.json").read_text())["per_family"]
+    for family in ("compare", "relate"):
+        assert written[family]["final"] - written[family]["exits"][0] >= 10, written[family]
 
 
 def test_a_fresh_clone_answers_with_the_shipped_exits(tmp_path):
