@@ -1,16 +1,22 @@
-"""Does an image encoder see colour and shape? A linear probe on its ViT tokens, per object token.
+"""Does the model see what is where? Linear probes of its tokens, per object.
 
     python experiments/probe_tokens.py CKPT [--images 400] [--threads 2] [--random]
 
-CKPT: a train.py checkpoint or an exported backbone (backbones/*.pt), of the built-in shapes data. Fits a
-linear read-out of every ViT token -> (colour, shape) under it (the targets of stand_ins.PatchProbe) on fresh
-shapes images, and prints its accuracy on the tokens that cover an object, on other fresh images, beside
-the share of the most common class. --random: the same architecture at its random initialisation.
+CKPT: a train.py checkpoint or an exported backbone (backbones/*.pt), of the built-in shapes data. On fresh
+shapes images, each probe is fitted on some and scored on others, beside the share of the most common class:
+  * colour, shape: every ViT token -> the colour and shape under it (the targets of stand_ins.PatchProbe),
+    scored on the tokens that cover an object;
+  * position: the visual token the language model reads (VLM.embed's, after the merge and the position
+    embedding) under each object's centre -> where the object is: the right or left half, the bottom or
+    top half (which the token's own place decides), and its cell of an 8 x 8 grid (data.fact_cell, the
+    cells of `relate`'s scene facts: finer than a visual token, so the token must also say where in it).
+--random: the same architecture at its random initialisation.
 """
 import argparse
 import os
 import sys
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 
@@ -31,8 +37,50 @@ def tokens_and_targets(model: VLM, split, n: int):
     return x, [PatchProbe.targets(labels, model.cfg.patch_size, channel).flatten() for channel in (0, 1)]
 
 
-def probe_accuracy(x_fit: torch.Tensor, fit: torch.Tensor, x_val: torch.Tensor, val: torch.Tensor) -> float:
-    """A full-batch logistic regression fitted on (x_fit, fit): the share of val's object tokens it reads right."""
+def visual_tokens(model: VLM, images: np.ndarray) -> torch.Tensor:
+    """uint8 images (n, H, W, 3) -> the visual tokens the language model reads of them (n, N, D), as VLM.embed
+    gives them (after the merge and the position embedding)."""
+    with torch.no_grad():
+        pixels = torch.from_numpy(images).permute(0, 3, 1, 2).float().div(255)        # (n, 3, H, W)
+        return model.encode_image(pixels.to(next(model.parameters()).device)).cpu()    # (n, N, D)
+
+
+def fresh_visual_tokens(model: VLM, n: int, seed: int):
+    """n fresh scenes (lists of data.Obj) and their visual tokens (n, N, D)."""
+    rng, size = np.random.default_rng(seed), model.cfg.image_size
+    scenes = [data.make_scene(rng, size) for _ in range(n)]
+    return scenes, visual_tokens(model, np.stack([data.render_scene(objs, rng, size) for objs in scenes]))
+
+
+def object_positions(model: VLM, scenes: list, visual: torch.Tensor):
+    """The visual token under each object's centre (n_obj, D) and where the object is (n_obj, 3): right
+    half, bottom half, data.fact_cell."""
+    size, side = model.cfg.image_size, model.grid // model.cfg.merge                   # visual tokens a side
+    tokens, where = [], []
+    for i, objs in enumerate(scenes):
+        for o in objs:
+            tokens.append(visual[i, int(o.y * side / size) * side + int(o.x * side / size)])
+            where.append([int(o.x > size / 2), int(o.y > size / 2), data.fact_cell(o, size)])
+    return torch.stack(tokens), torch.tensor(where)
+
+
+def place_to_content(model: VLM, visual: torch.Tensor, n: int = 100) -> float:
+    """How loudly a visual token says where it is, beside what it shows: the root-mean-square of each place's
+    mean token on n blank images (background only, so only the place differs) about their mean, over that
+    of the tokens of real scenes `visual` (n', N, D) about their place's mean. A linear probe reads position
+    at any scale (it standardises each dimension); attention, which compares whole tokens, hears it at this
+    ratio."""
+    rng = np.random.default_rng(0)
+    blank = visual_tokens(model, np.stack([data.render_scene([], rng, model.cfg.image_size) for _ in range(n)]))
+    place = blank.mean(dim=0) - blank.mean(dim=(0, 1))                                  # (N, D)
+    content = visual - visual.mean(dim=0)                                               # (n', N, D)
+    return float(place.pow(2).sum(dim=1).mean().sqrt() / content.pow(2).sum(dim=2).mean().sqrt())
+
+
+def probe_accuracy(x_fit: torch.Tensor, fit: torch.Tensor, x_val: torch.Tensor, val: torch.Tensor,
+                   on_object: bool = True) -> float:
+    """A full-batch logistic regression fitted on (x_fit, fit): the share of val's rows it reads right (of
+    those with a class > 0, the tokens on an object, if on_object)."""
     probe = torch.nn.Linear(x_fit.shape[1], int(fit.max()) + 1)
     opt = torch.optim.Adam(probe.parameters(), lr=0.05)
     for _ in range(300):
@@ -40,9 +88,15 @@ def probe_accuracy(x_fit: torch.Tensor, fit: torch.Tensor, x_val: torch.Tensor, 
         opt.zero_grad()
         loss.backward()
         opt.step()
-    on_object = val > 0
+    rows = val > 0 if on_object else torch.ones_like(val, dtype=torch.bool)
     with torch.no_grad():
-        return (probe(x_val[on_object]).argmax(1) == val[on_object]).float().mean().item()
+        return (probe(x_val[rows]).argmax(1) == val[rows]).float().mean().item()
+
+
+def standardise(x_fit: torch.Tensor, x_val: torch.Tensor):
+    """Both sets scaled by the fitting set's mean and std per dimension."""
+    mean, std = x_fit.mean(0), x_fit.std(0) + 1e-6
+    return (x_fit - mean) / std, (x_val - mean) / std
 
 
 def main(argv=None) -> None:
@@ -69,12 +123,23 @@ def main(argv=None) -> None:
     splits, _, _ = data.load_data(cfg, tokenizer, answers, only=("train", "val"))
     x_fit, y_fit = tokens_and_targets(model, splits["train"], args.images)
     x_val, y_val = tokens_and_targets(model, splits["val"], cfg.val_images)
-    mean, std = x_fit.mean(0), x_fit.std(0) + 1e-6
-    x_fit, x_val = (x_fit - mean) / std, (x_val - mean) / std
+    x_fit, x_val = standardise(x_fit, x_val)
     for name, fit, val in (("colour", y_fit[0], y_val[0]), ("shape", y_fit[1], y_val[1])):
         right = probe_accuracy(x_fit, fit, x_val, val)
         common = val[val > 0].bincount().max().item() / (val > 0).sum().item()
         print(f"{name}: {100 * right:.1f} % of object tokens read right (most common class: {100 * common:.1f} %)")
+    (fit_scenes, fit_visual), (val_scenes, val_visual) = (fresh_visual_tokens(model, n, seed)
+                                                          for n, seed in ((args.images, 1), (cfg.val_images, 2)))
+    print(f"position: a visual token's place, against what it shows: {place_to_content(model, fit_visual):.2f} "
+          "(root-mean-square ratio, see place_to_content)")
+    (p_fit, w_fit), (p_val, w_val) = (object_positions(model, fit_scenes, fit_visual),
+                                      object_positions(model, val_scenes, val_visual))
+    p_fit, p_val = standardise(p_fit, p_val)
+    for j, name in enumerate(("right half", "bottom half", f"cell of {data.FACT_GRID}x{data.FACT_GRID}")):
+        right = probe_accuracy(p_fit, w_fit[:, j], p_val, w_val[:, j], on_object=False)
+        common = w_val[:, j].bincount().max().item() / len(w_val)
+        print(f"position, {name}: {100 * right:.1f} % of objects read right from the visual token under them "
+              f"(most common class: {100 * common:.1f} %)")
 
 
 if __name__ == "__main__":

@@ -124,6 +124,22 @@ def relate_without_positions(n_scenes: int = 3000, seed: int = 1) -> float:
 
 
 ASK_COMPARE = data.GENERATORS["compare"]
+SIDES = {"left": ("x", False), "right": ("x", True), "top": ("y", False), "bottom": ("y", True)}
+
+
+def ask_side(objs, rng):
+    """A positional family of the screen's own (not in data.FAMILIES): "is the red object on the
+    left?", yes when the named object's centre lies in that half of the image (never asked of an
+    object within 4 px of the middle). The answer is a single position, read off one object: what
+    a model that knows where its visual tokens are learns at once."""
+    refs = [(name, o) for name, o in data.reference_names(objs)
+            if min(abs(o.x - 32), abs(o.y - 32)) >= 4]
+    if not refs:
+        return None
+    name, o = refs[rng.integers(len(refs))]
+    side = str(rng.choice(list(SIDES)))
+    axis, beyond = SIDES[side]
+    return f"is the {name} on the {side}?", "yes" if (getattr(o, axis) > 32) == beyond else "no", {}
 
 
 def more_only(objs, rng):
@@ -137,6 +153,7 @@ def screen(families: list[str], steps: int, seed: int, out: str, flags: list[str
     """One proxy run: val accuracy per family (%) after `steps` steps, and each family's majority answer."""
     saved = list(data.FAMILIES), dict(data.GENERATORS)
     data.FAMILIES[:] = families                                     # the generator asks these families only
+    data.GENERATORS["side"], data.ANSWER_TYPES["side"] = ask_side, "yes/no"
     if only_more:
         data.GENERATORS["compare"] = more_only
     try:
@@ -197,7 +214,8 @@ def main() -> None:
     flags = argv[argv.index("--") + 1:] if "--" in argv else []
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("out", help="folder of the runs' logs")
-    p.add_argument("--families", nargs="+", default=["relate"], choices=list(data.FAMILIES), help="question families")
+    p.add_argument("--families", nargs="+", default=["relate"], choices=[*data.FAMILIES, "side"],
+                   help="question families (side: the screen's positional question, see ask_side)")
     p.add_argument("--steps", type=int, default=1500, help="stage-1 steps of each run")
     p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2], help="seeds")
     p.add_argument("--oracle", choices=["patches", "objects"], default="", help="perfect perception, per patch "

@@ -1,6 +1,7 @@
 """experiments/compare.py: the comparison table, checked by hand on made-up runs."""
 import json
 import os
+import re
 import subprocess
 import sys
 from dataclasses import asdict
@@ -79,6 +80,27 @@ def test_more_only_never_asks_fewer():
             asked.append(qa)
     assert len(asked) > 50 and not any("fewer" in q for q, _, _ in asked)
     assert {a for _, a, _ in asked} == {"yes", "no"}
+
+
+def test_the_side_question_is_answered_by_where_the_named_object_is():
+    """screen.ask_side: "is the X on the left?" says yes exactly when X's centre is in that half; both
+    answers come up; no object within 4 px of the middle is asked about; a scene with none nameable there asks
+    nothing."""
+    rng, asked = np.random.default_rng(0), []
+    for _ in range(300):
+        objs = data.make_scene(rng)
+        qa = screen.ask_side(objs, rng)
+        if qa is None:
+            continue
+        name, side = re.fullmatch(r"is the (.+) on the (\w+)\?", qa[0]).groups()
+        o = dict(data.reference_names(objs))[name]
+        axis, beyond = screen.SIDES[side]
+        assert min(abs(o.x - 32), abs(o.y - 32)) >= 4
+        assert qa[1] == ("yes" if (getattr(o, axis) > 32) == beyond else "no")
+        asked.append(qa[1])
+    assert len(asked) > 150 and asked.count("yes") > 50 and asked.count("no") > 50
+    middle = [data.Obj("red", "circle", 30, 40, 6), data.Obj("blue", "square", 34, 10, 6), data.Obj("red", "square", 40, 34, 6)]
+    assert screen.ask_side(middle, rng) is None
 
 
 def test_oracle_patches_are_each_patchs_fractions():

@@ -44,14 +44,18 @@ def test_shipped_backbone_reaches_its_stated_accuracy_on_a_regenerated_test_spli
 
 def test_token_probe_reads_colour_and_shape_from_the_shipped_encoder_but_not_from_a_random_one(capsys):
     """experiments/probe_tokens.py (the README's "does the encoder see shapes?" check): the trained encoder's
-    object tokens say their colour and shape; the same encoder at random init does not say the shape."""
+    object tokens say their colour and shape; the same encoder at random init does not say the shape. The
+    position probe reads from the visual token under each object its cell of the 8 x 8 grid, finer than
+    the token (the token must say where in it the object is: a probe reading any other token is far
+    below)."""
     threads = torch.get_num_threads()
 
     def probe(*flags):
         probe_tokens.main([SHIPPED, "--images", "120", "--threads", "1", *flags])
         out = capsys.readouterr().out
         read = re.findall(r"^(\w+): ([\d.]+) % of object tokens read right", out, flags=re.M)
-        assert len(read) == 2, out                                          # colour and shape, one line each
+        read += re.findall(r"^position, (cell) of 8x8: ([\d.]+) % of objects read right", out, flags=re.M)
+        assert len(read) == 3, out                                  # colour, shape, position cell: a line each
         return {name: float(acc) for name, acc in read}
     try:
         with torch.random.fork_rng():                             # probe_tokens seeds torch's generator
@@ -59,6 +63,7 @@ def test_token_probe_reads_colour_and_shape_from_the_shipped_encoder_but_not_fro
     finally:
         torch.set_num_threads(threads)
     assert trained["colour"] > 95 and trained["shape"] > 95, trained
+    assert trained["cell"] > 85, trained
     assert random["shape"] < 60, random
 
 
