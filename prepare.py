@@ -90,6 +90,8 @@ SCHEDULE = {"backbone": ("epochs", "batch_size", "lr", "weight_decay", "warmup_s
             "exits": ("batch_size", "seed")}
 # What checkpoints from before the scene-fact flags trained with.
 BEFORE_SCENE_FACTS = {"scene_weight": 0.0, "sample_families": "uniform"}
+# What backbones from before the position flags were built with.
+BEFORE_POSITIONS = {"position": "learned", "coord_conv": False}
 # Settings made from the data or the encoder, not by the flags.
 DERIVED = ("vocab_size", "num_answers", "max_text_len", "image_size", "pixel_mean", "pixel_std",
            "patch_size", "vit_dim", "crop_pct", "interpolation")
@@ -131,8 +133,9 @@ def resume_state(tcfg, dcfg, mcfg, ecfg) -> dict | None:
             f"--resume --stage exits: {path} holds a backbone but no interrupted stage 2 "
             "(drop --resume to train exits on it)")
     for name, cfg in (("data_config", dcfg), ("model_config", mcfg)):
-        keys = [k for k in state[name] if k not in DERIVED]
-        refuse_changes(path, state[name], asdict(cfg), keys, "data or model settings")
+        saved = (BEFORE_POSITIONS if name == "model_config" else {}) | state[name]
+        keys = [k for k in saved if k not in DERIVED]
+        refuse_changes(path, saved, asdict(cfg), keys, "data or model settings")
     # a run from before these flags: without them
     made_with = BEFORE_SCENE_FACTS | state["train_config"]
     refuse_changes(path, made_with, asdict(tcfg), SCHEDULE["backbone"], "training settings")
@@ -195,7 +198,7 @@ def load_free(cfg):
 def build_from_checkpoint(state: dict):
     """Rebuild what a checkpoint holds, in eval mode: (backbone VLM, FREE or None, tokenizer,
     answers, DataConfig)."""
-    cfg = ModelConfig(**state["model_config"])
+    cfg = ModelConfig(**(BEFORE_POSITIONS | state["model_config"]))
     # the weights come from the checkpoint: build without timm's download or the encoder's weights
     # file
     backbone = VLM(cfg=replace(cfg, vit_pretrained=False, vit_weights=""))

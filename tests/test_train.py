@@ -341,6 +341,24 @@ def test_a_run_from_before_scene_facts_resumes_only_as_it_was_trained(tmp_path, 
     assert torch.load(tmp_path / "ckpt.pt", weights_only=False)["epoch"] == 2
 
 
+def test_a_backbone_from_before_the_position_flags_is_rebuilt_and_resumed_as_it_was_built(tmp_path, capsys):
+    """A checkpoint written before --position and --coord-conv existed had learned positions and no
+    coordinates: it is rebuilt so (the same predictions), and resuming it with other values is refused in
+    one line naming the flag."""
+    train.main(MICRO + ["--out", str(tmp_path), "--epochs", "1"])
+    state = torch.load(tmp_path / "ckpt.pt", weights_only=False)
+    for key in ("position", "coord_conv"):
+        del state["model_config"][key]
+    state["train_config"]["epochs"] = 2
+    torch.save(state, tmp_path / "ckpt.pt")
+    model = build_from_checkpoint(state)[0]
+    assert model.cfg.position == "learned" and not model.cfg.coord_conv
+    with pytest.raises(SystemExit) as e:
+        train.main(MICRO + ["--out", str(tmp_path), "--epochs", "2", "--resume", "--position", "sincos"])
+    err = capsys.readouterr().err
+    assert e.value.code == 2 and err.count("\n") == 1 and "--position 'learned' -> 'sincos'" in err, err
+
+
 FIXTURE = os.path.join(ROOT, "tests", "fixtures", "vqa")
 VQA = ["--data", "vqa2", "--vqa-questions", os.path.join(FIXTURE, "questions.json"), "--vqa-annotations",
        os.path.join(FIXTURE, "annotations.json"), "--vqa-images", os.path.join(FIXTURE, "images"), "--image-size", "32"]
