@@ -53,11 +53,8 @@ class ModelConfig:
     freeze_vit: bool = False
     merge: int = 2  # merge k x k neighbouring ViT tokens into one visual token
     # where a visual token says it is (see VLM.init_positions): learned (a position embedding
-    # learned from N(0, 0.02)), sincos (fixed 2-D sine-cosine, at the visual tokens' scale),
-    # sincos-init (learned, started at sincos), sincos-vit (fixed sine-cosine on the ViT's patch
-    # tokens, before the merge, in place of the ViT's learned one)
-    position: str = field(default="learned", metadata={
-        "choices": ["learned", "sincos", "sincos-init", "sincos-vit"]})
+    # learned from N(0, 0.02)) or sincos (fixed 2-D sine-cosine, at the visual tokens' scale)
+    position: str = field(default="learned", metadata={"choices": ["learned", "sincos"]})
     # the conv stem also reads every pixel's x and y (CoordConv, Liu et al. 2018)
     coord_conv: bool = False
     dim: int = 128  # language-model width D
@@ -97,9 +94,8 @@ def check_model_config(cfg: ModelConfig) -> None:
                              f"by --{heads.replace('_', '-')} {getattr(cfg, heads)}")
     if cfg.vit_weights and not os.path.isfile(cfg.vit_weights):
         raise ValueError(f"--vit-weights {cfg.vit_weights}: file not found")
-    if cfg.vit and (cfg.coord_conv or cfg.position == "sincos-vit"):
-        raise ValueError("--coord-conv and --position sincos-vit change the built-in ViT; give "
-                         "neither with --vit NAME")
+    if cfg.vit and cfg.coord_conv:
+        raise ValueError("--coord-conv changes the built-in ViT's stem; it does not go with --vit NAME")
     if (cfg.vit_pretrained or cfg.vit_weights) and not cfg.vit:
         raise ValueError("--vit-pretrained and --vit-weights go with --vit NAME (a timm ViT)")
     if cfg.vit_pretrained and cfg.vit_weights:
@@ -249,7 +245,7 @@ class VLM(nn.Module):
         self.tok_emb = nn.Embedding(cfg.vocab_size, cfg.dim)
         self.text_pos = nn.Parameter(torch.zeros(1, cfg.max_text_len, cfg.dim))
         self.visual_pos = nn.Parameter(torch.zeros(1, self.num_visual, cfg.dim),
-                                       requires_grad=cfg.position in ("learned", "sincos-init"))
+                                       requires_grad=cfg.position == "learned")
         self.blocks = nn.ModuleList([Block(cfg.dim, cfg.heads) for _ in range(cfg.depth)])
         self.norm = nn.LayerNorm(cfg.dim)
         self.classifier = nn.Linear(cfg.dim, cfg.num_answers)
@@ -295,18 +291,11 @@ class VLM(nn.Module):
     def init_positions(self) -> None:
         """Where each visual token is (cfg.position). learned: visual_pos starts at N(0, 0.02), a
         few hundredths of the unit-scale tokens it is added to, and is learned from the answers.
-        sincos / sincos-init: visual_pos is sincos_2d of the merged grid at the tokens' scale,
-        fixed / learned from there. sincos-vit: the ViT's own (learned) position embedding is
-        replaced by a fixed sincos_2d of the patch grid, and visual_pos is zero and fixed."""
-        g, k = self.grid, self.cfg.merge
-        self.visual_pos.zero_()
+        sincos: visual_pos is sincos_2d of the merged grid at the tokens' scale, fixed."""
         if self.cfg.position == "learned":
             nn.init.trunc_normal_(self.visual_pos, std=0.02)
-        elif self.cfg.position in ("sincos", "sincos-init"):
-            self.visual_pos.copy_(sincos_2d(g // k, self.cfg.dim)[None])
         else:
-            self.vit.pos_embed.copy_(sincos_2d(g, self.vit.embed_dim)[None])
-            self.vit.pos_embed.requires_grad_(False)
+            self.visual_pos.copy_(sincos_2d(self.grid // self.cfg.merge, self.cfg.dim)[None])
 
     @property
     def depth(self) -> int:

@@ -142,15 +142,10 @@ def test_sincos_positions_are_unit_scale_and_fall_with_distance():
 
 
 def test_position_options_place_the_positions_where_they_say():
-    """--position: sincos puts sincos_2d of the merged grid in visual_pos and keeps it fixed; sincos-init
-    starts there and learns; sincos-vit fixes the ViT's own position embedding to sincos_2d of the patch
-    grid; learned is today's small learned one. --coord-conv feeds the stem x and y."""
-    for position, fixed in (("sincos", True), ("sincos-init", False)):
-        model = VLM(cfg=tiny_cfg(position=position))
-        assert torch.equal(model.visual_pos[0], sincos_2d(2, 32)) and model.visual_pos.requires_grad != fixed
-    model = VLM(cfg=tiny_cfg(position="sincos-vit"))
-    assert torch.equal(model.vit.pos_embed[0], sincos_2d(4, 32)) and not model.vit.pos_embed.requires_grad
-    assert not model.visual_pos.any() and not model.visual_pos.requires_grad
+    """--position sincos puts sincos_2d of the merged grid in visual_pos and keeps it fixed; learned is today's
+    small learned one. --coord-conv feeds the stem x and y, and is refused with a timm ViT by name."""
+    model = VLM(cfg=tiny_cfg(position="sincos"))
+    assert torch.equal(model.visual_pos[0], sincos_2d(2, 32)) and not model.visual_pos.requires_grad
     learned = VLM(cfg=tiny_cfg())
     assert learned.visual_pos.requires_grad and 0.01 < learned.visual_pos.std() < 0.03
     model = VLM(cfg=tiny_cfg(coord_conv=True)).eval()
