@@ -151,16 +151,18 @@ def more_only(objs, rng):
 def screen(families: list[str], steps: int, seed: int, out: str, flags: list[str], oracle: str = "",
            pos_std: float = 0.0, only_more: bool = False) -> dict:
     """One proxy run: val accuracy per family (%) after `steps` steps, and each family's majority answer."""
-    saved = list(data.FAMILIES), dict(data.GENERATORS)
+    saved = list(data.FAMILIES), dict(data.GENERATORS), dict(data.ANSWER_TYPES)
     data.FAMILIES[:] = families                                     # the generator asks these families only
     data.GENERATORS["side"], data.ANSWER_TYPES["side"] = ask_side, "yes/no"
     if only_more:
         data.GENERATORS["compare"] = more_only
     try:
         return proxy_run(seed, out, flags, oracle, pos_std, steps)
-    finally:
+    finally:                                                        # the generator as it was
         data.FAMILIES[:] = saved[0]
-        data.GENERATORS.update(saved[1])
+        for table, before in ((data.GENERATORS, saved[1]), (data.ANSWER_TYPES, saved[2])):
+            table.clear()
+            table.update(before)
 
 
 def proxy_run(seed: int, out: str, flags: list[str], oracle: str, pos_std: float, steps: int) -> dict:

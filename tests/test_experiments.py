@@ -123,6 +123,7 @@ def test_a_proxy_run_trains_one_family_and_restores_the_generator(tmp_path):
     assert set(result["accuracy"]) == set(result["majority"]) == {"count"}
     assert data.FAMILIES == ["exist", "query_color", "query_shape", "count", "compare", "relate"]
     assert data.GENERATORS["compare"] is screen.ASK_COMPARE
+    assert "side" not in data.GENERATORS and "side" not in data.ANSWER_TYPES
 
 
 def test_find_objects_recovers_the_generators_objects():
