@@ -15,10 +15,10 @@ Samples that exit stop computing, and the speedup is measured in wall-clock time
 model in the same process (time_speedup), beside the paper's layer-count view. The report (--eval)
 holds the full model's accuracy and every exit's (the depth profile, beside a raw readout of the
 same layer without G_k); mid-crisis and overthinking; a threshold sweep per exit rule
-(free_min.RULES); a calibrated operating point, picked on *val* (the fastest whose accuracy drop
-is <= --max-drop points), reported on the eval split and timed at batch 1 and batched; and the
-depth each question family runs to there. Its statistics, cost models, printing and figure are in
-report.py.
+(free_min.RULES); a calibrated operating point, picked on the *calib* split (the fastest whose
+accuracy drop is <= --max-drop points; data.SPLITS says which split chooses what), reported on the
+eval split and timed at batch 1 and batched; and the depth each question family runs to there.
+Its statistics, cost models, printing and figure are in report.py.
 """
 import argparse
 import os
@@ -56,15 +56,18 @@ class InferConfig:
     rule: str = field(default="maxprob", metadata={"choices": list(RULES)})
     # exit threshold for --image (-1 = the calibrated one, else the rule's default)
     threshold: float = -1.0
-    # calibration: the accuracy drop (points) the calibrated point may cost on new questions
+    # calibration: the accuracy drop (points) the calibrated point may cost on new images
     max_drop: float = 1.0
     # guaranteed: Learn-then-Test, the drop stays within --max-drop with probability >= 1 - --delta
-    # (see calibrate); empirical: the fastest point within --max-drop on val, no guarantee
+    # (see calibrate); empirical: the fastest point within --max-drop on calib, no guarantee
     calibration: str = field(default="guaranteed",
                              metadata={"choices": ["guaranteed", "empirical"]})
     # guaranteed calibration: the probability that the promise fails (over the draw of the
-    # calibration questions)
+    # calibration images)
     delta: float = 0.1
+    # the split the point is calibrated on: calib (drawn for it, chose nothing else: what the
+    # guarantee assumes) or val (to compare choices on val, as experiments/select_exits.py does)
+    calibrate_on: str = field(default="calib", metadata={"choices": ["calib", "val"]})
     # the loss calibration bounds: harm (an early answer loses credit the full model had; reads
     # labels) or disagree (it differs from the full model's; reads none); auto = harm if the exits
     # were trained with labels, else disagree
@@ -250,60 +253,80 @@ def exit_subsets(K: int) -> list[list[int]]:
 # change cannot lose credit):
 #   harm:     max(0, score of the full model's answer - score of the early answer)   (reads labels)
 #   disagree: 1 if the early answer differs from the full model's, else 0   (CALM's; reads none)
-def risk_losses(val, full_pred: torch.Tensor, pred: torch.Tensor, risk: str) -> torch.Tensor:
+def risk_losses(split, full_pred: torch.Tensor, pred: torch.Tensor, risk: str) -> torch.Tensor:
     """(n,) per-question losses in [0, 1] of early answers `pred` against the full model's."""
     if risk == "disagree":
         return (pred != full_pred).float()                                # reads no label
-    every = torch.arange(len(val))
-    return (val.score(every, full_pred) - val.score(every, pred)).clamp(min=0.0)
+    every = torch.arange(len(split))
+    return (split.score(every, full_pred) - split.score(every, pred)).clamp(min=0.0)
 
 
-def accuracy_drop(val, full_pred: torch.Tensor, pred: torch.Tensor) -> float:
+def accuracy_drop(split, full_pred: torch.Tensor, pred: torch.Tensor) -> float:
     """The accuracy lost by answering `pred` instead of the full model's `full_pred`, in [0, 1]."""
-    return (accuracy(val, full_pred) - accuracy(val, pred)) / 100
+    return (accuracy(split, full_pred) - accuracy(split, pred)) / 100
+
+
+# What is drawn independently is an *image*, not a question: the questions about one scene (four
+# on shapes, about five on VQA v2) share it, and are correlated. So the unit of calibration is the
+# image: its loss is the mean over its questions, the risk is the mean of that over new images,
+# and n is the number of calibration images. (With as many questions on every image, as shapes
+# has, that risk is the accuracy drop on new questions; with uneven counts each image weighs the
+# same.)
+def image_losses(split, losses: torch.Tensor) -> torch.Tensor:
+    """(n_images,) the mean of per-question `losses` (n,) over each image's questions."""
+    _, image = torch.unique(split.image_index, return_inverse=True)         # (n,) in 0..n_img-1
+    total = torch.zeros(int(image.max()) + 1).index_add_(0, image, losses)
+    count = torch.zeros_like(total).index_add_(0, image, torch.ones_like(losses))
+    return total / count
 
 
 # Learn-then-Test (Angelopoulos et al. 2021), as CALM does for early exit in language models
 # (Schuster et al. 2022): for each threshold, from the most conservative to the most aggressive,
-# test H0: risk > eps with the Hoeffding-Bentkus p-value of the mean loss r over n questions,
+# test H0: risk > eps with the Hoeffding-Bentkus p-value of the mean image loss r over n images,
 #   p = min(exp(-n h(r, eps)), e P(Binomial(n, eps) <= ceil(n r))),  h(a, b) = KL(Ber(a) || Ber(b))
 # (report.hb_pvalue); stop at the first one not rejected at level delta. Every threshold rejected
-# before it has risk <= eps with probability >= 1 - delta over the draw of the calibration questions
+# before it has risk <= eps with probability >= 1 - delta over the draw of the calibration images
 # (testing in a fixed order controls the family-wise error). Searching several sets of exits would
 # void that, so each set is tested at delta / (number of sets) (Bonferroni): all certified points
 # hold at once with probability >= 1 - delta, and so does the fastest of them, the one chosen.
-def calibrate(free, val, val_probs: dict, costs: dict, promise: InferConfig) -> dict:
-    """On val: the threshold *and the set of exits evaluated* with the highest predicted speedup
-    under the cost model `costs` that keeps the promise (promise.rule, .max_drop, .calibration,
-    .delta, .risk): certified to risk <= max_drop ('guaranteed', above), or with a measured val drop
-    <= max_drop ('empirical': the accuracy drop, or for risk 'disagree' the share of changed
-    answers; no guarantee). Why the exits too: an exit pays only if enough questions leave there,
-    and at batch 1 on a CPU an exit costs about a layer (many small operations)."""
-    full_pred, sets = val_probs["final"].argmax(1), exit_subsets(free.num_exits)
+# The calibration images must have chosen nothing else (data.SPLITS: the `calib` split).
+def calibrate(free, calib, calib_probs: dict, costs: dict, promise: InferConfig) -> dict:
+    """On the calibration split: the threshold *and the set of exits evaluated* with the highest
+    predicted speedup under the cost model `costs` that keeps the promise (promise.rule,
+    .max_drop, .calibration, .delta, .risk): certified to risk <= max_drop ('guaranteed', above),
+    or with a measured drop <= max_drop ('empirical': the accuracy drop, or for risk 'disagree'
+    the share of changed answers; no guarantee). Why the exits too: an exit pays only if enough
+    questions leave there, and at batch 1 on a CPU an exit costs about a layer (many small
+    operations)."""
+    full_pred, sets = calib_probs["final"].argmax(1), exit_subsets(free.num_exits)
     eps, best = promise.max_drop / 100, None
+    n_images = len(torch.unique(calib.image_index))
     for exits in sets:
         for t in reversed(RULES[promise.rule].grid(len(exits))):      # the most conservative first
-            sim = simulate(val_probs, promise.rule, t, exits)
-            loss = risk_losses(val, full_pred, sim["pred"], promise.risk).mean().item()
+            sim = simulate(calib_probs, promise.rule, t, exits)
+            losses = risk_losses(calib, full_pred, sim["pred"], promise.risk)
             if promise.calibration == "guaranteed":
-                p = report.hb_pvalue(loss, len(val), eps)
+                loss = image_losses(calib, losses).mean().item()
+                p = report.hb_pvalue(loss, n_images, eps)
                 if p > promise.delta / len(sets):
                     break                              # a fixed sequence: stop at the first failure
-                measured = {"val_risk": loss, "p_value": p}
+                measured = {"calib_risk": loss, "p_value": p}
             else:
-                drop = loss
+                drop = losses.mean().item()
                 if promise.risk != "disagree":
-                    drop = accuracy_drop(val, full_pred, sim["pred"])
+                    drop = accuracy_drop(calib, full_pred, sim["pred"])
                 if drop > eps:
                     continue
-                measured = {"val_drop": 100 * drop}
+                measured = {"calib_drop": 100 * drop}
             speedup = predicted_speedup(free, sim, costs)
             if best is None or speedup > best["predicted_speedup"] + 1e-9:
                 best = {"threshold": t, "exit_layers": [free.exit_layers[k] for k in exits],
                         "predicted_speedup": speedup, **measured}
     setting = {"rule": promise.rule, "calibration": promise.calibration, "risk": promise.risk,
-               "max_drop": promise.max_drop, "delta": promise.delta,
-               "calibration_questions": len(val), "exit_sets": len(sets), "cost_model": costs}
+               "max_drop": promise.max_drop, "delta": promise.delta, "split": promise.calibrate_on,
+               "calibration_unit": "image",
+               "calibration_images": n_images, "calibration_questions": len(calib),
+               "exit_sets": len(sets), "cost_model": costs}
     if best is None or best["predicted_speedup"] <= 1.0:  # none, or none faster than the full model
         return setting | {"threshold": None}
     return setting | best
@@ -315,7 +338,7 @@ def exit_indices(free, cal: dict) -> list[int]:
 
 
 def calibrated_point(free, split, probs: dict, cal: dict, full_accuracy: float) -> dict:
-    """A val-calibrated point on the eval split: its accuracy and drop, and the layer view."""
+    """A calibrated point on the eval split: its accuracy and drop, and the layer view."""
     if cal["threshold"] is None:
         return cal
     sim = simulate(probs, cal["rule"], cal["threshold"], exit_indices(free, cal))
@@ -339,31 +362,32 @@ def time_point(free, split, cal: dict, timing_ids: torch.Tensor, cfg: InferConfi
 
 
 def build_report(free, splits: dict, split_name: str, cfg: InferConfig) -> dict:
-    """Everything the report says about one checkpoint on one split, calibrated on val; run and
-    timed where `free` is, on an inference copy (runtime.inference_copy)."""
+    """Everything the report says about one checkpoint on one split, calibrated on the calib
+    split (cfg.calibrate_on); run and timed where `free` is, on an inference copy (runtime.inference_copy)."""
     free = inference_copy(free)
-    split, val = splits[split_name], splits["val"]
+    split, calib = splits[split_name], splits[cfg.calibrate_on]
     probs = collect(free, split, cfg.batch_size)
-    val_probs = probs if split_name == "val" else collect(free, val, cfg.batch_size)
+    calib_probs = collect(free, calib, cfg.batch_size)
     timing_ids = torch.randperm(len(split), generator=torch.Generator().manual_seed(0))
     timing_ids = timing_ids[:cfg.timing_samples]
     out = {"split": split_name} | describe_depth(free, split, probs, cfg)
     out["sweep"] = sweep(free, split, probs, timing_ids, cfg)
     if cfg.timing:
-        costs = report.unit_costs(free, val, torch.arange(min(32, len(val))), cfg.repeats)
+        costs = report.unit_costs(free, calib, torch.arange(min(32, len(calib))), cfg.repeats)
     else:
-        costs = report.flop_costs(free, val_probs["seq_len"])
+        costs = report.flop_costs(free, calib_probs["seq_len"])
     risk = cfg.risk
     # harm where the exits were trained with labels
     if risk == "auto":
         risk = "harm" if free.cfg.label_fraction > 0 else "disagree"
     promise = replace(cfg, risk=risk)
-    cal = calibrate(free, val, val_probs, costs, promise)
+    cal = calibrate(free, calib, calib_probs, costs, promise)
     out["calibrated"] = calibrated_point(free, split, probs, cal, out["full"]["accuracy"])
     if cfg.timing and cal["threshold"] is not None:
         out["calibrated"] |= time_point(free, split, cal, timing_ids, cfg)
     if cfg.calibration == "guaranteed":              # the rule without a guarantee: what it costs
-        plain = calibrate(free, val, val_probs, costs, replace(promise, calibration="empirical"))
+        plain = calibrate(free, calib, calib_probs, costs,
+                          replace(promise, calibration="empirical"))
         out["empirical"] = calibrated_point(free, split, probs, plain, out["full"]["accuracy"])
     point = None
     if cal["threshold"] is not None:
@@ -420,7 +444,8 @@ def main(argv=None) -> None:
         free, tokenizer, answers, dcfg, state = load_free(cfg)
         free.to(pick_device(cfg.device))
         if cfg.eval:
-            splits, _, _ = load_data(dcfg, tokenizer, answers, only=tuple({"val", cfg.split}))
+            only = tuple({cfg.calibrate_on, cfg.split})
+            splits, _, _ = load_data(dcfg, tokenizer, answers, only=only)
             results = build_report(free, splits, cfg.split, cfg)
             hint = "; choose the files with --json and --plot"
             report.write_report(results, free, *report_paths(cfg), hint)

@@ -15,7 +15,7 @@ from dataclasses import asdict, dataclass, replace
 
 from tokenizers import Tokenizer
 
-from data import DataConfig, check_data_config, load_data
+from data import SPLITS, DataConfig, check_data_config, load_data
 from free_min import FREE, RULES, ExitConfig, check_exit_config, resolve_exit_layers
 from model import VLM, ModelConfig, check_model_config, describe_timm_vit, make_vit
 from runtime import (CheckpointError, ConfigError, export_checkpoint, flag, is_main,
@@ -236,7 +236,8 @@ def load_run_data(run, state: dict | None):
     config."""
     t0 = time.time()
     tokenizer = Tokenizer.from_str(state["tokenizer"]) if state else None
-    splits, tokenizer, answers = load_data(run.data, tokenizer, state["answers"] if state else None)
+    splits, tokenizer, answers = load_data(run.data, tokenizer, state["answers"] if state else None,
+                                           only=SPLITS)
     run.model.vocab_size, run.model.num_answers = tokenizer.get_vocab_size(), len(answers)
     sizes = ", ".join(f"{k} {len(v)}" for k, v in splits.items())
     print(f"data: {run.data.data} ({sizes} questions), {len(answers)} answers,"

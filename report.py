@@ -166,8 +166,8 @@ def hb_pvalue(risk_hat: float, n: int, eps: float) -> float:
     return min(1.0, math.exp(-n * h), bentkus)
 
 
-def questions_to_certify(eps: float, delta: float) -> int:
-    """The fewest calibration questions with which even a point that changes no answer (risk 0 on
+def images_to_certify(eps: float, delta: float) -> int:
+    """The fewest calibration images with which even a point that changes no answer (risk 0 on
     all of them) is certified to risk <= eps at level delta: below it, Learn-then-Test can
     certify nothing."""
     n = 1
@@ -190,16 +190,17 @@ def points(x: float) -> str:
 def promise_text(c: dict) -> str:
     """What a calibrated point promises, in words."""
     changed = "share of answers that differ from the full model's"
+    where = f"{c['calibration_images']} calibration images ({c['calibration_questions']} questions"
+    where += ", a split that chose nothing else)" if c.get("split") == "calib" else ", val's)"
     if c["calibration"] == "empirical":
         measured = "accuracy drop" if c["risk"] == "harm" else changed
-        return (f"no guarantee: the {measured} on the calibration (val) questions was <= "
-                f"{points(c['max_drop'])}")
+        return f"no guarantee: the {measured} on the {where} was <= {points(c['max_drop'])}"
     what = ("the accuracy drop" if c["risk"] == "harm"
             else f"the {changed} (and so the accuracy drop)")
     return (
-        f"with probability >= {100 * (1 - c['delta']):g} % over the draw of the "
-        f"{c['calibration_questions']} calibration (val) questions, {what} on new questions from "
-        f"this distribution is <= {points(c['max_drop'])}")
+        f"with probability >= {100 * (1 - c['delta']):g} % over the draw of the {where}, {what} "
+        f"on new images from this distribution (each image's questions averaged) is <= "
+        f"{points(c['max_drop'])}")
 
 
 def write_report(r: dict, free, json_path: str, plot_path: str, hint: str = "") -> None:
@@ -300,7 +301,7 @@ def format_calibrated(c: dict, plain: dict | None = None) -> str:
     if c["threshold"] is None:
         return no_point(c)
     line = (
-        f"calibrated on val ({c['calibration']}, risk {c['risk']}; {c['rule']} threshold "
+        f"calibrated on {c.get('split', 'calib')} ({c['calibration']}, risk {c['risk']}; {c['rule']} threshold "
         f"{c['threshold']:g}, exits after layers {','.join(map(str, c['exit_layers']))}): accuracy "
         f"{c['accuracy']:.2f}% (drop {c['accuracy_drop']:+.2f} pts), {c['avg_layers']:.2f} layers, "
         f"layer speedup {c['layer_speedup']:.2f}x\n  promise: {promise_text(c)}")
@@ -328,13 +329,13 @@ def no_point(c: dict) -> str:
     """Why there is no calibrated point, and what would give one."""
     line = (
         f"calibrated ({c['calibration']}, {c['risk']}): no threshold {c['rule']} keeps the promise"
-        " on val")
-    need = questions_to_certify(c["max_drop"] / 100, c["delta"] / c.get("exit_sets", 1))
-    if c["calibration"] == "guaranteed" and c["calibration_questions"] < need:
+        f" on the {c.get('split', 'calib')} images")
+    need = images_to_certify(c["max_drop"] / 100, c["delta"] / c.get("exit_sets", 1))
+    if c["calibration"] == "guaranteed" and c["calibration_images"] < need:
         line += (
-            f": with {c['calibration_questions']} calibration questions not even a point that "
+            f": with {c['calibration_images']} calibration images not even a point that "
             f"changes no answer can be certified to a drop <= {points(c['max_drop'])} (that takes "
-            f"{need}; more --val-images, or a larger --max-drop)")
+            f"{need}; more calibration images, or a larger --max-drop)")
     return line + "; every question runs the full model"
 
 

@@ -43,7 +43,8 @@ from prepare import (Run, load_run_data, record_calibrated, record_test, report_
 from runtime import (RUN, WORLD, EpochScores, Optimizer, StepClock, UsageError, all_sum, autocast,
                      cache_patches, close_distributed, exit_progress, export_checkpoint,
                      grad_scaler, is_main, load_checkpoint, on_gpu, parse_configs, progress_bar,
-                     resume_exits, resume_stage, setup, shard, to_device, wait_for_main)
+                     resume_exits, resume_stage, save_atomic, setup, shard, to_device,
+                     wait_for_main)
 from stand_ins import LABEL_FREE, aux_heads, aux_inputs
 
 
@@ -85,8 +86,8 @@ class TrainConfig:
 
 
 PRESETS = {                    # named overrides of the dataclass defaults; PRESET_USE: what for
-    "tiny": dict(train_images=300, val_images=40, test_images=40, dim=64, depth=4, heads=2,
-                 epochs=4, batch_size=32, warmup_steps=20, lr=2e-3, exit_epochs=2),
+    "tiny": dict(train_images=300, val_images=40, test_images=40, calib_images=40, dim=64, depth=4,
+                 heads=2, epochs=4, batch_size=32, warmup_steps=20, lr=2e-3, exit_epochs=2),
     "default": dict(),
     "base": dict(train_images=20000, val_images=1000, test_images=1000, dim=256, depth=12, heads=8,
                  vit_dim=128, vit_depth=2, epochs=12, batch_size=128, lr=5e-4, warmup_steps=1000),
@@ -94,6 +95,7 @@ PRESETS = {                    # named overrides of the dataclass defaults; PRES
 PRESET_USE = {"tiny": "a first look, a minute on a CPU", "default": "a 2-core CPU or a laptop GPU",
               "base": "a bigger model, for a GPU"}
 SHIPPED_BACKBONE = "backbones/shapes-default.pt"   # the trained backbone the repo ships (README)
+BACKBONE_FILE = "backbone.pt"     # OUT/backbone.pt: stage 1's checkpoint, kept when stage 2 follows
 EVAL_BATCH = 256
 
 
@@ -419,6 +421,16 @@ def report_exits(free: FREE, splits: dict, run: Run) -> None:
         export_checkpoint(run.train.export, run.ckpt)
 
 
+def keep_backbone(run: Run, state: dict) -> str:
+    """Stage 2 writes OUT/ckpt.pt over stage 1's checkpoint: keep stage 1's as OUT/backbone.pt (what
+    stage 2 starts from and what a backbone is exported from). Returns its path."""
+    path = os.path.join(run.train.out, BACKBONE_FILE)
+    if is_main():
+        save_atomic(path, state)
+    wait_for_main()
+    return path
+
+
 def main(argv=None) -> None:
     args, dcfg, mcfg, tcfg, ecfg = parse_args(argv)
     try:
@@ -435,7 +447,7 @@ def main(argv=None) -> None:
             if tcfg.stage == "backbone":
                 return
             state = load_checkpoint(run.ckpt)
-            source = {"path": run.ckpt, "train_config": state["train_config"]}
+            source = {"path": keep_backbone(run, state), "train_config": state["train_config"]}
         else:                                                                 # a trained backbone
             model, splits, source = trained_backbone(run, state)
         run_exits(run, model, state, source, splits)

@@ -1,11 +1,11 @@
 """Where the exits sit and how long they train, chosen on val (never on test): stage 2 on one backbone for
-each placement x number of epochs, each calibrated as the report does by default (guaranteed) and judged on
-the val split alone; one table.
+each placement x number of epochs, each calibrated as the report does by default (guaranteed) but on val, and
+judged on the val split alone (the calib split, which certifies the point shipped, chooses nothing); one table.
 
     python experiments/select_exits.py BACKBONE OUTDIR [--layers 1,2,4,6 2,4,6] [--epochs 2 6] [--threads 2]
 
-Each run is `train.py --stage exits --no-final-eval` into OUTDIR/NAME, then `infer.py --eval --split val`
-(calibrated on val, timed on this machine); finished runs are skipped. The column to choose by is the
+Each run is `train.py --stage exits --no-final-eval` into OUTDIR/NAME, then `infer.py --eval --split val
+--calibrate-on val` (timed on this machine); finished runs are skipped. The column to choose by is the
 calibration's own objective: the certified point's speedup predicted from the costs measured at batch 1.
 """
 import argparse
@@ -24,7 +24,8 @@ def run(out: str, backbone: str, layers: str, epochs: int, threads: int) -> dict
     if not os.path.isfile(report):
         steps = [["train.py", "--stage", "exits", "--backbone", backbone, "--out", folder, "--no-final-eval",
                   "--exit-layers", layers, "--exit-epochs", str(epochs)],
-                 ["infer.py", "--ckpt", os.path.join(folder, "ckpt.pt"), "--eval", "--split", "val", "--json", report]]
+                 ["infer.py", "--ckpt", os.path.join(folder, "ckpt.pt"), "--eval", "--split", "val", "--calibrate-on", "val",
+                  "--json", report]]
         with open(folder + ".log", "w") as log:
             for cmd in steps:
                 if subprocess.run([sys.executable, *cmd, "--threads", str(threads)], cwd=ROOT, stdout=log,

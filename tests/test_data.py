@@ -232,12 +232,18 @@ def test_families_balanced_and_yes_no_balanced():
 
 
 def test_shapes_splits_are_disjoint():
-    cfg = DataConfig(train_images=30, val_images=10, test_images=10)
-    splits = data.shapes_splits(cfg)
+    """Four splits, no image id or image in two of them; the calibration split's scenes are none of stage 1's
+    (an epoch's fresh scenes), and drawing it changes no other split."""
+    cfg = DataConfig(train_images=30, val_images=10, test_images=10, calib_images=10)
+    splits = data.shapes_splits(cfg, only=data.SPLITS)
+    assert list(splits) == ["train", "val", "test", "calib"]
     ids = [{r["image_id"] for r in recs} for _, recs, _ in splits.values()]
-    assert not (ids[0] & ids[1]) and not (ids[0] & ids[2]) and not (ids[1] & ids[2])
-    train_imgs = {img.tobytes() for img in splits["train"][0]}
-    assert not any(img.tobytes() in train_imgs for img in splits["test"][0])
+    assert all(not (a & b) for i, a in enumerate(ids) for b in ids[i + 1:])
+    images = [{img.tobytes() for img in split[0]} for split in splits.values()]
+    assert all(not (a & b) for i, a in enumerate(images) for b in images[i + 1:])
+    stage1 = {img.tobytes() for epoch in range(1, 61) for img in data.fresh_scenes(cfg, epoch)[0]}
+    assert not (images[3] & stage1)
+    assert all(np.array_equal(splits[name][0], data.shapes_splits(cfg)[name][0]) for name in ("train", "val", "test"))
 
 
 def test_tokenizer_adds_cls_and_pads():
@@ -268,9 +274,9 @@ HAND_SCORES = {
 
 
 def test_vqa2_loader_splits_by_image_and_scores_officially():
-    splits, tok, answers = data.load_data(vqa_cfg())
+    splits, tok, answers = data.load_data(vqa_cfg(), only=data.SPLITS)
     sizes = {k: len({r["image_id"] for r in s.records}) for k, s in splits.items()}
-    assert sizes == {"train": 16, "val": 2, "test": 2}
+    assert sizes == {"train": 16, "val": 1, "test": 2, "calib": 1}     # 80 / 5 / 10 / 5 % of 20 images
     assert splits["train"].images.shape[1:] == (3, 32, 32)
     assert "2" in answers and "two" not in answers and "dog" in answers
     for split in splits.values():
@@ -292,7 +298,7 @@ def test_written_shapes_round_trip_through_vqa2_loader(tmp_path):
     data.write_vqa_format(cfg, str(tmp_path))
     splits, _, answers = data.load_data(vqa_cfg(vqa_questions=str(tmp_path / "questions.json"),
                                                 vqa_annotations=str(tmp_path / "annotations.json"),
-                                                vqa_images=str(tmp_path / "images"), image_size=64))
+                                                vqa_images=str(tmp_path / "images"), image_size=64), only=data.SPLITS)
     assert sum(len(s) for s in splits.values()) == 90
     original = data.shapes_splits(cfg)["train"][0][0]
     all_images = torch.cat([s.images for s in splits.values()])
@@ -337,7 +343,7 @@ def test_empty_question_string(tmp_path):
 def test_questions_without_their_image_are_skipped_and_counted(tmp_path, capsys):
     d = _copy_fixture(tmp_path)
     os.remove(d / "images" / "COCO_val2014_000000000003.jpg")
-    splits, _, _ = data.load_data(vqa_cfg(vqa_images=str(d / "images")))
+    splits, _, _ = data.load_data(vqa_cfg(vqa_images=str(d / "images")), only=data.SPLITS)
     assert sum(len(s) for s in splits.values()) == 38
     assert "2 of 40 questions have no image" in capsys.readouterr().out
     for name in os.listdir(d / "images"):

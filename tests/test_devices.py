@@ -59,7 +59,8 @@ def test_resume_on_a_machine_with_fewer_gpus():
 
 def tiny_model_and_splits():
     torch.manual_seed(0)
-    splits, tok, answers = data.load_data(data.DataConfig(train_images=20, val_images=30, test_images=30))
+    splits, tok, answers = data.load_data(data.DataConfig(train_images=20, val_images=30, test_images=30,
+                                                          calib_images=30), only=data.SPLITS)
     cfg = train.ModelConfig(image_size=64, max_text_len=24, vocab_size=tok.get_vocab_size(), num_answers=len(answers),
                             dim=32, depth=2, heads=2)
     return VLM(cfg=cfg), splits

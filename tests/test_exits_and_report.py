@@ -20,7 +20,8 @@ from free_min import early_exit_predict
 from prepare import build_from_checkpoint
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-SMALL = ["--preset", "tiny", "--train-images", "120", "--val-images", "20", "--test-images", "20", "--threads", "1"]
+SMALL = ["--preset", "tiny", "--train-images", "120", "--val-images", "20", "--test-images", "20", "--calib-images", "20",
+         "--threads", "1"]
 
 
 @pytest.fixture(scope="module")
@@ -341,10 +342,12 @@ def test_without_ckpt_the_run_in_out_or_else_the_shipped_exits(tmp_path, monkeyp
 
 # ---------------------------------------------------------------- the analyses, on hand-made inputs
 class GoldSplit:
-    """A stand-in split whose questions have one right answer each: score 1 if pred == gold, else 0."""
+    """A stand-in split whose questions have one right answer each: score 1 if pred == gold, else 0; each
+    question about an image of its own, unless `image_index` says which image each is about."""
 
-    def __init__(self, gold):
+    def __init__(self, gold, image_index=None):
         self.gold = torch.as_tensor(gold)
+        self.image_index = torch.arange(len(self.gold)) if image_index is None else torch.as_tensor(image_index)
 
     def __len__(self):
         return len(self.gold)
@@ -392,7 +395,7 @@ def test_simulate_calibrate_and_layer_speedup_by_hand():
     flops = flop_costs(free, 10.0)
     assert flops["exit"] == pytest.approx(e) and infer.predicted_speedup(free, sim, flops) == pytest.approx(speedup)
     cal = infer.calibrate(free, val, probs, flops, infer.InferConfig(rule="maxprob", max_drop=1.0, calibration="empirical", risk="harm"))
-    assert (cal["threshold"], cal["exit_layers"], cal["val_drop"]) == (0.8, [2, 4], 0.0)
+    assert (cal["threshold"], cal["exit_layers"], cal["calib_drop"]) == (0.8, [2, 4], 0.0)
     assert infer.calibrate(free, val, probs, flops, infer.InferConfig(rule="maxprob", max_drop=30.0, calibration="empirical", risk="harm"))["threshold"] == 0.7
     # 0.5 and 0.6 let the same questions leave: of equal points the more conservative threshold is kept
     assert infer.calibrate(free, val, probs, flops, infer.InferConfig(rule="maxprob", max_drop=50.0, calibration="empirical", risk="harm"))["threshold"] == 0.6
@@ -483,7 +486,7 @@ def test_empirical_calibration_is_one_flag_away_and_picks_without_a_test(report,
                 "--calibration", "empirical", "--threads", "1", "--rule", "patience"])
     plain = json.loads(path.read_text())
     assert plain["calibrated"]["calibration"] == "empirical" and "p_value" not in plain["calibrated"]
-    assert "empirical" not in plain and plain["calibrated"]["val_drop"] <= 50
+    assert "empirical" not in plain and plain["calibrated"]["calib_drop"] <= 50
     assert plain["calibrated"]["threshold"] == r["empirical"]["threshold"]     # the comparison point of the default
 
 
@@ -492,11 +495,11 @@ def test_a_label_free_run_is_calibrated_without_reading_a_label(backbone, tmp_pa
     reads no label of the calibration split (only the eval split's, to report accuracy)."""
     exits_run(backbone, tmp_path, "--exit-method", "free", "--label-fraction", "0", "--exit-epochs", "1")
     _, free, tok, answers, dcfg = build_from_checkpoint(torch.load(tmp_path / "ckpt.pt", weights_only=False))
-    splits, _, _ = data.load_data(dcfg, tok, answers, only=("val", "test"))
-    monkeypatch.setattr(splits["val"], "score", lambda *a: pytest.fail("a val label was read"))
+    splits, _, _ = data.load_data(dcfg, tok, answers, only=("calib", "test"))
+    monkeypatch.setattr(splits["calib"], "score", lambda *a: pytest.fail("a calibration label was read"))
     r = infer.build_report(free, splits, "test", infer.InferConfig(timing=False, max_drop=50, rule="patience"))
     assert r["calibrated"]["risk"] == r["empirical"]["risk"] == "disagree" and r["calibrated"]["threshold"] is not None
-    assert infer.build_report(free, splits | {"val": splits["test"]}, "test", infer.InferConfig(
+    assert infer.build_report(free, splits | {"calib": splits["test"]}, "test", infer.InferConfig(
         timing=False, max_drop=50, rule="patience", risk="harm"))["calibrated"]["risk"] == "harm"   # --risk harm
 
 
@@ -537,3 +540,18 @@ def test_export_after_stage_2_holds_the_exits_and_their_point_in_fp16(finished, 
     infer.main(["--ckpt", str(finished / "shipped.pt"), "--image", str(tmp_path / "img.png"), "--question", "zzz qqq circle?"])
     out = capsys.readouterr().out
     assert "answer:" in out and "no training question had the words zzz, qqq" in out and "circle" not in out.split("words")[1]
+
+
+def test_the_main_command_keeps_the_backbone_stage_2_started_from(tmp_path):
+    """Stage 2 writes OUT/ckpt.pt over stage 1's checkpoint; the main command (both stages) keeps stage 1's
+    as OUT/backbone.pt, names it as the exits' source, and a backbone exported from it is the one the exits
+    sit on."""
+    train.main(SMALL + ["--out", str(tmp_path), "--epochs", "1", "--exit-epochs", "1", "--exit-layers", "2",
+                        "--no-final-eval"])
+    kept, final = (torch.load(tmp_path / name, weights_only=False) for name in ("backbone.pt", "ckpt.pt"))
+    assert "exits" not in kept and "exits" in final
+    assert final["backbone_source"]["path"] == str(tmp_path / "backbone.pt")
+    runtime.export_checkpoint(str(tmp_path / "shipped.pt"), str(tmp_path / "backbone.pt"))
+    shipped = torch.load(tmp_path / "shipped.pt", weights_only=False)
+    assert all(torch.equal(shipped["model"][k], final["model"][k].half()) for k in final["model"]
+               if final["model"][k].is_floating_point())
