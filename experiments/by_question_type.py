@@ -9,7 +9,9 @@ With `--data vqa2` a question's family is its answer type (yes/no, number, other
 so is every table that train.py and infer.py print. The shapes set written by `data.py --write` keeps each
 question's family as its `question_type` in the annotations file; this reads it back and prints the
 split's accuracy per question type: the final layer's, and every exit's where the checkpoint has exits (its
-depth profile, as the report's "per family" table has it).
+depth profile, as the report's "per family" table has it), with two baselines for the exits over the whole
+split: the exits as initialised (before stage 2: each G_k a copy of the next backbone layer) and a raw
+readout of the exit's layer through the frozen head.
 """
 import argparse
 import json
@@ -23,6 +25,7 @@ import infer                                                       # noqa: E402
 import report                                                      # noqa: E402
 import runtime                                                     # noqa: E402
 from data import load_data                                         # noqa: E402
+from free_min import FREE, ExitConfig                             # noqa: E402
 from prepare import build_from_checkpoint                          # noqa: E402
 
 
@@ -69,6 +72,11 @@ def main(argv=None) -> None:
     for name, row in table.items():
         print(f"| {name} | " + " | ".join(f"{a:.1f}" for a in [*row["exits"], row["final"]]) + " |")
     print("| all | " + " | ".join(f"**{a:.1f}**" for a in overall) + " |")
+    if free is not None:
+        untrained = infer.collect(FREE(free.backbone, ExitConfig(**vars(free.cfg))).eval(), split, 256)
+        for name, p in (("all, exits as initialised", untrained["exits"]), ("all, raw readout", probs["raw"])):
+            print(f"| {name} | " + " | ".join(f"{100 * split.score(every, q.argmax(1)).mean().item():.1f}"
+                                              for q in p) + " | |")
 
 
 if __name__ == "__main__":

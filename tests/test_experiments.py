@@ -199,3 +199,25 @@ def test_the_best_case_does_the_work_early_exit_did_and_nothing_more(monkeypatch
     batch1_costs.main(["--questions", "4", "--rounds", "2", "--threads", "1"])
     rows = capsys.readouterr().out.splitlines()[1:]
     assert [r.split("  ")[1].strip() for r in rows] == ["full", "early exit", "known exits", "layers only", "embedding"]
+
+
+def test_by_question_type_reads_the_shapes_families_back_from_vqa_files(tmp_path, capsys):
+    """A model trained on shapes written as VQA files groups its questions by answer type; by_question_type.py
+    reads each question's family back from the annotations and scores the split per family, the final
+    layer's figure over all of them equal to train.evaluate's."""
+    import by_question_type
+    import train
+    from prepare import build_from_checkpoint
+    data.write_vqa_format(data.DataConfig(train_images=32, val_images=4, test_images=4), str(tmp_path / "set"))
+    files = ["--data", "vqa2", "--vqa-questions", str(tmp_path / "set" / "questions.json"), "--vqa-annotations",
+             str(tmp_path / "set" / "annotations.json"), "--vqa-images", str(tmp_path / "set" / "images")]
+    train.main(["--preset", "tiny", "--epochs", "1", "--threads", "1", "--stage", "backbone", "--out", str(tmp_path / "run"),
+                *files])
+    capsys.readouterr()
+    by_question_type.main([str(tmp_path / "run" / "ckpt.pt"), "--threads", "1"])
+    rows = dict(re.findall(r"^\| (\w+) \| \**([\d.]+)\**", capsys.readouterr().out, flags=re.M))
+    assert set(rows) == set(data.FAMILIES) | {"all"}, rows
+    model, _, tok, answers, dcfg = build_from_checkpoint(runtime.load_checkpoint(str(tmp_path / "run" / "ckpt.pt")))
+    test = data.load_data(dcfg, tok, answers, only=("test",))[0]["test"]
+    assert float(rows["all"]) == pytest.approx(train.evaluate(model, test, torch.device("cpu"))["accuracy"], abs=0.05)
+    assert set(test.families) <= {"yes/no", "number", "other"}                 # what train.py and infer.py group by
