@@ -26,7 +26,6 @@ The backbone stays frozen throughout: stage 2 (train.py) trains G_k and D only.
 
 import copy
 import math
-from collections import defaultdict
 from dataclasses import dataclass, field
 from typing import Callable
 
@@ -251,11 +250,14 @@ def generator_loss(free: "FREE", real: torch.Tensor, fakes: list[torch.Tensor],
     cfg = free.cfg
     weights = {"adv": cfg.lambda_adv, "kd": cfg.lambda_kd, "ce": cfg.lambda_ce}
     on = [t for t in METHODS[cfg.exit_method] if weights[t] > 0]
+    # every term of the method is reported, 0 where a batch has none of it: the same statistics
+    # in every process of a run, whatever its batches hold (train.py sums them over processes)
+    stats = {name: torch.zeros((), device=real.device) for name in on}
     if "ce" in on and (targets is None or not labelled.any()):
         on.remove("ce")                                         # no labelled question in this batch
     with torch.no_grad():
         final_logits = free.backbone.head(real)                           # (B, A): the teacher
-    loss, stats = 0.0, defaultdict(float)
+    loss = 0.0
     for fake in fakes:
         logits = free.backbone.head(fake)                   # (B, A): exit k through the shared head
         terms = {"adv": lambda: ADVERSARIAL[cfg.adv_loss](free, fake, real),
@@ -265,7 +267,7 @@ def generator_loss(free: "FREE", real: torch.Tensor, fakes: list[torch.Tensor],
             value = terms[name]()
             loss = loss + weights[name] * value
             stats[name] = stats[name] + value.detach()
-    return loss, dict(stats) | {"g_loss": loss.detach()}
+    return loss, stats | {"g_loss": loss.detach()}
 
 
 # --------------------------------------------------------------------------------------------------

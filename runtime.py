@@ -220,6 +220,16 @@ def grad_scaler() -> torch.amp.GradScaler:
     return torch.amp.GradScaler(RUN["device"].type, enabled=RUN["dtype"] == torch.float16)
 
 
+def load_scaler(scaler: torch.amp.GradScaler, saved: dict) -> None:
+    """A checkpoint's grad-scaler state into `scaler`, across dtypes: a run saved in float32 or bf16
+    (a disabled scaler saves {}) continues in fp16 from a fresh scale (the scaler finds its level
+    in a few steps); an fp16 run continued in another dtype needs none."""
+    if scaler.is_enabled() and saved:
+        scaler.load_state_dict(saved)
+    elif scaler.is_enabled():
+        print("note: the checkpoint was written without fp16 loss scaling; it starts afresh here")
+
+
 def to_device(batch: dict, device: torch.device) -> dict:
     """Move a batch of model inputs to `device` (absent inputs stay None). The copies are
     synchronous: a batch is made fresh in pageable memory, from which an asynchronous copy buys
@@ -471,7 +481,7 @@ def resume_stage(state: dict, opt, scaler, heads: dict) -> tuple[int, int]:
     """Load an interrupted stage 1's optimizer, scaler, auxiliary heads and RNG; return (step, next
     epoch)."""
     opt.load_state_dict(state["optimizer"])
-    scaler.load_state_dict(state["scaler"])
+    load_scaler(scaler, state["scaler"])
     for name, (_, head) in heads.items():
         head.load_state_dict(state["aux"][name])
     set_rng_state(state["rng"])
@@ -488,8 +498,9 @@ def exit_progress(epoch: int, opt_g, opt_d, scaler, order: torch.Generator) -> d
 def resume_exits(progress: dict, opt_g, opt_d, scaler, order) -> int:
     """Load an interrupted stage 2's optimizers, scaler, batch order and RNG; return the next
     epoch."""
-    for obj, key in ((opt_g, "opt_g"), (opt_d, "opt_d"), (scaler, "scaler")):
-        obj.load_state_dict(progress[key])
+    opt_g.load_state_dict(progress["opt_g"])
+    opt_d.load_state_dict(progress["opt_d"])
+    load_scaler(scaler, progress["scaler"])
     order.set_state(progress["batch_order"])
     set_rng_state(progress["rng"])
     print(f"resumed stage 2 after epoch {progress['epoch'] + 1}")

@@ -244,8 +244,8 @@ def frozen_states(free: FREE, split) -> dict:
           f"questions x {K} exits x {S} tokens x width {D}, float16)")
     free.eval()
     for ids in progress_bar(list(batches(n, EVAL_BATCH)), "frozen backbone states"):
-        with autocast():
-            states, mask = free.backbone.hidden_states(**to_device(split.batch(ids), RUN["device"]))
+        # in float32, as the report evaluates the exits (computed once: its cost does not recur)
+        states, mask = free.backbone.hidden_states(**to_device(split.batch(ids), RUN["device"]))
         s = states[0].shape[1]
         exit_inputs = torch.stack([states[l] for l in free.exit_layers], dim=1)     # (B, K, s, D)
         out["inputs"][ids, :, :s] = exit_inputs.half().cpu()
@@ -330,8 +330,9 @@ def train_exits(free: FREE, states: dict, splits: dict, tcfg: TrainConfig, save,
                 sums[k] += v
             scaler.update()
             bar.set_postfix({k: f"{v / n:.3f}" for k, v in sums.items()})
-        totals = all_sum(list(sums.values()))                         # over the processes
-        means = {k: v / len(bar) / WORLD["size"] for k, v in zip(sums, totals)}
+        keys = sorted(sums)                           # the same keys, in one order, in every process
+        totals = all_sum([sums[k] for k in keys])                     # over the processes
+        means = {k: v / len(bar) / WORLD["size"] for k, v in zip(keys, totals)}
         if is_main():
             seconds = {"seconds": time.time() - t0}                   # the epoch, not its val pass
             val = infer.collect(free, splits["val"], EVAL_BATCH)

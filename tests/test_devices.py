@@ -178,3 +178,15 @@ def test_the_drawing_process_ends_when_the_training_process_is_killed(tmp_path):
         time.sleep(0.2)
     os.kill(worker, 9)
     raise AssertionError("the drawing process outlived the training process")
+
+
+def test_stage2_reads_the_frozen_states_in_float32_under_mixed_precision(monkeypatch):
+    """Stage 2 trains the exits on states computed once, and the report evaluates them on float32 states: so
+    those are computed in float32 even where the run's dtype is bf16 (forced here on the CPU)."""
+    model, splits = tiny_model_and_splits()
+    free = FREE(model, ExitConfig(exit_layers="1")).eval()
+    monkeypatch.setitem(runtime.RUN, "dtype", torch.bfloat16)
+    states = train.frozen_states(free, splits["val"])
+    with torch.no_grad():
+        exact, _ = model.hidden_states(**splits["val"].batch(torch.arange(len(splits["val"]))))
+    assert torch.equal(states["real"], exact[-1][:, 0].float())

@@ -294,6 +294,29 @@ def test_resume_after_interruption_matches_uninterrupted_run(tmp_path, monkeypat
     assert all(w is not None for w in weights) == (aux[1] == "1")
 
 
+def test_a_checkpoint_without_loss_scaling_resumes_with_fp16_loss_scaling(tmp_path, monkeypatch, capsys):
+    """A CPU or bf16 run saves an empty grad-scaler state. Continued where fp16 runs (a T4, a V100), the
+    scaler starts afresh instead of failing; and an fp16 run's state continues where no scaler is needed."""
+    args = MICRO + ["--epochs", "2", "--stage", "backbone", "--out", str(tmp_path)]
+    real_save = runtime.save_atomic
+
+    def save_then_crash(path, state):
+        real_save(path, state)
+        raise KeyboardInterrupt                                # the run dies after epoch 1 was checkpointed
+    monkeypatch.setattr(prepare, "save_atomic", save_then_crash)
+    with pytest.raises(KeyboardInterrupt):
+        train.main(args)
+    monkeypatch.setattr(prepare, "save_atomic", real_save)
+    assert torch.load(tmp_path / "ckpt.pt", weights_only=False)["scaler"] == {}
+    fp16 = torch.amp.GradScaler("cpu", enabled=True)          # what an fp16 device's run makes
+    monkeypatch.setattr(train, "grad_scaler", lambda: fp16)
+    train.main(args + ["--resume"])
+    assert "starts afresh" in capsys.readouterr().out
+    state = torch.load(tmp_path / "ckpt.pt", weights_only=False)
+    assert state["epoch"] == 1 and state["scaler"]["scale"] > 0      # epoch 2 ran with loss scaling
+    runtime.load_scaler(torch.amp.GradScaler("cpu", enabled=False), state["scaler"])   # and back: nothing to do
+
+
 def test_resume_refuses_a_different_model(tmp_path):
     train.main(MICRO + ["--out", str(tmp_path)])
     with pytest.raises(SystemExit) as e:
