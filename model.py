@@ -52,11 +52,6 @@ class ModelConfig:
     # trains the rest
     freeze_vit: bool = False
     merge: int = 2  # merge k x k neighbouring ViT tokens into one visual token
-    # where a visual token says it is (see VLM.init_positions): learned (a position embedding
-    # learned from N(0, 0.02)) or sincos (fixed 2-D sine-cosine, at the visual tokens' scale)
-    position: str = field(default="learned", metadata={"choices": ["learned", "sincos"]})
-    # the conv stem also reads every pixel's x and y (CoordConv, Liu et al. 2018)
-    coord_conv: bool = False
     dim: int = 128  # language-model width D
     depth: int = 8  # language-model layers L (the layers exits can skip)
     heads: int = 4  # language-model attention heads
@@ -94,20 +89,18 @@ def check_model_config(cfg: ModelConfig) -> None:
                              f"by --{heads.replace('_', '-')} {getattr(cfg, heads)}")
     if cfg.vit_weights and not os.path.isfile(cfg.vit_weights):
         raise ValueError(f"--vit-weights {cfg.vit_weights}: file not found")
-    if cfg.vit and cfg.coord_conv:
-        raise ValueError("--coord-conv changes the built-in ViT's stem; it does not go with --vit NAME")
     if (cfg.vit_pretrained or cfg.vit_weights) and not cfg.vit:
         raise ValueError("--vit-pretrained and --vit-weights go with --vit NAME (a timm ViT)")
     if cfg.vit_pretrained and cfg.vit_weights:
         raise ValueError("give --vit-pretrained (download) or --vit-weights FILE (local), not both")
 
 
-def conv_stem(patch_size: int, width: int, c_in: int = 3) -> nn.Module:
-    """log2(patch_size) stride-2 3x3 conv + BN + ReLU layers: (B, c_in, H, W) -> (B, width, H/p,
-    W/p). NOTE (deviation): BLIP-2's ViT embeds linear patches; a conv stem (Xiao et al. 2021,
-    "Early convolutions help transformers see better") lets a tiny ViT trained from scratch learn
-    shapes far sooner."""
-    layers, n = [], int(math.log2(patch_size))
+def conv_stem(patch_size: int, width: int) -> nn.Module:
+    """log2(patch_size) stride-2 3x3 conv + BN + ReLU layers: (B, 3, H, W) -> (B, width, H/p, W/p).
+    NOTE (deviation): BLIP-2's ViT embeds linear patches; a conv stem (Xiao et al. 2021, "Early
+    convolutions help transformers see better") lets a tiny ViT trained from scratch learn shapes
+    far sooner."""
+    layers, c_in, n = [], 3, int(math.log2(patch_size))
     for i in range(n):
         c_out = width if i == n - 1 else max(16, width // 2)
         layers += [nn.Conv2d(c_in, c_out, 3, stride=2, padding=1, bias=False),
@@ -129,10 +122,9 @@ def make_vit(cfg: ModelConfig) -> nn.Module:
                                  img_size=cfg.image_size, **overlay)
     # HybridEmbed runs the CNN, then a 1x1 projection to the ViT width: one token per stem output
     # pixel. fc_norm=False: the final LayerNorm is applied to every token in forward_features.
-    in_chans = 5 if cfg.coord_conv else 3                    # RGB (+ x and y, see coordinates)
-    stem = partial(HybridEmbed, backbone=conv_stem(cfg.patch_size, cfg.vit_dim, in_chans))
+    stem = partial(HybridEmbed, backbone=conv_stem(cfg.patch_size, cfg.vit_dim))
     return timm.create_model("vit_tiny_patch16_224", pretrained=False, img_size=cfg.image_size,
-                             in_chans=in_chans, patch_size=1, embed_layer=stem, embed_dim=cfg.vit_dim,
+                             patch_size=1, embed_layer=stem, embed_dim=cfg.vit_dim,
                              depth=cfg.vit_depth, num_heads=cfg.vit_heads, num_classes=0,
                              class_token=False, global_pool="avg", fc_norm=False)
 
@@ -148,39 +140,6 @@ def describe_timm_vit(name: str) -> dict:
             "vit_dim": vit.embed_dim, "pixel_mean": tuple(data["mean"]),
             "pixel_std": tuple(data["std"]), "crop_pct": data["crop_pct"],
             "interpolation": data["interpolation"]}
-
-
-def sincos_2d(grid: int, dim: int) -> torch.Tensor:
-    """Fixed 2-D sine-cosine positions of a grid x grid layout, row-major: (grid^2, dim), each
-    entry of root-mean-square 1 (the scale of the tokens they are added to).
-
-    As MAE's (util/pos_embed.py), half the dimensions encode x and half y, each as sin and cos of
-    the token's centre u in (0, 1) at dim / 4 frequencies. MAE spaces its frequencies for grids
-    of 14 and more; on a 4 x 4 grid most of them would hardly vary. Ours run geometrically from
-    a quarter wave over the image (pi / 2, monotonic across it) to one wave every four tokens
-    (pi * grid / 2; at one wave every two, the cosine would be 0 at every token's centre), so every
-    dimension varies across the grid. The dot product of two tokens' positions,
-    sum_w cos(w (u - u')), then falls with their distance."""
-    if dim % 4:
-        raise ValueError(f"sine-cosine positions need a width divisible by 4 (got {dim})")
-    f = dim // 4
-    omega = (math.pi / 2) * grid ** (torch.arange(f) / max(1, f - 1))                 # (f,)
-    u = (torch.arange(grid) + 0.5) / grid                                             # (g,)
-    angle = u[:, None] * omega                                                        # (g, f)
-    axis = torch.cat([angle.sin(), angle.cos()], dim=1)                               # (g, 2f)
-    y, x = axis[:, None].expand(grid, grid, 2 * f), axis[None].expand(grid, grid, 2 * f)
-    return math.sqrt(2) * torch.cat([x, y], dim=2).reshape(grid * grid, dim)          # (g^2, dim)
-
-
-def coordinates(images: torch.Tensor) -> torch.Tensor:
-    """(B, 3, H, W) -> (B, 5, H, W): the image with two more channels, each pixel's x and y in
-    [-1, 1] (CoordConv): a convolution, blind to where it is, can then say where it saw what."""
-    B, _, H, W = images.shape
-    ys = torch.linspace(-1, 1, H, device=images.device, dtype=images.dtype)
-    xs = torch.linspace(-1, 1, W, device=images.device, dtype=images.dtype)
-    yy, xx = torch.meshgrid(ys, xs, indexing="ij")                                   # (H, W)
-    grid = torch.stack([xx, yy])[None].expand(B, 2, H, W)                            # (B, 2, H, W)
-    return torch.cat([images, grid], dim=1)                                          # (B, 5, H, W)
 
 
 class Block(nn.Module):
@@ -244,13 +203,11 @@ class VLM(nn.Module):
         self.visual_proj = nn.Linear(self.vit.embed_dim * cfg.merge ** 2, cfg.dim)
         self.tok_emb = nn.Embedding(cfg.vocab_size, cfg.dim)
         self.text_pos = nn.Parameter(torch.zeros(1, cfg.max_text_len, cfg.dim))
-        self.visual_pos = nn.Parameter(torch.zeros(1, self.num_visual, cfg.dim),
-                                       requires_grad=cfg.position == "learned")
+        self.visual_pos = nn.Parameter(torch.zeros(1, self.num_visual, cfg.dim))
         self.blocks = nn.ModuleList([Block(cfg.dim, cfg.heads) for _ in range(cfg.depth)])
         self.norm = nn.LayerNorm(cfg.dim)
         self.classifier = nn.Linear(cfg.dim, cfg.num_answers)
         self.init_language_model()
-        self.init_positions()
         mean, std = torch.tensor(cfg.pixel_mean), torch.tensor(cfg.pixel_std)
         self.register_buffer("pixel_mean", mean.view(1, 3, 1, 1), persistent=False)
         self.register_buffer("pixel_std", std.view(1, 3, 1, 1), persistent=False)
@@ -286,16 +243,7 @@ class VLM(nn.Module):
         visual_std = 1.0 / math.sqrt(self.visual_proj.in_features)
         nn.init.trunc_normal_(self.visual_proj.weight, std=visual_std)
         nn.init.trunc_normal_(self.text_pos, std=0.02)
-
-    @torch.no_grad()
-    def init_positions(self) -> None:
-        """Where each visual token is (cfg.position). learned: visual_pos starts at N(0, 0.02), a
-        few hundredths of the unit-scale tokens it is added to, and is learned from the answers.
-        sincos: visual_pos is sincos_2d of the merged grid at the tokens' scale, fixed."""
-        if self.cfg.position == "learned":
-            nn.init.trunc_normal_(self.visual_pos, std=0.02)
-        else:
-            self.visual_pos.copy_(sincos_2d(self.grid // self.cfg.merge, self.cfg.dim)[None])
+        nn.init.trunc_normal_(self.visual_pos, std=0.02)
 
     @property
     def depth(self) -> int:
@@ -304,10 +252,8 @@ class VLM(nn.Module):
     def patch_features(self, images: torch.Tensor) -> torch.Tensor:
         """images (B, 3, H, W) in [0, 1] -> ViT tokens (B, P, Dv), P = (H / patch_size)^2 (a timm
         ViT's class or register tokens are dropped: the language model reads the patch grid)."""
-        x = (images - self.pixel_mean) / self.pixel_std
-        if self.cfg.coord_conv:
-            x = coordinates(x)                                                     # (B, 5, H, W)
-        tokens = self.vit.forward_features(x)                                  # (B, prefix + P, Dv)
+        # (B, prefix + P, Dv)
+        tokens = self.vit.forward_features((images - self.pixel_mean) / self.pixel_std)
         return tokens[:, self.vit.num_prefix_tokens:]                                   # (B, P, Dv)
 
     def encode_image(self, images: torch.Tensor | None,

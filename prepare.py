@@ -90,8 +90,22 @@ SCHEDULE = {"backbone": ("epochs", "batch_size", "lr", "weight_decay", "warmup_s
             "exits": ("batch_size", "seed")}
 # What checkpoints from before the scene-fact flags trained with.
 BEFORE_SCENE_FACTS = {"scene_weight": 0.0, "sample_families": "uniform"}
-# What backbones from before the position flags were built with.
-BEFORE_POSITIONS = {"position": "learned", "coord_conv": False}
+# Model options removed after they lost (RESULTS.md, 2026-12-07; `git checkout 4a8b9d2` has them),
+# at the values every other model was built with: a checkpoint that names them at these values is
+# today's model, one built otherwise is refused (removed_options).
+REMOVED = {"position": "learned", "coord_conv": False}
+
+
+def model_config_of(state: dict, path: str = "the checkpoint") -> dict:
+    """A checkpoint's model config without the removed options (ConfigError if it was built with
+    one of them)."""
+    saved = dict(state["model_config"])
+    for key, value in REMOVED.items():
+        built = saved.pop(key, value)
+        if built != value:
+            raise ConfigError(f"{path} was built with {flag(key)} {built!r}, an option since removed "
+                              "(it lost; RESULTS.md, 2026-12-07): `git checkout 4a8b9d2` runs it")
+    return saved
 # Settings made from the data or the encoder, not by the flags.
 DERIVED = ("vocab_size", "num_answers", "max_text_len", "image_size", "pixel_mean", "pixel_std",
            "patch_size", "vit_dim", "crop_pct", "interpolation")
@@ -133,7 +147,7 @@ def resume_state(tcfg, dcfg, mcfg, ecfg) -> dict | None:
             f"--resume --stage exits: {path} holds a backbone but no interrupted stage 2 "
             "(drop --resume to train exits on it)")
     for name, cfg in (("data_config", dcfg), ("model_config", mcfg)):
-        saved = (BEFORE_POSITIONS if name == "model_config" else {}) | state[name]
+        saved = model_config_of(state, path) if name == "model_config" else state[name]
         keys = [k for k in saved if k not in DERIVED]
         refuse_changes(path, saved, asdict(cfg), keys, "data or model settings")
     # a run from before these flags: without them
@@ -198,7 +212,7 @@ def load_free(cfg):
 def build_from_checkpoint(state: dict):
     """Rebuild what a checkpoint holds, in eval mode: (backbone VLM, FREE or None, tokenizer,
     answers, DataConfig)."""
-    cfg = ModelConfig(**(BEFORE_POSITIONS | state["model_config"]))
+    cfg = ModelConfig(**model_config_of(state))
     # the weights come from the checkpoint: build without timm's download or the encoder's weights
     # file
     backbone = VLM(cfg=replace(cfg, vit_pretrained=False, vit_weights=""))

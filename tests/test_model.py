@@ -3,7 +3,7 @@ import pytest
 import torch
 from timm.models.vision_transformer import Block as TimmBlock
 
-from model import VLM, Block, ModelConfig, coordinates, make_vit, sincos_2d, soft_cross_entropy
+from model import VLM, Block, ModelConfig, make_vit, soft_cross_entropy
 
 B, T, A = 3, 10, 7
 
@@ -128,30 +128,3 @@ def test_bad_config_is_refused():
         VLM(cfg=tiny_cfg(image_size=36))
     with pytest.raises(ValueError, match="num_answers"):
         VLM(cfg=tiny_cfg(num_answers=0))
-
-
-def test_sincos_positions_are_unit_scale_and_fall_with_distance():
-    """sincos_2d: one row per grid place at the tokens' scale (root-mean-square 1), every dimension varying
-    across the grid, and the dot product of two places falling as they move apart along a row or a column."""
-    pos = sincos_2d(4, 128)                                                              # (16, 128)
-    assert pos.shape == (16, 128) and pos.pow(2).mean().item() == pytest.approx(1.0, rel=0.05)
-    assert (pos.amax(0) - pos.amin(0)).min() > 0.1                   # MAE's frequencies leave most flat here
-    similarity = pos @ pos[0]                                                            # from place (0, 0)
-    assert all(similarity[j] > similarity[j + 1] for j in range(3))                      # along row 0
-    assert all(similarity[4 * i] > similarity[4 * (i + 1)] for i in range(3))            # down column 0
-
-
-def test_position_options_place_the_positions_where_they_say():
-    """--position sincos puts sincos_2d of the merged grid in visual_pos and keeps it fixed; learned is today's
-    small learned one. --coord-conv feeds the stem x and y, and is refused with a timm ViT by name."""
-    model = VLM(cfg=tiny_cfg(position="sincos"))
-    assert torch.equal(model.visual_pos[0], sincos_2d(2, 32)) and not model.visual_pos.requires_grad
-    learned = VLM(cfg=tiny_cfg())
-    assert learned.visual_pos.requires_grad and 0.01 < learned.visual_pos.std() < 0.03
-    model = VLM(cfg=tiny_cfg(coord_conv=True)).eval()
-    assert model.vit.patch_embed.backbone[0].in_channels == 5
-    images, tokens, mask = inputs()
-    assert model(images, tokens, mask).shape == (B, A)
-    assert torch.equal(coordinates(images)[0, 3, 0], torch.linspace(-1, 1, 32))          # x along a row
-    with pytest.raises(ValueError, match="--coord-conv"):
-        VLM(cfg=tiny_cfg(vit="vit_tiny_patch16_224", patch_size=16, merge=1, coord_conv=True))

@@ -364,22 +364,25 @@ def test_a_run_from_before_scene_facts_resumes_only_as_it_was_trained(tmp_path, 
     assert torch.load(tmp_path / "ckpt.pt", weights_only=False)["epoch"] == 2
 
 
-def test_a_backbone_from_before_the_position_flags_is_rebuilt_and_resumed_as_it_was_built(tmp_path, capsys):
-    """A checkpoint written before --position and --coord-conv existed had learned positions and no
-    coordinates: it is rebuilt so (the same predictions), and resuming it with other values is refused in
-    one line naming the flag."""
+def test_a_backbone_built_while_the_position_options_existed_loads_and_one_built_with_them_is_refused(tmp_path, capsys):
+    """--position and --coord-conv were removed after they lost. A checkpoint written while they existed names
+    them at today's values (learned positions, no coordinates): it is rebuilt and resumed as today's model. One
+    built with --position sincos is refused in one line that names the option and the commit that has it."""
     train.main(MICRO + ["--out", str(tmp_path), "--epochs", "1"])
     state = torch.load(tmp_path / "ckpt.pt", weights_only=False)
-    for key in ("position", "coord_conv"):
-        del state["model_config"][key]
+    state["model_config"] |= {"position": "learned", "coord_conv": False}
     state["train_config"]["epochs"] = 2
     torch.save(state, tmp_path / "ckpt.pt")
-    model = build_from_checkpoint(state)[0]
-    assert model.cfg.position == "learned" and not model.cfg.coord_conv
+    assert not hasattr(build_from_checkpoint(state)[0].cfg, "position")
+    train.main(MICRO + ["--out", str(tmp_path), "--epochs", "2", "--resume"])
+    assert torch.load(tmp_path / "ckpt.pt", weights_only=False)["epoch"] == 1
+    state["model_config"]["position"] = "sincos"
+    torch.save(state, tmp_path / "ckpt.pt")
+    capsys.readouterr()
     with pytest.raises(SystemExit) as e:
-        train.main(MICRO + ["--out", str(tmp_path), "--epochs", "2", "--resume", "--position", "sincos"])
+        train.main(MICRO + ["--out", str(tmp_path), "--epochs", "2", "--resume"])
     err = capsys.readouterr().err
-    assert e.value.code == 2 and err.count("\n") == 1 and "--position 'learned' -> 'sincos'" in err, err
+    assert e.value.code == 2 and err.count("\n") == 1 and "--position 'sincos'" in err and "4a8b9d2" in err, err
 
 
 FIXTURE = os.path.join(ROOT, "tests", "fixtures", "vqa")
