@@ -161,6 +161,14 @@ def backbone_step(model: VLM, heads: dict, batch: dict, opt: Optimizer) -> tuple
     return loss.item(), logits.detach()
 
 
+def global_batches(n: int, batch_size: int, generator: torch.Generator | None = None) -> list:
+    """An epoch's global batches in a shuffled order, less a last one too small to give every
+    process a question (under torchrun; an empty shard would make its losses NaN while the others
+    wait for it)."""
+    return [ids for ids in batches(n, batch_size, shuffle=True, generator=generator)
+            if len(ids) >= WORLD["size"]]
+
+
 def train_backbone(model: VLM, splits: dict, tcfg: TrainConfig, save, state: dict | None = None,
                    scenes=None) -> None:
     """Stage 1: the whole VLM and its auxiliary heads on each epoch's train split (scenes(epoch), a
@@ -178,7 +186,7 @@ def train_backbone(model: VLM, splits: dict, tcfg: TrainConfig, save, state: dic
         model.train()
         train = splits["train"] if scenes is None else scenes(epoch)
         trainable = torch.nonzero(train.trainable()).squeeze(1)     # questions with an answer
-        order = list(batches(len(trainable), tcfg.batch_size, shuffle=True))
+        order = global_batches(len(trainable), tcfg.batch_size)
         bar, scores = progress_bar(order, f"backbone {epoch + 1}/{tcfg.epochs}"), EpochScores()
         for ids in bar:
             for group in opt.param_groups:
@@ -321,7 +329,7 @@ def train_exits(free: FREE, states: dict, splits: dict, tcfg: TrainConfig, save,
     for epoch in range(first_epoch, ecfg.exit_epochs):
         free.train()
         sums, t0, name = defaultdict(float), time.time(), f"{epoch + 1}/{ecfg.exit_epochs}"
-        bar = progress_bar(list(batches(len(pool), tcfg.batch_size, shuffle=True, generator=order)),
+        bar = progress_bar(global_batches(len(pool), tcfg.batch_size, order),
                            f"exits ({ecfg.exit_method}) {name}")
         for n, ids in enumerate(bar, 1):
             ids = shard(pool[ids])                                     # all of it in one process
