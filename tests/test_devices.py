@@ -190,3 +190,39 @@ def test_stage2_reads_the_frozen_states_in_float32_under_mixed_precision(monkeyp
     with torch.no_grad():
         exact, _ = model.hidden_states(**splits["val"].batch(torch.arange(len(splits["val"]))))
     assert torch.equal(states["real"], exact[-1][:, 0].float())
+
+
+def test_stage1_evaluation_runs_in_float32_whatever_the_runs_dtype(monkeypatch):
+    """train.evaluate, whose accuracy a checkpoint records, runs no forward under autocast even where the run
+    trains in bf16 (forced here on the CPU): it reads what the report reads."""
+    model, splits = tiny_model_and_splits()
+    monkeypatch.setitem(runtime.RUN, "dtype", torch.bfloat16)
+    entered, real = [], torch.autocast
+
+    class Recording(real):
+        def __enter__(self):
+            entered.append(self._enabled)
+            return super().__enter__()
+    monkeypatch.setattr(torch, "autocast", Recording)
+    with runtime.autocast():                                          # the run's context is recorded ...
+        pass
+    assert entered == [True]
+    train.evaluate(model, splits["test"], torch.device("cpu"))          # ... and evaluate enters none enabled
+    assert not any(entered[1:]), entered
+
+
+def test_only_a_cpu_copy_gets_channels_last_convolutions():
+    """inference_copy lays the conv weights out channels-last on a CPU only (Apple GPUs have convolved such
+    weights wrongly): a copy on another device (the meta device stands in) keeps them contiguous."""
+    model, _ = tiny_model_and_splits()
+    free = FREE(model, ExitConfig(exit_layers="1"))
+    conv = lambda f: next(p for p in f.backbone.vit.parameters() if p.dim() == 4)
+    assert conv(runtime.inference_copy(free)).is_contiguous(memory_format=torch.channels_last)
+    on_meta = runtime.inference_copy(free.to("meta"))
+    assert next(on_meta.parameters()).device.type == "meta"
+    assert conv(on_meta).is_contiguous() and not conv(on_meta).is_contiguous(memory_format=torch.channels_last)
+
+
+def test_infer_runs_where_the_machine_offers_unless_told():
+    """infer.py's --device defaults to auto (cuda, then mps, then cpu), as train.py's does."""
+    assert infer.InferConfig().device == "auto" == train.TrainConfig().device
