@@ -238,18 +238,31 @@ def labelled_mask(n: int, fraction: float, seed: int) -> torch.Tensor:
     return mask
 
 
+# Stage 2 keeps the frozen states in host memory: n questions x K exits x S tokens x width D x 2
+# bytes (float16), S = the longest question (13 tokens on shapes) + N = 16 visual tokens. The
+# default preset: 24,000 x 4 x 29 x 128 x 2 = 0.7 GB; base: 80,000 x 6 x 29 x 256 x 2 = 7.1 GB, in
+# every process. Above STATE_CACHE_GB they are computed batch by batch instead (live_states: the
+# frozen backbone runs on every batch, and the host holds no cache).
+STATE_CACHE_GB = 2.0
+
+
 @torch.no_grad()
-def frozen_states(free: FREE, split) -> dict:
+def frozen_states(free: FREE, split) -> dict | None:
     """What stage 2 reads of the frozen backbone, computed once per question of `split` (an epoch
     then costs the exits alone): 'inputs' (n, K, S, D), the states entering each exit; 'mask' (n, S)
     bool, True = real token; 'real' (n, D), h_L[CLS]. S = the longest question + N; a row keeps the
-    layout of its batch. NOTE (deviation): float16 (half the memory), read back in float32."""
+    layout of its batch. NOTE (deviation): float16 (half the memory), read back in float32. None
+    where they would take more than STATE_CACHE_GB (stage 2 then runs live_states)."""
     n, K, D = len(split), free.num_exits, free.backbone.cfg.dim
     S = int(split.text_mask.sum(dim=1).max()) + free.backbone.num_visual
+    size = f"{n} questions x {K} exits x {S} tokens x width {D}, float16"
+    if n * K * S * D * 2 > STATE_CACHE_GB * 1e9:
+        print(f"frozen backbone states: {n * K * S * D * 2 / 1e9:.1f} GB ({size}) would pass "
+              f"{STATE_CACHE_GB:g} GB of host memory: computed batch by batch instead")
+        return None
     out = {"inputs": torch.zeros(n, K, S, D, dtype=torch.float16),
            "mask": torch.zeros(n, S, dtype=torch.bool), "real": torch.zeros(n, D)}
-    print(f"frozen backbone states: {out['inputs'].nbytes / 1e9:.2f} GB of host memory ({n} "
-          f"questions x {K} exits x {S} tokens x width {D}, float16)")
+    print(f"frozen backbone states: {out['inputs'].nbytes / 1e9:.2f} GB of host memory ({size})")
     free.eval()
     for ids in progress_bar(list(batches(n, EVAL_BATCH)), "frozen backbone states"):
         # in float32, as the report evaluates the exits (computed once: its cost does not recur)
@@ -272,13 +285,28 @@ def states_batch(states: dict, ids: torch.Tensor, device) -> dict:
             "real": states["real"][ids].to(device)}
 
 
-def exit_batch(free: FREE, states: dict, train, ids: Tensor, labelled: Tensor) -> dict:
-    """Stage 2's batch: the frozen states of questions `ids` (states_batch), their answers' soft
-    'targets' (B, A) (None when no label may be read) and which of them are 'labelled' (B,)."""
+@torch.no_grad()
+def live_states(free: FREE, split, ids: Tensor, device) -> dict:
+    """The frozen states of questions ids as states_batch gives them, computed now by the frozen
+    backbone (in float32) instead of read from frozen_states' cache."""
+    free.backbone.eval()
+    states, mask = free.backbone.hidden_states(**to_device(split.batch(ids), device))
+    if mask is None:                                                    # no padding in this batch
+        mask = torch.ones(len(ids), 1, 1, states[0].shape[1], dtype=torch.bool, device=device)
+    return {"inputs": tuple(states[l] for l in free.exit_layers), "mask": mask,
+            "real": states[-1][:, 0].float()}
+
+
+def exit_batch(free: FREE, states: dict | None, train, ids: Tensor, labelled: Tensor) -> dict:
+    """Stage 2's batch: the frozen states of questions `ids` (states_batch, or live_states where
+    `states` is None), their answers' soft 'targets' (B, A) (None when no label may be read) and
+    which of them are 'labelled' (B,)."""
     device, targets = RUN["device"], None
     if free.cfg.label_fraction > 0:
         targets = train.soft_targets(ids, free.backbone.cfg.num_answers).to(device)
     labels = {"targets": targets, "labelled": labelled[ids].to(device)}
+    if states is None:
+        return live_states(free, train, ids, device) | labels
     return states_batch(states, ids, device) | labels
 
 

@@ -470,11 +470,25 @@ def test_frozen_states_are_the_live_states_and_train_the_same_exits(backbone):
     states = train.frozen_states(free, split)
     ids = torch.tensor([3, 0, 17, 42, 5])
     cached = train.states_batch(states, ids, torch.device("cpu"))
-    live_states, mask = free.backbone.hidden_states(**split.batch(ids))
-    assert torch.allclose(cached["real"], live_states[-1][:, 0], atol=1e-5)
-    for k, l in enumerate(free.exit_layers):
+    live = train.live_states(free, split, ids, torch.device("cpu"))     # what stage 2 reads without a cache
+    assert torch.allclose(cached["real"], live["real"], atol=1e-5)
+    for k in range(free.num_exits):
         assert torch.allclose(free.exit_feature(k, cached["inputs"][k], cached["mask"]),
-                              free.exit_feature(k, live_states[l], mask), rtol=5e-3, atol=5e-3)
+                              free.exit_feature(k, live["inputs"][k], live["mask"]), rtol=5e-3, atol=5e-3)
+
+
+def test_stage2_without_room_for_the_cache_computes_the_states_batch_by_batch(backbone, tmp_path, monkeypatch, capsys):
+    """Where the frozen states would pass STATE_CACHE_GB of host memory (base: 10 GB), stage 2 keeps none and runs
+    the frozen backbone on every batch: it says so, and trains exits as good as the cached run's."""
+    cached = exits_run(backbone, tmp_path / "cached", "--exit-epochs", "1")
+    monkeypatch.setattr(train, "STATE_CACHE_GB", 0.0)
+    capsys.readouterr()
+    live = exits_run(backbone, tmp_path / "live", "--exit-epochs", "1")
+    assert "computed batch by batch instead" in capsys.readouterr().out
+    a, b = (log for log in (json.loads(l) for name in ("cached", "live")
+                           for l in open(tmp_path / name / "log.jsonl")) if "test_exits" in log)
+    assert abs(a["test_exits"][0]["accuracy"] - b["test_exits"][0]["accuracy"]) <= 5.0
+    assert all(torch.equal(cached["model"][k], live["model"][k]) for k in cached["model"])
 
 
 def test_empirical_calibration_is_one_flag_away_and_picks_without_a_test(report, tmp_path):
