@@ -234,7 +234,7 @@ def test_families_balanced_and_yes_no_balanced():
 def test_shapes_splits_are_disjoint():
     """Four splits, no image id or image in two of them; the calibration split's scenes are none of stage 1's
     (an epoch's fresh scenes), and drawing it changes no other split."""
-    cfg = DataConfig(train_images=30, val_images=10, test_images=10, calib_images=10)
+    cfg = DataConfig(train_images=10, val_images=10, test_images=10, calib_images=10)
     splits = data.shapes_splits(cfg, only=data.SPLITS)
     assert list(splits) == ["train", "val", "test", "calib"]
     ids = [{r["image_id"] for r in recs} for _, recs, _ in splits.values()]

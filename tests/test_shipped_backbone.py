@@ -196,7 +196,7 @@ def test_the_calibrated_point_does_not_read_the_test_labels():
     shuffled among its questions (while the test accuracy it reports changes)."""
     state = load_checkpoint(SHIPPED_EXITS)
     _, free, tokenizer, answers, dcfg = build_from_checkpoint(state)
-    splits = data.load_data(replace(dcfg, calib_images=150, test_images=60), tokenizer, answers,
+    splits = data.load_data(replace(dcfg, calib_images=150, test_images=30), tokenizer, answers,
                             only=("calib", "test"))[0]
     cfg = infer.InferConfig(timing=False, max_drop=5)
     honest = infer.build_report(free, splits, "test", cfg)
@@ -212,14 +212,14 @@ def test_the_calibrated_point_does_not_read_the_test_labels():
 @pytest.mark.parametrize("rule, threshold, exits", [("maxprob", None, None), ("patience", 2, None),
                                                     ("entropy", 0.05, [0, 2])])
 def test_explain_agrees_with_early_exit_on_every_question(shipped_on_test, rule, threshold, exits):
-    """infer.py --explain (report.explain) walks the exits question by question; on 240 test questions it
+    """infer.py --explain (report.explain) walks the exits question by question; on 96 test questions it
     names the exit and the answer that early_exit_predict gives each (the shipped certified point, and two
     other rules)."""
     state, free, test, _ = shipped_on_test
     c, answers = state["calibrated"], state["answers"]
     if threshold is None:
         threshold, exits = c["threshold"], infer.exit_indices(free, c)
-    ids = torch.arange(240)
+    ids = torch.arange(96)
     out = free_min.early_exit_predict(free, test.batch(ids), rule, threshold, exits)
     assert len(set(out["exit"].tolist())) >= 2                           # questions leave at different places
     for i in ids.tolist():

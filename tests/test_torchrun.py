@@ -98,9 +98,10 @@ def test_stage2_under_torchrun_keeps_the_backbone_and_matches_one_process(runs, 
 
 
 def test_a_last_global_batch_smaller_than_the_processes_is_left_out(tmp_path):
-    """160 training questions in global batches of 53 leave a last batch of 1, which one of two processes would
+    """40 training questions in global batches of 13 leave a last batch of 1, which one of two processes would
     get nothing of (its losses NaN, the other waiting for it): both stages leave it out and run to the end."""
-    args = MICRO[:-4] + ["--batch-size", "53", "--epochs", "1", "--exit-epochs", "1", "--exit-layers", "2",
-                         "--no-final-eval", "--out", str(tmp_path)]
+    args = ["--preset", "tiny", "--train-images", "10", "--val-images", "4", "--test-images", "4", "--calib-images", "4",
+            "--threads", "1", "--batch-size", "13", "--epochs", "1", "--exit-epochs", "1", "--exit-layers", "2",
+            "--no-final-eval", "--out", str(tmp_path)]
     torchrun("train.py", *args)
     assert log(tmp_path, "val_exits")[-1]["epoch"] == 1 and log(tmp_path, "train_loss")[-1]["epoch"] == 1
