@@ -272,9 +272,9 @@ def accuracy_drop(split, full_pred: torch.Tensor, pred: torch.Tensor) -> float:
 # and n is the number of calibration images. (With as many questions on every image, as shapes
 # has, that risk is the accuracy drop on new questions; with uneven counts each image weighs the
 # same.)
-def image_losses(split, losses: torch.Tensor) -> torch.Tensor:
-    """(n_images,) the mean of per-question `losses` (n,) over each image's questions."""
-    _, image = torch.unique(split.image_index, return_inverse=True)         # (n,) in 0..n_img-1
+def image_losses(image: torch.Tensor, losses: torch.Tensor) -> torch.Tensor:
+    """(n_images,) the mean of per-question `losses` (n,) over each image's questions; image (n,)
+    numbers each question's image 0..n_images-1."""
     total = torch.zeros(int(image.max()) + 1).index_add_(0, image, losses)
     count = torch.zeros_like(total).index_add_(0, image, torch.ones_like(losses))
     return total / count
@@ -300,13 +300,14 @@ def calibrate(free, calib, calib_probs: dict, costs: dict, promise: InferConfig)
     operations)."""
     full_pred, sets = calib_probs["final"].argmax(1), exit_subsets(free.num_exits)
     eps, best = promise.max_drop / 100, None
-    n_images = len(torch.unique(calib.image_index))
+    _, image = torch.unique(calib.image_index, return_inverse=True)        # (n,) in 0..n_img-1
+    n_images = int(image.max()) + 1
     for exits in sets:
         for t in reversed(RULES[promise.rule].grid(len(exits))):      # the most conservative first
             sim = simulate(calib_probs, promise.rule, t, exits)
             losses = risk_losses(calib, full_pred, sim["pred"], promise.risk)
             if promise.calibration == "guaranteed":
-                loss = image_losses(calib, losses).mean().item()
+                loss = image_losses(image, losses).mean().item()
                 p = report.hb_pvalue(loss, n_images, eps)
                 if p > promise.delta / len(sets):
                     break                              # a fixed sequence: stop at the first failure
@@ -363,7 +364,8 @@ def time_point(free, split, cal: dict, timing_ids: torch.Tensor, cfg: InferConfi
 
 def build_report(free, splits: dict, split_name: str, cfg: InferConfig) -> dict:
     """Everything the report says about one checkpoint on one split, calibrated on the calib
-    split (cfg.calibrate_on); run and timed where `free` is, on an inference copy (runtime.inference_copy)."""
+    split (cfg.calibrate_on); run and timed where `free` is, on an inference copy
+    (runtime.inference_copy)."""
     free = inference_copy(free)
     split, calib = splits[split_name], splits[cfg.calibrate_on]
     probs = collect(free, split, cfg.batch_size)

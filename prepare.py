@@ -92,7 +92,7 @@ SCHEDULE = {"backbone": ("epochs", "batch_size", "lr", "weight_decay", "warmup_s
 BEFORE_SCENE_FACTS = {"scene_weight": 0.0, "sample_families": "uniform"}
 # Model options removed after they lost (RESULTS.md, 2026-12-07; `git checkout 4a8b9d2` has them),
 # at the values every other model was built with: a checkpoint that names them at these values is
-# today's model, one built otherwise is refused (removed_options).
+# today's model, one built otherwise is refused (model_config_of).
 REMOVED = {"position": "learned", "coord_conv": False}
 
 
@@ -103,8 +103,9 @@ def model_config_of(state: dict, path: str = "the checkpoint") -> dict:
     for key, value in REMOVED.items():
         built = saved.pop(key, value)
         if built != value:
-            raise ConfigError(f"{path} was built with {flag(key)} {built!r}, an option since removed "
-                              "(it lost; RESULTS.md, 2026-12-07): `git checkout 4a8b9d2` runs it")
+            raise ConfigError(f"{path} was built with {flag(key)} {built!r}, an option since "
+                              "removed (it lost; RESULTS.md, 2026-12-07): `git checkout 4a8b9d2` "
+                              "runs it")
     return saved
 # Settings made from the data or the encoder, not by the flags.
 DERIVED = ("vocab_size", "num_answers", "max_text_len", "image_size", "pixel_mean", "pixel_std",

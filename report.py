@@ -301,7 +301,8 @@ def format_calibrated(c: dict, plain: dict | None = None) -> str:
     if c["threshold"] is None:
         return no_point(c)
     line = (
-        f"calibrated on {c.get('split', 'calib')} ({c['calibration']}, risk {c['risk']}; {c['rule']} threshold "
+        f"calibrated on {c.get('split', 'calib')} ({c['calibration']}, risk {c['risk']}; "
+        f"{c['rule']} threshold "
         f"{c['threshold']:g}, exits after layers {','.join(map(str, c['exit_layers']))}): accuracy "
         f"{c['accuracy']:.2f}% (drop {c['accuracy_drop']:+.2f} pts), {c['avg_layers']:.2f} layers, "
         f"layer speedup {c['layer_speedup']:.2f}x\n  promise: {promise_text(c)}")

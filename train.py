@@ -256,22 +256,21 @@ def frozen_states(free: FREE, split) -> dict | None:
     n, K, D = len(split), free.num_exits, free.backbone.cfg.dim
     S = int(split.text_mask.sum(dim=1).max()) + free.backbone.num_visual
     size = f"{n} questions x {K} exits x {S} tokens x width {D}, float16"
-    if n * K * S * D * 2 > STATE_CACHE_GB * 1e9:
-        print(f"frozen backbone states: {n * K * S * D * 2 / 1e9:.1f} GB ({size}) would pass "
-              f"{STATE_CACHE_GB:g} GB of host memory: computed batch by batch instead")
+    gb = n * K * S * D * 2 / 1e9
+    if gb > STATE_CACHE_GB:
+        print(f"frozen backbone states: {gb:.1f} GB ({size}) would pass {STATE_CACHE_GB:g} GB of "
+              "host memory: computed batch by batch instead")
         return None
     out = {"inputs": torch.zeros(n, K, S, D, dtype=torch.float16),
            "mask": torch.zeros(n, S, dtype=torch.bool), "real": torch.zeros(n, D)}
-    print(f"frozen backbone states: {out['inputs'].nbytes / 1e9:.2f} GB of host memory ({size})")
+    print(f"frozen backbone states: {gb:.2f} GB of host memory ({size})")
     free.eval()
     for ids in progress_bar(list(batches(n, EVAL_BATCH)), "frozen backbone states"):
-        # in float32, as the report evaluates the exits (computed once: its cost does not recur)
-        states, mask = free.backbone.hidden_states(**to_device(split.batch(ids), RUN["device"]))
-        s = states[0].shape[1]
-        exit_inputs = torch.stack([states[l] for l in free.exit_layers], dim=1)     # (B, K, s, D)
-        out["inputs"][ids, :, :s] = exit_inputs.half().cpu()
-        out["mask"][ids, :s] = True if mask is None else mask[:, 0, 0].cpu()        # (B, s)
-        out["real"][ids] = states[-1][:, 0].float().cpu()                           # (B, D)
+        live = live_states(free, split, ids, RUN["device"])          # float32, as the report runs
+        s = live["mask"].shape[-1]
+        out["inputs"][ids, :, :s] = torch.stack(live["inputs"], dim=1).half().cpu()  # (B, K, s, D)
+        out["mask"][ids, :s] = live["mask"][:, 0, 0].cpu()                           # (B, s)
+        out["real"][ids] = live["real"].cpu()                                        # (B, D)
     return out
 
 
@@ -366,7 +365,7 @@ def train_exits(free: FREE, states: dict, splits: dict, tcfg: TrainConfig, save,
                 sums[k] += v
             scaler.update()
             bar.set_postfix({k: f"{v / n:.3f}" for k, v in sums.items()})
-        keys = sorted(sums)                           # the same keys, in one order, in every process
+        keys = sorted(sums)                    # the same keys, in one order, in every process
         totals = all_sum([sums[k] for k in keys])                     # over the processes
         means = {k: v / len(bar) / WORLD["size"] for k, v in zip(keys, totals)}
         if is_main():
