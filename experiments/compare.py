@@ -25,6 +25,7 @@ from runtime import CheckpointError, UsageError, load_checkpoint   # noqa: E402
 
 METHODS = {"free_gan": ["--exit-method", "free", "--adv-loss", "gan"], "free": ["--exit-method", "free"],
            "kd": ["--exit-method", "kd"], "ce": ["--exit-method", "ce"]}
+HARD, HARD_AT = ("compare", "relate"), (2, 4)     # the families where depth matters, and the exits shown for them
 
 
 def run(name: str, out: str, backbone: str, flags: list[str], threads: int) -> str:
@@ -43,18 +44,17 @@ def run(name: str, out: str, backbone: str, flags: list[str], threads: int) -> s
 
 
 def read_run(folder: str) -> dict:
-    """A finished run: its exit config (ckpt.pt), test depth profile (log.jsonl) and report.json."""
+    """A finished run: its exit config (ckpt.pt) and its test report (report.json)."""
     state = load_checkpoint(os.path.join(folder, "ckpt.pt"), "run")
     if "exit_config" not in state:
         raise CheckpointError(f"{folder}: holds a backbone but no exits")
     try:
-        with open(os.path.join(folder, "log.jsonl")) as f:
-            test = [r for r in map(json.loads, f) if r.get("split") == "test" and r.get("stage") == "exits"][-1]
         with open(os.path.join(folder, "report.json")) as f:
             report = json.load(f)
-    except (OSError, ValueError, IndexError) as e:
+        report["exits"], report["per_family"], report["calibrated"]        # what the table reads
+    except (OSError, ValueError, KeyError) as e:
         raise CheckpointError(f"{folder}: not a finished run ({e.__class__.__name__}: {e})")
-    return {"config": state["exit_config"], "test": test, "report": report}
+    return {"config": state["exit_config"], "report": report}
 
 
 def label(config: dict) -> str:
@@ -72,33 +72,54 @@ def mean_std(values: list[float], fmt: str = ".1f") -> str:
     return f"{statistics.mean(values):{fmt}} ± {statistics.stdev(values):{fmt.lstrip('+')}}"
 
 
-def calibrated_cell(runs: list[dict]) -> str:
-    """The calibrated points of a group of runs (test accuracy drop, layer speedup), mean ± std."""
-    cals = [r["report"]["calibrated"] for r in runs]
-    if any(c["threshold"] is None for c in cals):
-        return "-"
+def exit_accuracy(report: dict, layer: int, family: str | None = None) -> float | None:
+    """The test accuracy of the exit after `layer` (over one question family, or all); None if there is none."""
+    layers = [e["layer"] for e in report["exits"]]
+    if layer not in layers:
+        return None
+    if family is None:
+        return report["exits"][layers.index(layer)]["accuracy"]
+    return report["per_family"][family]["exits"][layers.index(layer)]
+
+
+def guaranteed_cell(reports: list[dict]) -> str:
+    """The certified points of a group of runs: rule, thresholds and exits, then the test accuracy drop,
+    the mean layers run and the predicted speedup (FLOPs), mean ± std; or how many certified nothing."""
+    cals = [r["calibrated"] for r in reports]
+    none = sum(c["threshold"] is None for c in cals)
+    if none:
+        return f"none certified ({none} of {len(cals)})"
     thresholds = "/".join(f"{t:g}" for t in sorted({c["threshold"] for c in cals}))
     exits = "/".join(sorted({",".join(map(str, c["exit_layers"])) for c in cals}, key=len, reverse=True))
     return (f"{cals[0]['rule']} {thresholds} (exits {exits}): drop {mean_std([c['accuracy_drop'] for c in cals], '+.2f')}, "
-            f"{mean_std([c['layer_speedup'] for c in cals], '.2f')}x layers")
+            f"{mean_std([c['avg_layers'] for c in cals], '.2f')} layers, "
+            f"{mean_std([c['predicted_speedup'] for c in cals], '.2f')}x")
 
 
 def table(folders: list[str]) -> str:
-    """Every exit's test accuracy (mean agreement with the final layer in brackets), the final layer's, and
-    the calibrated point, one row per method and label fraction."""
+    """One row per method and label fraction, mean ± std over its seeds, all on test: every exit's accuracy and
+    the final layer's; the hard families (HARD) at the exits after HARD_AT; mid-crisis (the largest fall of
+    accuracy from one exit to a deeper one, points); overthinking (questions some exit gets right and the final
+    layer wrong, %); the guaranteed early-exit point."""
     groups = defaultdict(list)
     for r in map(read_run, folders):
-        groups[(label(r["config"]), r["config"]["label_fraction"])].append(r)
-    layers = sorted({e["layer"] for runs in groups.values() for r in runs for e in r["test"]["test_exits"]})
-    head = ["method", "labels F", "n"] + [f"exit L{l} (agree %)" for l in layers] + ["final", "calibrated early exit (test)"]
+        groups[(label(r["config"]), r["config"]["label_fraction"])].append(r["report"])
+    layers = sorted({e["layer"] for reports in groups.values() for r in reports for e in r["exits"]})
+    head = (["method", "labels F", "n"] + [f"exit L{l}" for l in layers] + ["final"]
+            + [f"{f} L{'/L'.join(map(str, HARD_AT))}" for f in HARD]
+            + ["mid-crisis", "overthinking %", "guaranteed point: drop, layers, predicted speedup"])
     rows = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
-    for (name, fraction), runs in groups.items():
-        cells = [name, f"{fraction:g}", str(len(runs))]
+    for (name, fraction), reports in groups.items():
+        cells = [name, f"{fraction:g}", str(len(reports))]
         for l in layers:
-            es = [e for r in runs for e in r["test"]["test_exits"] if e["layer"] == l]
-            cells.append(f"{mean_std([e['accuracy'] for e in es])} ({statistics.mean(e['agreement'] for e in es):.0f})"
-                         if es else "-")
-        cells += [mean_std([r["test"]["test_final"] for r in runs]), calibrated_cell(runs)]
+            accs = [a for a in (exit_accuracy(r, l) for r in reports) if a is not None]
+            cells.append(mean_std(accs) if accs else "-")
+        cells.append(mean_std([r["full"]["accuracy"] for r in reports]))
+        for family in HARD:
+            at = [[exit_accuracy(r, l, family) for r in reports] for l in HARD_AT]
+            cells.append(" / ".join(mean_std(a, ".0f") if None not in a else "-" for a in at))
+        cells += [mean_std([r["mid_crisis"]["free_exits"]["drop"] for r in reports]),
+                  mean_std([r["overthinking"]["fixable_pct"] for r in reports], ".2f"), guaranteed_cell(reports)]
         rows.append("| " + " | ".join(cells) + " |")
     return "\n".join(rows)
 

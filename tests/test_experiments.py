@@ -18,34 +18,43 @@ sys.path.insert(0, os.path.join(ROOT, "experiments"))
 import compare  # noqa: E402
 
 
-def fake_run(folder, config: dict, exit_acc: float, agree: float, final: float, calibrated: dict):
-    """A finished run folder as compare.py reads it: ckpt.pt (configs), log.jsonl, report.json."""
+def fake_run(folder, config: dict, exits: list[float], final: float, hard: list[float], crisis: float,
+             fixable: float, calibrated: dict):
+    """A finished run folder as compare.py reads it: ckpt.pt (configs) and report.json, with exits after layers
+    1, 2 and 4 and `hard` the accuracy of each hard family at those three exits."""
     folder.mkdir(parents=True)
     torch.save({"model": {}, "model_config": {}, "data_config": {}, "exit_config": asdict(free_min.ExitConfig(**config))},
                folder / "ckpt.pt")
-    line = {"stage": "exits", "split": "test", "test_final": final,
-            "test_exits": [{"layer": 2, "accuracy": exit_acc, "agreement": agree}]}
-    (folder / "log.jsonl").write_text(json.dumps(line) + "\n")
-    (folder / "report.json").write_text(json.dumps({"calibrated": {"rule": "maxprob"} | calibrated}))
+    report = {"exits": [{"layer": l, "accuracy": a} for l, a in zip((1, 2, 4), exits)], "full": {"accuracy": final},
+              "per_family": {f: {"exits": hard} for f in compare.HARD}, "mid_crisis": {"free_exits": {"drop": crisis}},
+              "overthinking": {"fixable_pct": fixable}, "calibrated": {"rule": "maxprob"} | calibrated}
+    (folder / "report.json").write_text(json.dumps(report))
     return str(folder)
 
 
 def test_table_averages_seeds_by_hand(tmp_path):
-    cal = lambda t, drop, layer: {"threshold": t, "accuracy_drop": drop, "layer_speedup": layer, "exit_layers": [2]}
-    runs = [fake_run(tmp_path / "a0", {}, 50.0, 80.0, 60.0, cal(0.9, 0.5, 1.5)),
-            fake_run(tmp_path / "kd", {"exit_method": "kd"}, 58.0, 95.0, 60.0, {"threshold": None}),
-            fake_run(tmp_path / "a1", {}, 54.0, 90.0, 62.0, cal(0.95, 1.0, 1.7)),
-            fake_run(tmp_path / "gan", {"adv_loss": "gan", "label_fraction": 0.1}, 40.0, 70.0, 60.0, cal(0.8, 0.2, 2.0))]
+    cal = lambda t, drop, layers, speedup: {"threshold": t, "accuracy_drop": drop, "avg_layers": layers,
+                                            "predicted_speedup": speedup, "exit_layers": [2]}
+    runs = [fake_run(tmp_path / "a0", {}, [40, 50, 70], 60, [30, 40, 80], 0.0, 1.0, cal(0.9, 0.5, 3.0, 1.5)),
+            fake_run(tmp_path / "kd", {"exit_method": "kd"}, [41, 58, 71], 60, [30, 45, 90], 2.0, 0.5,
+                     {"threshold": None}),
+            fake_run(tmp_path / "a1", {}, [42, 54, 72], 62, [32, 50, 84], 1.0, 2.0, cal(0.95, 1.0, 3.2, 1.7)),
+            fake_run(tmp_path / "gan", {"adv_loss": "gan", "label_fraction": 0.1}, [30, 40, 60], 60, [20, 30, 60], 0.5,
+                     1.5, cal(0.8, 0.2, 2.0, 2.0))]
     lines = compare.table(runs).splitlines()
-    assert lines[0] == "| method | labels F | n | exit L2 (agree %) | final | calibrated early exit (test) |"
-    # two seeds of one setting: mean ± sample std, e.g. std(50, 54) = 2.83, std(1.5, 1.7) = 0.14
-    assert lines[2] == "| free | 1 | 2 | 52.0 ± 2.8 (85) | 61.0 ± 1.4 | maxprob 0.9/0.95 (exits 2): drop +0.75 ± 0.35, 1.60 ± 0.14x layers |"
-    assert lines[3] == "| kd | 1 | 1 | 58.0 (95) | 60.0 | - |"
-    assert lines[4] == "| free (adv_loss=gan) | 0.1 | 1 | 40.0 (70) | 60.0 | maxprob 0.8 (exits 2): drop +0.20, 2.00x layers |"
+    assert lines[0] == ("| method | labels F | n | exit L1 | exit L2 | exit L4 | final | compare L2/L4 | relate L2/L4 "
+                        "| mid-crisis | overthinking % | guaranteed point: drop, layers, predicted speedup |")
+    # two seeds of one setting: mean ± sample std, e.g. std(50, 54) = 2.83, std(1.5, 1.7) = 0.14, std(40, 50) = 7.07
+    assert lines[2] == ("| free | 1 | 2 | 41.0 ± 1.4 | 52.0 ± 2.8 | 71.0 ± 1.4 | 61.0 ± 1.4 | 45 ± 7 / 82 ± 3 "
+                        "| 45 ± 7 / 82 ± 3 | 0.5 ± 0.7 | 1.50 ± 0.71 "
+                        "| maxprob 0.9/0.95 (exits 2): drop +0.75 ± 0.35, 3.10 ± 0.14 layers, 1.60 ± 0.14x |")
+    assert lines[3] == "| kd | 1 | 1 | 41.0 | 58.0 | 71.0 | 60.0 | 45 / 90 | 45 / 90 | 2.0 | 0.50 | none certified (1 of 1) |"
+    assert lines[4] == ("| free (adv_loss=gan) | 0.1 | 1 | 30.0 | 40.0 | 60.0 | 60.0 | 30 / 60 | 30 / 60 | 0.5 | 1.50 "
+                        "| maxprob 0.8 (exits 2): drop +0.20, 2.00 layers, 2.00x |")
 
 
 def test_a_broken_run_is_named(tmp_path):
-    folder = fake_run(tmp_path / "run", {}, 50.0, 80.0, 60.0, {"threshold": None})
+    folder = fake_run(tmp_path / "run", {}, [50, 50, 50], 60, [50, 50, 50], 0.0, 0.0, {"threshold": None})
     (tmp_path / "run" / "report.json").write_text("{truncated")
     with pytest.raises(runtime.CheckpointError, match="run: not a finished run"):
         compare.table([folder])
