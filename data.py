@@ -534,31 +534,34 @@ def family_plan(n_images: int, questions_per_image: int, seed: int,
     return [[FAMILIES[k] for k in row] for row in drawn]
 
 
+def shapes_image(rng, families: list[str], image_size: int, image_id: int, index: int):
+    """One image of the shapes set and its questions as a split stores them: image uint8 (H, W, 3),
+    pixel labels uint8 (2, H, W) and one question record per family in `families` (`index`: the
+    image's place in its split)."""
+    image, objs, qas = make_image_with_questions(rng, families, image_size)
+    records = [{"question_id": image_id * 100 + j, "image_id": image_id, "image_index": index,
+                "question": q, "answers": [a], "family": fam, "answer_type": ANSWER_TYPES[fam],
+                "question_type": fam, "facts": facts}
+               for j, (fam, q, a, facts) in enumerate(qas)]
+    return image, scene_labels(objs, image_size), records
+
+
+def stack_images(drawn: list[tuple]) -> tuple:
+    """shapes_image's outputs as one split: images (n, H, W, 3), records, pixel labels (n, 2, H, W)."""
+    return (np.stack([image for image, _, _ in drawn]),
+            [r for _, _, records in drawn for r in records],
+            np.stack([labels for _, labels, _ in drawn]))
+
+
 def generate_shapes_split(n_images: int, questions_per_image: int, seed: int, image_size: int = 64,
                           first_image_id: int = 0, family_weights: dict | None = None):
-    """A split of the shapes set, its question families as family_plan makes them. Returns images
-    uint8 (n, H, W, 3), a list of question records and pixel labels uint8 (n, 2, H, W)."""
+    """A split of the shapes set, its images drawn one after the other from one generator, its
+    question families as family_plan makes them. Returns images uint8 (n, H, W, 3), a list of
+    question records and pixel labels uint8 (n, 2, H, W)."""
     rng = np.random.default_rng(seed)
-    images = np.empty((n_images, image_size, image_size, 3), dtype=np.uint8)
-    labels = np.empty((n_images, 2, image_size, image_size), dtype=np.uint8)
-    records = []
-    for i, fams in enumerate(family_plan(n_images, questions_per_image, seed, family_weights)):
-        images[i], objs, qas = make_image_with_questions(rng, fams, image_size)
-        labels[i] = scene_labels(objs, image_size)
-        image_id = first_image_id + i
-        for j, (fam, q, a, facts) in enumerate(qas):
-            records.append({
-                "question_id": image_id * 100 + j,
-                "image_id": image_id,
-                "image_index": i,
-                "question": q,
-                "answers": [a],
-                "family": fam,
-                "answer_type": ANSWER_TYPES[fam],
-                "question_type": fam,
-                "facts": facts,
-            })
-    return images, records, labels
+    plan = family_plan(n_images, questions_per_image, seed, family_weights)
+    return stack_images([shapes_image(rng, families, image_size, first_image_id + i, i)
+                         for i, families in enumerate(plan)])
 
 
 # The splits and what each one decides (no split decides two things):
@@ -590,18 +593,49 @@ def shapes_splits(cfg: DataConfig, only: tuple[str, ...] = ("train", "val", "tes
     return splits
 
 
-def fresh_scenes(cfg: DataConfig, epoch: int, family_weights: dict | None = None):
+def fresh_scenes(cfg: DataConfig, epoch: int, family_weights: dict | None = None,
+                 part: tuple[int, int] = (0, 1)):
     """The raw shapes train split of epoch `epoch` >= 1 (generate_shapes_split's output): as many
-    new scenes as --train-images (seed data_seed * 1000 + 2 + epoch, where epoch 0 uses + 0 and
-    val and test + 1 and + 2). The generator is unlimited, so no epoch repeats another's images,
-    and the model cannot learn the training scenes by heart."""
-    return generate_shapes_split(
-        cfg.train_images,
-        cfg.questions_per_image,
-        cfg.data_seed * 1000 + 2 + epoch,
-        cfg.image_size,
-        1,
-        family_weights,
+    new scenes as --train-images. The generator is unlimited, so no epoch repeats another's images,
+    and the model cannot learn the training scenes by heart.
+
+    Image i is drawn from its own seed, [data_seed * 1000 + 2 + epoch, i] (epoch 0 is the train
+    split, seed + 0; val and test use + 1 and + 2), so an epoch can be drawn in parts, by several
+    processes, and is the same however it is cut: `part` = (k, parts) draws the k-th of `parts`
+    equal runs of images."""
+    seed = cfg.data_seed * 1000 + 2 + epoch
+    plan = family_plan(cfg.train_images, cfg.questions_per_image, seed, family_weights)
+    k, parts = part
+    first, end = k * cfg.train_images // parts, (k + 1) * cfg.train_images // parts
+    return stack_images([shapes_image(np.random.default_rng([seed, i]), plan[i], cfg.image_size,
+                                      1 + i, i - first) for i in range(first, end)])
+
+
+def fresh_split(cfg: DataConfig, epoch: int, family_weights: dict | None, part: tuple[int, int],
+                tokenizer: Tokenizer, answer_to_idx: dict[str, int]) -> "Split":
+    """fresh_scenes' part of an epoch as a Split (what a drawing process returns)."""
+    return make_split(*fresh_scenes(cfg, epoch, family_weights, part), tokenizer, answer_to_idx)
+
+
+def join_splits(parts: list["Split"]) -> "Split":
+    """Splits of consecutive parts of one epoch as one Split (each part's image indices moved past
+    the images of the parts before it)."""
+    if len(parts) == 1:
+        return parts[0]
+    starts = np.cumsum([0] + [len(p.images) for p in parts[:-1]]).tolist()
+    width = max(p.answer_idx.shape[1] for p in parts)          # M, the most scored answers
+    pad = lambda t, value: F.pad(t, (0, width - t.shape[1]), value=value)
+    return Split(
+        images=torch.cat([p.images for p in parts]),
+        image_index=torch.cat([p.image_index + s for p, s in zip(parts, starts)]),
+        tokens=torch.cat([p.tokens for p in parts]),
+        text_mask=torch.cat([p.text_mask for p in parts]),
+        answer_idx=torch.cat([pad(p.answer_idx, -1) for p in parts]),
+        answer_score=torch.cat([pad(p.answer_score, 0.0) for p in parts]),
+        records=[r | {"image_index": r["image_index"] + s} for p, s in zip(parts, starts)
+                 for r in p.records],
+        pixel_labels=torch.cat([p.pixel_labels for p in parts]),
+        facts=torch.cat([p.facts for p in parts]),
     )
 
 
@@ -619,9 +653,10 @@ def exit_with_parent(parent: int) -> None:
 
 # Spend the steps where the learning is (train.py --sample-families by-error): the easy families are
 # learned in a third of stage 1, and after that their questions teach little. Each later epoch's
-# scenes then ask every family in proportion to its error on the training questions of the epoch
-# before (the floor keeps the learned ones from being forgotten). Training questions, not val: no
-# choice is made on val here.
+# scenes then ask every family in proportion to its error on training questions (the floor keeps
+# the learned ones from being forgotten): epoch e + 1 is drawn while epoch e trains, so its weights
+# are the errors of epoch e - 1, the last epoch finished when its drawing starts. Training
+# questions, not val: no choice is made on val here.
 FAMILY_FLOOR = 0.05
 
 
@@ -632,42 +667,37 @@ def family_weights(per_family_accuracy: dict[str, float], families: list[str]) -
 
 class TrainScenes:
     """The train split of every epoch of stage 1 on shapes data: epoch 0's is `first`, each later
-    one is fresh_scenes', drawn in a background process while the epoch before it trains (drawing
-    6,000 scenes takes seconds during which a GPU would wait). Call it with the epoch; close()
-    when done. `weights` (family -> weight, or None: families in turn) is what the epochs not yet
-    started are drawn with; `drawn_with` records, per epoch started, the weights it was drawn
-    with."""
+    one is fresh_scenes', drawn by `workers` background processes while the epoch before it trains
+    (drawing 6,000 scenes takes seconds during which a GPU would wait), each building its part of
+    the split; 0 workers: drawn here, when asked for. The epochs are the same for any number of
+    workers. Call it with the epoch; close() when done. `weights` (family -> weight, or None:
+    families in turn) is what the epochs not yet started are drawn with; `drawn_with` records, per
+    epoch started, the weights it was drawn with."""
 
-    def __init__(
-        self,
-        cfg: DataConfig,
-        first: "Split",
-        tokenizer: Tokenizer,
-        answers: list[str],
-        epochs: int,
-        background: bool = True,
-    ):
+    def __init__(self, cfg: DataConfig, first: "Split", tokenizer: Tokenizer, answers: list[str],
+                 epochs: int, workers: int = 1):
         self.cfg, self.first, self.tokenizer, self.epochs = cfg, first, tokenizer, epochs
         self.answer_to_idx = {a: i for i, a in enumerate(answers)}
         self.weights, self.drawn_with = None, {}
-        self.pending = {}                              # epoch -> future of fresh_scenes(cfg, epoch)
+        self.pending = {}                   # epoch -> futures of its parts (fresh_split), in order
         # spawn: a fresh interpreter, which shares no threads or locks with the training process (it
         # imports the launching script again, so a script calling train.main needs `if __name__ ==
-        # "__main__":`). background False: drawn here, in this process, when asked for (for code
-        # that changes the generator)
-        self.pool = None
-        if background:
-            self.pool = ProcessPoolExecutor(max_workers=1, initializer=exit_with_parent,
+        # "__main__":`)
+        self.pool, self.parts = None, max(1, workers)
+        if workers > 0:
+            self.pool = ProcessPoolExecutor(max_workers=workers, initializer=exit_with_parent,
                                             mp_context=multiprocessing.get_context("spawn"),
                                             initargs=(os.getpid(),))
 
     def start(self, epoch: int) -> None:
         """Begin drawing epoch `epoch`'s scenes in the background (if it is a later epoch of this
-        run)."""
+        run), one part per worker."""
         if 1 <= epoch < self.epochs and epoch not in self.pending:
             weights = self.drawn_with.setdefault(epoch, self.weights)
-            self.pending[epoch] = (self.pool.submit(fresh_scenes, self.cfg, epoch, weights)
-                                   if self.pool else None)
+            self.pending[epoch] = [
+                self.pool.submit(fresh_split, self.cfg, epoch, weights, (k, self.parts),
+                                 self.tokenizer, self.answer_to_idx)
+                for k in range(self.parts)] if self.pool else None
 
     def __call__(self, epoch: int) -> "Split":
         """Epoch `epoch`'s train split (waiting for its scenes only if they are not drawn yet);
@@ -676,15 +706,17 @@ class TrainScenes:
         self.start(epoch + 1)
         if epoch == 0:
             return self.first
-        future = self.pending.pop(epoch)
+        futures = self.pending.pop(epoch)
+        here = lambda: fresh_split(self.cfg, epoch, self.drawn_with[epoch], (0, 1),
+                                   self.tokenizer, self.answer_to_idx)
+        if futures is None:
+            return here()
         try:
-            scenes = (future.result()
-                      if future else fresh_scenes(self.cfg, epoch, self.drawn_with[epoch]))
-        except BrokenProcessPool:                 # the drawing process died (killed, out of memory)
-            print(f"note: the process drawing epoch {epoch + 1}'s scenes died; they are drawn here"
+            return join_splits([f.result() for f in futures])
+        except BrokenProcessPool:                 # a drawing process died (killed, out of memory)
+            print(f"note: a process drawing epoch {epoch + 1}'s scenes died; they are drawn here"
                   " instead")
-            scenes = fresh_scenes(self.cfg, epoch, self.drawn_with[epoch])
-        return make_split(*scenes, self.tokenizer, self.answer_to_idx)
+            return here()
 
     def progress(self, epoch: int) -> dict:
         """After epoch `epoch`: what a resumed run needs to draw the next epochs as this one

@@ -56,7 +56,8 @@ def validate(dcfg: DataConfig, mcfg: ModelConfig, tcfg, ecfg: ExitConfig) -> dic
     require(tcfg, ("epochs", "batch_size", "lr"), 0, strict=True)
     require(
         tcfg,
-        ("weight_decay", "warmup_steps", "grad_clip", "aux_weight", "scene_weight", "threads"),
+        ("weight_decay", "warmup_steps", "grad_clip", "aux_weight", "scene_weight", "threads",
+         "scene_workers"),
         0,
         strict=False,
     )

@@ -74,6 +74,9 @@ class TrainConfig:
     device: str = field(default="auto", metadata={"choices": ["auto", "cuda", "mps", "cpu"]})
     # CPU threads for torch (0 = the cores not busy with other work, printed at the start)
     threads: int = 0
+    # shapes data, stage 1: processes that draw each epoch's new scenes while the one before trains
+    # (0 = drawn in the training process, between epochs); the scenes are the same for any number
+    scene_workers: int = 1
     # all: backbone then exits; backbone: stage 1 only; exits: stage 2 only, on --backbone (or
     # OUT/ckpt.pt)
     stage: str = field(default="all", metadata={"choices": ["all", "backbone", "exits"]})
@@ -396,7 +399,8 @@ def run_backbone(run: Run, state: dict | None) -> tuple[VLM, dict]:
         cache_patches(model, splits)
     scenes = None                  # shapes data: new scenes every epoch, not to be learned by heart
     if run.data.data == "shapes":
-        scenes = TrainScenes(run.data, splits["train"], tokenizer, answers, run.train.epochs)
+        scenes = TrainScenes(run.data, splits["train"], tokenizer, answers, run.train.epochs,
+                             run.train.scene_workers)
         if (state or {}).get("scenes"):
             scenes.resume(state["scenes"], state["epoch"] + 1)
     try:

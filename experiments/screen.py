@@ -186,7 +186,7 @@ def proxy_run(seed: int, out: str, flags: list[str], oracle: str, pos_std: float
                "objects": lambda split: object_patches(split, mcfg.patch_size, mcfg.vit_dim, mcfg.merge)}[oracle]
         splits = {name: see(split) for name, split in splits.items()}
     # drawn in this process: the generator is changed in place here (screen), which a worker would not see
-    scenes = SeenScenes(see, dcfg, splits["train"], tok, answers, tcfg.epochs, background=False)
+    scenes = SeenScenes(see, dcfg, splits["train"], tok, answers, tcfg.epochs, workers=0)
     heads = {}
     keep_heads = lambda epoch, step, opt, scaler, trained: heads.update(trained)     # in place of a checkpoint
     train.train_backbone(model, splits, tcfg, keep_heads, None, scenes)

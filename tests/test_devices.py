@@ -83,13 +83,13 @@ def test_stage1_evaluation_and_the_report_give_one_accuracy():
 
 def fresh_split(cfg, epoch, tok, answers, weights=None):
     """Epoch `epoch`'s train split, drawn in this process."""
-    return data.make_split(*data.fresh_scenes(cfg, epoch, weights), tok, {a: i for i, a in enumerate(answers)})
+    return data.fresh_split(cfg, epoch, weights, (0, 1), tok, {a: i for i, a in enumerate(answers)})
 
 
 def test_the_next_epochs_scenes_are_drawn_while_this_one_trains():
     """TrainScenes: epoch 0 is the split given; asking for epoch e starts epoch e + 1 in the background, so that
     it is ready when its turn comes (the epoch after next is never waited for), and it equals what
-    data.fresh_scenes draws in this process."""
+    data.fresh_split draws in this process."""
     cfg = data.DataConfig(train_images=30, val_images=1, test_images=1)
     splits, tok, answers = data.load_data(cfg, only=("train", "val", "test"))
     scenes = data.TrainScenes(cfg, splits["train"], tok, answers, epochs=3)
@@ -99,17 +99,41 @@ def test_the_next_epochs_scenes_are_drawn_while_this_one_trains():
         first = scenes(1)
         assert 2 in scenes.pending and 3 not in scenes.pending      # the last epoch is 2
         deadline = time.time() + 60                         # "training" epoch 1 while epoch 2 is drawn
-        while not scenes.pending[2].done() and time.time() < deadline:
+        while not all(f.done() for f in scenes.pending[2]) and time.time() < deadline:
             time.sleep(0.1)
-        assert scenes.pending[2].done()
+        assert all(f.done() for f in scenes.pending[2])
         second = scenes(2)
     finally:
         scenes.close()
     for epoch, split in ((1, first), (2, second)):
-        direct = fresh_split(cfg, epoch, tok, answers)
-        assert torch.equal(split.images, direct.images) and torch.equal(split.tokens, direct.tokens)
-        assert torch.equal(split.facts, direct.facts) and split.records == direct.records
+        assert_same_split(split, fresh_split(cfg, epoch, tok, answers))
     assert not torch.equal(first.images, second.images)
+
+
+def assert_same_split(a, b):
+    for name in ("images", "image_index", "tokens", "text_mask", "answer_idx", "answer_score", "pixel_labels", "facts"):
+        assert torch.equal(getattr(a, name), getattr(b, name)), name
+    assert a.records == b.records
+
+
+def test_one_and_three_workers_draw_the_same_epochs():
+    """Each image of an epoch comes from its own seed, so three processes, each drawing and building a third of
+    the split, give the epochs one process gives (weighted families included), image for image."""
+    cfg = data.DataConfig(train_images=31, val_images=1, test_images=1)
+    splits, tok, answers = data.load_data(cfg, only=("train", "val", "test"))
+    drawn = {}
+    for workers in (1, 3):
+        scenes = data.TrainScenes(cfg, splits["train"], tok, answers, epochs=3, workers=workers)
+        try:
+            scenes(0)
+            scenes.weights = dict.fromkeys(data.FAMILIES, 1.0) | {"relate": 5.0}       # epoch 2 drawn with them
+            drawn[workers] = [scenes(1), scenes(2)]
+        finally:
+            scenes.close()
+    for one, three in zip(drawn[1], drawn[3]):
+        assert_same_split(one, three)
+    assert drawn[1][1].families.count("relate") > drawn[1][0].families.count("relate")
+    assert len(drawn[3][0].images) == 31 and drawn[3][0].image_index.max() == 30
 
 
 def test_threads_default_to_the_cores_other_work_leaves_free(monkeypatch):
@@ -134,12 +158,12 @@ def test_weighted_epochs_draw_the_families_asked_for_and_resume_alike():
     heavy = dict.fromkeys(data.FAMILIES, 1.0) | {"relate": 9.0}
     drawn = fresh_split(cfg, 1, tok, answers, heavy).families
     assert drawn.count("relate") / len(drawn) > 0.45
-    one = data.TrainScenes(cfg, splits["train"], tok, answers, epochs=4, background=False)
+    one = data.TrainScenes(cfg, splits["train"], tok, answers, epochs=4, workers=0)
     one(0)
     one.weights = heavy                                  # learned after epoch 0: epoch 2 is drawn with it
     splits_one = [one(1), one(2)]
     saved = one.progress(1)
-    other = data.TrainScenes(cfg, splits["train"], tok, answers, epochs=4, background=False)
+    other = data.TrainScenes(cfg, splits["train"], tok, answers, epochs=4, workers=0)
     other.resume(saved, 2)
     assert other(2).records == splits_one[1].records and one.drawn_with[1] is None
 

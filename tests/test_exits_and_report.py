@@ -20,8 +20,10 @@ from free_min import early_exit_predict
 from prepare import build_from_checkpoint
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+# (--scene-workers 0: each epoch's scenes drawn in the test's own process, not a second interpreter's;
+# test_devices.py covers the drawing processes)
 SMALL = ["--preset", "tiny", "--train-images", "120", "--val-images", "20", "--test-images", "20", "--calib-images", "20",
-         "--threads", "1"]
+         "--threads", "1", "--scene-workers", "0"]
 
 
 @pytest.fixture(scope="module")

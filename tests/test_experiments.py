@@ -230,3 +230,10 @@ def test_by_question_type_reads_the_shapes_families_back_from_vqa_files(tmp_path
     test = data.load_data(dcfg, tok, answers, only=("test",))[0]["test"]
     assert float(rows["all"]) == pytest.approx(train.evaluate(model, test, torch.device("cpu"))["accuracy"], abs=0.05)
     assert set(test.families) <= {"yes/no", "number", "other"}                 # what train.py and infer.py group by
+
+
+def test_scene_rate_draws_whole_epochs_and_prints_a_rate_per_setting(capsys):
+    import scene_rate
+    scene_rate.main(["--workers", "0", "--images", "12", "--epochs", "2"])
+    lines = capsys.readouterr().out.splitlines()
+    assert lines[0].startswith("cores:") and re.fullmatch(r"0 drawing processes: [\d,]+ scenes/s", lines[1])

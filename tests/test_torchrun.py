@@ -10,8 +10,10 @@ import torch
 import train
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+# (--scene-workers 0: each epoch's scenes drawn in the test's own process, not a second interpreter's;
+# test_devices.py covers the drawing processes)
 MICRO = ["--preset", "tiny", "--train-images", "40", "--val-images", "8", "--test-images", "8", "--threads", "1",
-         "--batch-size", "16", "--epochs", "2"]
+         "--batch-size", "16", "--epochs", "2", "--scene-workers", "0"]
 # a launcher that stops after the first checkpoint is written, as an interrupted run would (the main guard, as
 # in train.py: the process that draws the next scenes imports the launching script again)
 CRASH_AFTER_FIRST_SAVE = """import sys, prepare, train

@@ -17,8 +17,10 @@ from model import VLM
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 # a micro configuration (smaller than the tiny preset) for tests that only need the machinery to run
+# (--scene-workers 0: each epoch's scenes drawn in the test's own process, not a second interpreter's;
+# test_devices.py covers the drawing processes)
 MICRO = ["--preset", "tiny", "--train-images", "40", "--val-images", "8", "--test-images", "8", "--epochs", "2",
-         "--threads", "1", "--stage", "backbone"]
+         "--threads", "1", "--stage", "backbone", "--scene-workers", "0"]
 
 
 def run_main(args, capsys=None):
