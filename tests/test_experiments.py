@@ -160,19 +160,25 @@ def test_object_patches_put_one_object_in_each_visual_token():
         assert abs(float(first[10]) - (objs[0][2] / 32 - 1)) < 1e-2
 
 
-def test_the_gpu_check_runs_its_three_steps_in_its_cpu_dry_run(tmp_path):
-    """experiments/gpu_check.sh with DRY_RUN=1: torchrun (one process, gloo here), the report of the exits it
-    trained (the shipped exits' on a GPU) and the main command each run to the end on the CPU with tiny
-    settings, and the summary says so."""
-    proc = subprocess.run(["bash", "experiments/gpu_check.sh", str(tmp_path), "300"], cwd=ROOT, capture_output=True,
-                          text=True, timeout=400, env=dict(os.environ, DRY_RUN="1"))
-    assert proc.returncode == 0, proc.stderr
+def test_the_gpu_check_runs_every_step_in_its_cpu_dry_run(tmp_path):
+    """experiments/gpu_check.sh with DRY_RUN=1, on the CPU with tiny settings: the all-reduce over two processes
+    (gloo here), both stages under torchrun, fp16 with the grad scaler forced and resumed after a stop, the
+    report of the exits torchrun trained, and the main command with its peak memory each run to the end, and
+    the checks pass (the report's accuracy against the CPU's is skipped, and says why)."""
+    proc = subprocess.run(["bash", "experiments/gpu_check.sh", str(tmp_path), "400"], cwd=ROOT, capture_output=True,
+                          text=True, timeout=500, env=dict(os.environ, DRY_RUN="1"))
+    assert proc.returncode == 0, proc.stdout + proc.stderr
     summary = (tmp_path / "summary.txt").read_text().splitlines()
-    assert [line.split(":")[0] for line in summary] == ["torchrun", "report", "main"]
-    assert all(": exit 0," in line for line in summary), summary
+    steps = [line for line in summary if ": exit " in line]
+    assert [line.split(":")[0] for line in steps] == ["nccl", "torchrun", "fp16_resume", "report", "main"]
+    assert all(": exit 0," in line for line in steps), steps
+    assert "all_reduce over gloo on cpu gave 3, as it should" in (tmp_path / "nccl.log").read_text()
+    checks = [line for line in summary if line.startswith("check ")]
+    assert [c.split(":")[0] for c in checks] == ["check torchrun", "check fp16", "check fp16 path", "check resume",
+                                                  "check report accuracy"]
+    assert all(": ok (" in c for c in checks[:4]) and "skipped" in checks[4]
+    assert re.search(r"peak memory: GPU 0.00 GiB .*; host \d+\.\d+ GiB", (tmp_path / "main.log").read_text())
     assert json.loads((tmp_path / "report.json").read_text())["device"] == "cpu"
-    assert (tmp_path / "main" / "ckpt.pt").is_file()
-    assert "exits" in torch.load(tmp_path / "torchrun" / "ckpt.pt", weights_only=False)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -237,3 +243,35 @@ def test_scene_rate_draws_whole_epochs_and_prints_a_rate_per_setting(capsys):
     scene_rate.main(["--workers", "0", "--images", "12", "--epochs", "2"])
     lines = capsys.readouterr().out.splitlines()
     assert lines[0].startswith("cores:") and re.fullmatch(r"0 drawing processes: [\d,]+ scenes/s", lines[1])
+
+
+def test_the_gan_remedies_change_the_discriminator_as_their_papers_say(monkeypatch):
+    """experiments/gan_remedies.py: `sn` puts spectral norm on D's three linear layers; `smooth` trains D towards
+    0.9 on real features and 0 on fakes; `noise` adds noise to what D reads in training, none once the run's D
+    steps are done (and none in eval)."""
+    from types import SimpleNamespace
+    import gan_remedies
+    import train
+    for obj, name in ((train, "discriminator_loss"), (free_min.Discriminator, "forward"),
+                      (free_min.Discriminator, "__init__")):
+        monkeypatch.setattr(obj, name, getattr(obj, name))                 # each put back after the test
+    gan_remedies.patch("sn", 1)
+    torch.manual_seed(0)
+    d = free_min.Discriminator(8, 16)
+    assert all(torch.nn.utils.parametrize.is_parametrized(m) for m in (d.body[0], d.body[2], d.out))
+    free = SimpleNamespace(backbone=SimpleNamespace(norm=lambda x: x), disc=d)
+    real, fakes = torch.randn(5, 8), [torch.randn(5, 8), torch.randn(5, 8)]
+    gan_remedies.patch("smooth", 1)
+    d.eval()
+    loss, _ = train.discriminator_loss(free, real, fakes)
+    bce = torch.nn.functional.binary_cross_entropy_with_logits
+    expected = bce(d(real), torch.full((5,), 0.9)) + bce(d(torch.cat(fakes)), torch.zeros(10))
+    assert loss.item() == pytest.approx(expected.item(), rel=1e-5)
+    gan_remedies.patch("noise", 3)
+    x = torch.randn(4, 8)
+    d.train()
+    # (spectral norm's power iteration moves the weights a little at every forward in training)
+    assert not torch.allclose(d(x), d(x), atol=1e-3)                                      # noisy while training
+    for _ in range(3):
+        train.discriminator_loss(free, real, fakes)
+    assert torch.allclose(d(x), d(x), atol=1e-3)                                 # the noise annealed to 0
