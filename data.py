@@ -547,7 +547,8 @@ def shapes_image(rng, families: list[str], image_size: int, image_id: int, index
 
 
 def stack_images(drawn: list[tuple]) -> tuple:
-    """shapes_image's outputs as one split: images (n, H, W, 3), records, pixel labels (n, 2, H, W)."""
+    """shapes_image's outputs as one split: images (n, H, W, 3), records, pixel labels
+    (n, 2, H, W)."""
     return (np.stack([image for image, _, _ in drawn]),
             [r for _, _, records in drawn for r in records],
             np.stack([labels for _, labels, _ in drawn]))

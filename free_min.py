@@ -253,8 +253,8 @@ def generator_loss(free: "FREE", real: torch.Tensor, fakes: list[torch.Tensor],
     # every term of the method is reported, 0 where a batch has none of it: the same statistics
     # in every process of a run, whatever its batches hold (train.py sums them over processes)
     stats = {name: torch.zeros((), device=real.device) for name in on}
-    if "ce" in on and (targets is None or not labelled.any()):
-        on.remove("ce")                                         # no labelled question in this batch
+    if "ce" in on and targets is None:
+        on.remove("ce")                                                     # no label may be read
     with torch.no_grad():
         final_logits = free.backbone.head(real)                           # (B, A): the teacher
     loss = 0.0
@@ -262,7 +262,8 @@ def generator_loss(free: "FREE", real: torch.Tensor, fakes: list[torch.Tensor],
         logits = free.backbone.head(fake)                   # (B, A): exit k through the shared head
         terms = {"adv": lambda: ADVERSARIAL[cfg.adv_loss](free, fake, real),
                  "kd": lambda: distillation_loss(logits, final_logits, cfg.temperature),
-                 "ce": lambda: soft_cross_entropy(logits[labelled], targets[labelled])}
+                 # the labelled rows' targets (others all zero: soft_cross_entropy leaves them out)
+                 "ce": lambda: soft_cross_entropy(logits, targets * labelled[:, None])}
         for name in on:
             value = terms[name]()
             loss = loss + weights[name] * value
@@ -349,8 +350,11 @@ def early_exit_predict(free: FREE, inputs: dict, rule: str = "maxprob", threshol
         if n == len(rows):                                            # everyone left: stop here
             return gather_answers(free, left + [(rows, pred, conf, k)])
         if n:
-            left.append((rows[leave], pred[leave], conf[leave], k))
-            keep = ~leave
+            # the rows that leave first, each group in batch order: index tensors whose split at n
+            # the host knows, so no boolean-mask index (each one a host sync of its own) is needed
+            order = torch.argsort(leave.to(torch.int8), descending=True, stable=True)
+            out, keep = order[:n], order[n:]
+            left.append((rows[out], pred[out], conf[out], k))
             rows, h, last, streak = rows[keep], h[keep], last[keep], streak[keep]
             mask = None if mask is None else mask[keep]
     # the rest: the final layer answers

@@ -181,12 +181,12 @@ def soft_cross_entropy(logits: torch.Tensor, targets: torch.Tensor) -> torch.Ten
     dilute it.
     NOTE (deviation): many VQA classifiers use per-answer BCE; a softmax suits single-answer
     shapes data and gives stage 2's CE term the shape of its distillation term."""
-    mass = targets.sum(dim=1)                                                  # (B,)
-    has = mass > 0
-    t = targets[has] / mass[has, None]                                         # (B', A)
-    if not has.any():
-        return logits.sum() * 0.0                    # no answer to learn: a zero that backprops
-    return -(t * F.log_softmax(logits[has].float(), dim=1)).sum(dim=1).mean()
+    mass = targets.sum(dim=1, keepdim=True)                                    # (B, 1)
+    t = targets / mass.clamp_min(1e-12)                           # (B, A); rows without one stay 0
+    per_row = -(t * F.log_softmax(logits.float(), dim=1)).sum(dim=1)           # (B,), 0 there
+    # the mean over the rows with an answer (0, still backpropagating, where none has one); no
+    # boolean index, so nothing waits for the device
+    return per_row.sum() / (mass > 0).sum().clamp_min(1)
 
 
 class VLM(nn.Module):
@@ -274,12 +274,11 @@ class VLM(nn.Module):
         token. The text is cut to the batch's longest question, and with no padding left nothing
         needs masking: the same result for less work (a masked attention call first turns the
         boolean mask into an additive one)."""
-        shortest, longest = text_mask.sum(dim=1).aminmax()
-        t = int(longest)
+        shortest, t = torch.stack(text_mask.sum(dim=1).aminmax()).tolist()   # one host read
         text = self.tok_emb(tokens[:, :t]) + self.text_pos[:, :t]           # (B, T', D)
         visual = self.encode_image(images, patches)                          # (B, N, D)
         h = torch.cat([text, visual], dim=1)                                 # (B, S, D), S = T' + N
-        if int(shortest) == t:
+        if shortest == t:
             return h, None
         mask = F.pad(text_mask[:, :t], (0, visual.shape[1]), value=True)    # (B, S)
         return h, mask[:, None, None, :]                                     # (B, 1, 1, S)

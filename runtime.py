@@ -14,6 +14,7 @@ import copy
 import inspect
 import io
 import json
+import math
 import os
 import random
 import re
@@ -329,6 +330,24 @@ def all_sum(values: list[float]) -> list[float]:
     return t.tolist()
 
 
+# The training loops read nothing back from the device at a step: on a GPU every read waits for all
+# the work queued before it, and the CPU then has nothing queued ahead. The losses are summed where
+# they are computed and read every CHECK_EVERY steps (and at the end of an epoch, before its
+# checkpoint): to show them, and to stop on a non-finite one.
+CHECK_EVERY = 50
+
+
+def read_sums(sums: dict) -> dict[str, float]:
+    """Running sums of losses (name -> tensor), read back in one copy; FloatingPointError if one is
+    not finite."""
+    keys = sorted(sums)
+    values = torch.stack([torch.as_tensor(sums[k], dtype=torch.float32) for k in keys]).tolist()
+    read = dict(zip(keys, values))
+    if not all(map(math.isfinite, values)):
+        raise FloatingPointError(f"non-finite loss ({read})")
+    return read
+
+
 def wait_for_main() -> None:
     """The other processes wait here while process 0 evaluates and writes."""
     if WORLD["size"] > 1:
@@ -343,23 +362,34 @@ def progress_bar(iterable, desc: str):
 
 class EpochScores:
     """A stage-1 epoch's running loss and score, overall and per family (this process's
-    questions)."""
+    questions). add() keeps them on the device; read() scores what was added since the last
+    read and says how the epoch goes (every CHECK_EVERY steps)."""
 
     def __init__(self):
-        self.loss = self.hits = self.seen = 0.0
+        self.sums = {"loss": 0.0, "objective": 0.0}       # on the device: answer loss x batch, L
+        self.loss = self.hits = self.seen = 0.0            # read: answer loss x batch, scores, n
+        self.pending = []                               # (ids, predicted answers on the device)
         self.by_family = defaultdict(lambda: [0.0, 0.0])              # family -> [sum of scores, n]
 
-    def add(self, split, ids: torch.Tensor, loss: float, logits: torch.Tensor) -> None:
-        scores = split.score(ids, logits.argmax(dim=1).cpu())
-        self.loss, self.seen = self.loss + loss * len(ids), self.seen + len(ids)
+    def add(self, ids: torch.Tensor, loss: torch.Tensor, total: torch.Tensor,
+            logits: torch.Tensor) -> None:
+        self.sums = {"loss": self.sums["loss"] + loss * len(ids),
+                     "objective": self.sums["objective"] + total}
+        self.pending.append((ids, logits.argmax(dim=1)))
+
+    def read(self, split) -> dict:
+        """The progress bar's running loss and accuracy, after scoring the pending batches (one
+        copy from the device); FloatingPointError if the objective is not finite."""
+        self.loss = read_sums(self.sums)["loss"]
+        ids = torch.cat([i for i, _ in self.pending])
+        scores = split.score(ids, torch.cat([p for _, p in self.pending]).cpu())
+        self.pending, self.seen = [], self.seen + len(ids)
         self.hits += scores.sum().item()
         for i, s in zip(ids.tolist(), scores.tolist()):
             family = self.by_family[split.records[i]["family"]]
             family[0], family[1] = family[0] + s, family[1] + 1
-
-    def postfix(self) -> dict:
-        loss, accuracy = self.loss / self.seen, 100 * self.hits / self.seen
-        return {"loss": f"{loss:.3f}", "acc": f"{accuracy:.1f}%"}
+        return {"loss": f"{self.loss / self.seen:.3f}",
+                "acc": f"{100 * self.hits / self.seen:.1f}%"}
 
     def family_accuracy(self, families: list[str]) -> dict[str, float]:
         """Family -> accuracy (%) over all processes (each sums the same list of `families`)."""
@@ -573,6 +603,8 @@ class StepClock:
 
     def tick(self) -> None:
         self.n += 1
+        if self.n in (5, 25):                   # the steps queued so far done (the clock's 2 syncs)
+            synchronize(self.device)
         if self.n == 5:
             self.t5 = time.perf_counter()
         if self.n == 25 and self.steps_left > 50:

@@ -40,11 +40,11 @@ from free_min import FREE, METHODS, ExitConfig, discriminator_loss, generator_lo
 from model import VLM, ModelConfig, soft_cross_entropy
 from prepare import (Run, load_run_data, record_calibrated, record_test, report_paths, stage1_saver,
                      stage2_saver, start_fresh, trained_backbone, validate)
-from runtime import (RUN, WORLD, EpochScores, Optimizer, StepClock, UsageError, all_sum, autocast,
-                     cache_patches, close_distributed, exit_progress, export_checkpoint,
-                     grad_scaler, is_main, load_checkpoint, on_gpu, parse_configs, progress_bar,
-                     resume_exits, resume_stage, save_atomic, setup, shard, to_device,
-                     wait_for_main)
+from runtime import (CHECK_EVERY, RUN, WORLD, EpochScores, Optimizer, StepClock, UsageError,
+                     all_sum, autocast, cache_patches, close_distributed, exit_progress,
+                     export_checkpoint, grad_scaler, is_main, load_checkpoint, on_gpu,
+                     parse_configs, progress_bar, read_sums, resume_exits, resume_stage,
+                     save_atomic, setup, shard, to_device, wait_for_main)
 from stand_ins import LABEL_FREE, aux_heads, aux_inputs
 
 
@@ -145,9 +145,11 @@ def backbone_batch(model: VLM, split, ids: torch.Tensor) -> dict:
     return batch | aux_inputs(model, split, ids, batch["images"])
 
 
-def backbone_step(model: VLM, heads: dict, batch: dict, opt: Optimizer) -> tuple[float, Tensor]:
+def backbone_step(model: VLM, heads: dict, batch: dict,
+                  opt: Optimizer) -> tuple[Tensor, Tensor, Tensor]:
     """One optimizer step of stage 1: soft cross-entropy on the answers, plus the auxiliary heads'
-    losses. Returns the answer loss (float) and the logits (B, A)."""
+    losses. Returns the answer loss, the whole objective and the logits (B, A), on the device
+    (nothing is read back here, CHECK_EVERY)."""
     images, patches = batch["images"], batch["patches"]            # a frozen encoder's, or None
     with autocast():
         if patches is None:
@@ -158,10 +160,8 @@ def backbone_step(model: VLM, heads: dict, batch: dict, opt: Optimizer) -> tuple
     loss = soft_cross_entropy(logits, batch["targets"])
     aux = batch | {"states": states}                                   # L+1 x (B, S, D)
     total = loss + sum(weight * head.loss(patches, aux) for weight, head in heads.values())
-    if not torch.isfinite(total):
-        raise FloatingPointError(f"non-finite loss ({total.item()})")
     opt.step(total)
-    return loss.item(), logits.detach()
+    return loss.detach(), total.detach(), logits.detach()
 
 
 def global_batches(n: int, batch_size: int, generator: torch.Generator | None = None) -> list:
@@ -191,16 +191,18 @@ def train_backbone(model: VLM, splits: dict, tcfg: TrainConfig, save, state: dic
         trainable = torch.nonzero(train.trainable()).squeeze(1)     # questions with an answer
         order = global_batches(len(trainable), tcfg.batch_size)
         bar, scores = progress_bar(order, f"backbone {epoch + 1}/{tcfg.epochs}"), EpochScores()
-        for ids in bar:
+        for n, ids in enumerate(bar, 1):
             for group in opt.param_groups:
                 group["lr"] = get_lr(step, total_steps, tcfg) * group.get("lr_scale", 1.0)
             ids = shard(trainable[ids])                                 # all of it in one process
-            loss, logits = backbone_step(model, heads, backbone_batch(model, train, ids), opt)
+            batch = backbone_batch(model, train, ids)
+            loss, total, logits = backbone_step(model, heads, batch, opt)
             scaler.update()
             step += 1
-            scores.add(train, ids, loss, logits)
+            scores.add(ids, loss, total, logits)
             clock.tick()
-            bar.set_postfix(scores.postfix())
+            if n % CHECK_EVERY == 0 or n == len(order):
+                bar.set_postfix(scores.read(train))
         if tcfg.sample_families == "by-error" and scenes is not None:
             scenes.weights = family_weights(scores.family_accuracy(FAMILIES), list(FAMILIES))
         sums = all_sum([scores.loss, scores.hits, scores.seen])        # every process, then one
@@ -314,7 +316,7 @@ def exit_batch(free: FREE, states: dict | None, train, ids: Tensor, labelled: Te
 
 def exit_step(free: FREE, batch: dict, opt_g: Optimizer, opt_d: Optimizer) -> dict:
     """One batch of stage 2 on the frozen backbone's states (exit_batch): a D step, then a G step.
-    Returns the losses."""
+    Returns the losses (name -> tensor on the device; nothing is read back here, CHECK_EVERY)."""
     real, mask = batch["real"], batch["mask"]                      # h_L[CLS] (B, D), (B, 1, 1, s)
     with autocast():                                                   # G_k(h_{l_k}): K x (B, D)
         fakes = [free.exit_feature(k, h, mask) for k, h in enumerate(batch["inputs"])]
@@ -328,10 +330,7 @@ def exit_step(free: FREE, batch: dict, opt_g: Optimizer, opt_d: Optimizer) -> di
     with autocast():
         g_loss, g_stats = generator_loss(free, real, fakes, batch["targets"], batch["labelled"])
     opt_g.step(g_loss)
-    stats = {k: v.item() for k, v in (stats | g_stats).items()}
-    if not all(map(math.isfinite, stats.values())):
-        raise FloatingPointError(f"non-finite stage-2 loss ({stats})")
-    return stats
+    return stats | g_stats
 
 
 def exit_optimizers(free: FREE, scaler) -> tuple[Optimizer, Optimizer]:
@@ -358,18 +357,20 @@ def train_exits(free: FREE, states: dict, splits: dict, tcfg: TrainConfig, save,
     first_epoch = 0 if progress is None else resume_exits(progress, opt_g, opt_d, scaler, order)
     for epoch in range(first_epoch, ecfg.exit_epochs):
         free.train()
-        sums, t0, name = defaultdict(float), time.time(), f"{epoch + 1}/{ecfg.exit_epochs}"
+        sums, t0, name = {}, time.time(), f"{epoch + 1}/{ecfg.exit_epochs}"
         bar = progress_bar(global_batches(len(pool), tcfg.batch_size, order),
                            f"exits ({ecfg.exit_method}) {name}")
         for n, ids in enumerate(bar, 1):
             ids = shard(pool[ids])                                     # all of it in one process
             batch = exit_batch(free, states, train, ids, labelled)
             for k, v in exit_step(free, batch, opt_g, opt_d).items():
-                sums[k] += v
+                sums[k] = sums.get(k, 0.0) + v                         # on the device
             scaler.update()
-            bar.set_postfix({k: f"{v / n:.3f}" for k, v in sums.items()})
-        keys = sorted(sums)                    # the same keys, in one order, in every process
-        totals = all_sum([sums[k] for k in keys])                     # over the processes
+            if n % CHECK_EVERY == 0 or n == len(bar):
+                read = read_sums(sums)
+                bar.set_postfix({k: f"{v / n:.3f}" for k, v in read.items()})
+        keys = sorted(read)                    # the same keys, in one order, in every process
+        totals = all_sum([read[k] for k in keys])                     # over the processes
         means = {k: v / len(bar) / WORLD["size"] for k, v in zip(keys, totals)}
         if is_main():
             seconds = {"seconds": time.time() - t0}                   # the epoch, not its val pass
@@ -440,8 +441,8 @@ def run_exits(run: Run, model: VLM, state: dict, source: dict, splits: dict) -> 
     try:
         train_exits(free, frozen_states(free, splits["train"]), splits, run.train, save, progress)
     except FloatingPointError as e:
-        raise SystemExit(f"error: {e}; the last good checkpoint is kept in {run.ckpt}. Try a lower "
-                         f"--exit-lr / --disc-lr.")
+        raise SystemExit(f"error: {e} in stage 2; the last good checkpoint is kept in {run.ckpt}. "
+                         f"Try a lower --exit-lr / --disc-lr.")
     if is_main():
         report_exits(free, splits, run)
 

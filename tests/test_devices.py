@@ -12,6 +12,7 @@ import data
 import infer
 import train
 import runtime
+import free_min
 from free_min import FREE, ExitConfig
 from model import VLM
 
@@ -250,3 +251,45 @@ def test_only_a_cpu_copy_gets_channels_last_convolutions():
 def test_infer_runs_where_the_machine_offers_unless_told():
     """infer.py's --device defaults to auto (cuda, then mps, then cpu), as train.py's does."""
     assert infer.InferConfig().device == "auto" == train.TrainConfig().device
+
+
+PROJECT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+READS = ("item", "tolist", "cpu", "numpy", "__bool__", "__int__", "__float__")       # each waits for the GPU
+
+
+def spy_reads(monkeypatch) -> list:
+    """Every read of a tensor's values back to the host made by free-min's own code (not torch's), as (what,
+    file): on a GPU each one waits for all the work queued before it."""
+    calls = []
+    for name in READS:
+        def spy(self, *args, _real=getattr(torch.Tensor, name), _name=name, **kwargs):
+            caller = sys._getframe(1).f_code.co_filename
+            if os.path.dirname(caller) == PROJECT:
+                calls.append((_name, os.path.basename(caller)))
+            return _real(self, *args, **kwargs)
+        monkeypatch.setattr(torch.Tensor, name, spy)
+    return calls
+
+
+def test_the_training_steps_read_nothing_back_but_the_text_cut(monkeypatch):
+    """A stage-2 step reads nothing back from the device; a stage-1 step only what model.embed reads to cut the
+    text to the batch's longest question; early exit one count per exit evaluated, besides that. The losses are
+    read every CHECK_EVERY steps (runtime.read_sums), not at each."""
+    model, splits = tiny_model_and_splits()
+    tr, ids, tcfg = splits["train"], torch.arange(16), train.TrainConfig()
+    heads = train.aux_heads(model, tr, tcfg)
+    opt = train.stage1_optimizer(model, heads, tcfg, torch.amp.GradScaler("cpu", enabled=False))
+    batch = train.backbone_batch(model, tr, ids)
+    free = FREE(model, ExitConfig(exit_layers="1", label_fraction=0.5))
+    opt_g, opt_d = train.exit_optimizers(free, torch.amp.GradScaler("cpu", enabled=False))
+    exit_batch = train.exit_batch(free, None, tr, ids, train.labelled_mask(len(tr), 0.5, 0))
+    calls = spy_reads(monkeypatch)
+    train.backbone_step(model, heads, batch, opt)
+    assert calls == [("tolist", "model.py")]
+    calls.clear()
+    free.train()
+    train.exit_step(free, exit_batch, opt_g, opt_d)
+    assert calls == []
+    free.eval()
+    out = free_min.early_exit_predict(free, splits["val"].batch(torch.arange(30)), "maxprob", 0.0)
+    assert calls == [("tolist", "model.py"), ("__int__", "free_min.py")] and (out["exit"] == 0).all()

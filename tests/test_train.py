@@ -336,6 +336,18 @@ def test_non_finite_loss_stops_and_keeps_last_checkpoint(tmp_path, monkeypatch, 
     assert all(torch.equal(good[k], kept[k]) for k in good)
 
 
+def test_a_non_finite_stage2_loss_stops_at_its_check_and_keeps_the_backbone(tmp_path, monkeypatch):
+    """Stage 2 reads its losses back every CHECK_EVERY steps and at the end of an epoch, before the epoch's
+    checkpoint: a NaN stops the run there, in one line, and OUT/ckpt.pt is still stage 1's."""
+    train.main(MICRO + ["--out", str(tmp_path), "--epochs", "1"])
+    good = (tmp_path / "ckpt.pt").read_bytes()
+    real = train.generator_loss
+    monkeypatch.setattr(train, "generator_loss", lambda *a: (lambda loss, stats: (loss * float("nan"), stats))(*real(*a)))
+    with pytest.raises(SystemExit, match=r"non-finite loss \(.*'g_loss': nan.*\) in stage 2"):
+        train.main(MICRO + ["--out", str(tmp_path), "--stage", "exits", "--exit-epochs", "1"])
+    assert (tmp_path / "ckpt.pt").read_bytes() == good
+
+
 def test_resume_refuses_a_changed_schedule(tmp_path, capsys):
     train.main(MICRO + ["--out", str(tmp_path)])
     before = (tmp_path / "ckpt.pt").read_bytes()
