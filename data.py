@@ -546,12 +546,17 @@ def shapes_image(rng, families: list[str], image_size: int, image_id: int, index
     return image, scene_labels(objs, image_size), records
 
 
-def stack_images(drawn: list[tuple]) -> tuple:
-    """shapes_image's outputs as one split: images (n, H, W, 3), records, pixel labels
-    (n, 2, H, W)."""
-    return (np.stack([image for image, _, _ in drawn]),
-            [r for _, _, records in drawn for r in records],
-            np.stack([labels for _, labels, _ in drawn]))
+def draw_images(n_images: int, image_size: int, draw) -> tuple:
+    """n_images of shapes_image's outputs, draw(i) each, as one split: images uint8 (n, H, W, 3),
+    question records, pixel labels uint8 (n, 2, H, W) (the arrays allocated once: no list of
+    images is held beside them)."""
+    images = np.empty((n_images, image_size, image_size, 3), dtype=np.uint8)
+    labels = np.empty((n_images, 2, image_size, image_size), dtype=np.uint8)
+    records = []
+    for i in range(n_images):
+        images[i], labels[i], asked = draw(i)
+        records += asked
+    return images, records, labels
 
 
 def generate_shapes_split(n_images: int, questions_per_image: int, seed: int, image_size: int = 64,
@@ -561,8 +566,8 @@ def generate_shapes_split(n_images: int, questions_per_image: int, seed: int, im
     question records and pixel labels uint8 (n, 2, H, W)."""
     rng = np.random.default_rng(seed)
     plan = family_plan(n_images, questions_per_image, seed, family_weights)
-    return stack_images([shapes_image(rng, families, image_size, first_image_id + i, i)
-                         for i, families in enumerate(plan)])
+    return draw_images(n_images, image_size,
+                       lambda i: shapes_image(rng, plan[i], image_size, first_image_id + i, i))
 
 
 # The splits and what each one decides (no split decides two things):
@@ -608,8 +613,8 @@ def fresh_scenes(cfg: DataConfig, epoch: int, family_weights: dict | None = None
     plan = family_plan(cfg.train_images, cfg.questions_per_image, seed, family_weights)
     k, parts = part
     first, end = k * cfg.train_images // parts, (k + 1) * cfg.train_images // parts
-    return stack_images([shapes_image(np.random.default_rng([seed, i]), plan[i], cfg.image_size,
-                                      1 + i, i - first) for i in range(first, end)])
+    return draw_images(end - first, cfg.image_size, lambda j: shapes_image(
+        np.random.default_rng([seed, first + j]), plan[first + j], cfg.image_size, 1 + first + j, j))
 
 
 def fresh_split(cfg: DataConfig, epoch: int, family_weights: dict | None, part: tuple[int, int],
