@@ -613,8 +613,9 @@ def fresh_scenes(cfg: DataConfig, epoch: int, family_weights: dict | None = None
     plan = family_plan(cfg.train_images, cfg.questions_per_image, seed, family_weights)
     k, parts = part
     first, end = k * cfg.train_images // parts, (k + 1) * cfg.train_images // parts
-    return draw_images(end - first, cfg.image_size, lambda j: shapes_image(
-        np.random.default_rng([seed, first + j]), plan[first + j], cfg.image_size, 1 + first + j, j))
+    image = lambda j: shapes_image(np.random.default_rng([seed, first + j]), plan[first + j],
+                                   cfg.image_size, 1 + first + j, j)
+    return draw_images(end - first, cfg.image_size, image)
 
 
 def fresh_split(cfg: DataConfig, epoch: int, family_weights: dict | None, part: tuple[int, int],
@@ -1029,7 +1030,7 @@ class Split:
         inputs = {"images": None, "tokens": self.tokens[ids], "text_mask": self.text_mask[ids]}
         if self.patches is not None and not raw_images:
             return inputs | {"patches": self.patches[self.image_index[ids]].float()}    # (B, P, Dv)
-        images = self.images[self.image_index[ids]].float() / 255.0              # (B, 3, H, W)
+        images = self.images[self.image_index[ids]].contiguous().float() / 255.0  # (B, 3, H, W)
         return inputs | {"images": images}
 
     def soft_targets(self, ids: torch.Tensor, num_answers: int) -> torch.Tensor:
@@ -1059,9 +1060,10 @@ def make_split(images: np.ndarray, records: list[dict], labels: np.ndarray | Non
                answer_to_idx: dict[str, int]) -> Split:
     tokens, text_mask = encode_questions(tok, [r["question"] for r in records])
     answer_idx, answer_score = _score_rows(records, answer_to_idx)
-    # (n_img, 3, H, W)
+    # (n_img, 3, H, W): a view of the drawn array (channels last in memory), so the split holds no
+    # second copy of its images; batch() makes each batch's contiguous
     return Split(
-        images=torch.from_numpy(images).permute(0, 3, 1, 2).contiguous(),
+        images=torch.from_numpy(images).permute(0, 3, 1, 2),
         image_index=torch.tensor([r["image_index"] for r in records], dtype=torch.long),
         tokens=tokens,
         text_mask=text_mask,

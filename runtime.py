@@ -585,8 +585,8 @@ def cache_patches(model, splits: dict) -> None:
     split in place of its images (Split.patches), so that no epoch runs the encoder again."""
     model.eval()
     for name, split in splits.items():
-        # (b, P, Dv)
-        chunks = [model.patch_features(imgs.float().div(255).to(RUN["device"])).half().cpu()
+        chunks = [model.patch_features(imgs.contiguous().float().div(255).to(RUN["device"]))
+                  .half().cpu()                                                     # (b, P, Dv)
                   for imgs in progress_bar(split.images.split(64), f"{name} image tokens")]
         split.patches = torch.cat(chunks)                                           # (n_img, P, Dv)
 

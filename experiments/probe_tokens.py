@@ -32,7 +32,7 @@ def tokens_and_targets(model: VLM, split, n: int):
     """The first n images' ViT tokens (n*P, Dv) and their colour / shape classes (n*P,) each."""
     device = next(model.parameters()).device
     with torch.no_grad():
-        x = model.patch_features(split.images[:n].float().div(255).to(device)).flatten(0, 1).cpu()
+        x = model.patch_features(split.images[:n].contiguous().float().div(255).to(device)).flatten(0, 1).cpu()
     labels = split.pixel_labels[:n]
     return x, [PatchProbe.targets(labels, model.cfg.patch_size, channel).flatten() for channel in (0, 1)]
 
