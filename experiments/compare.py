@@ -109,7 +109,7 @@ def table(folders: list[str]) -> str:
             + [f"{f} L{'/L'.join(map(str, HARD_AT))}" for f in HARD]
             + ["mid-crisis", "overthinking %", "guaranteed point: drop, layers, predicted speedup"])
     rows = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
-    for (name, fraction), reports in groups.items():
+    for (name, fraction), reports in sorted(groups.items()):               # by method, then labels
         cells = [name, f"{fraction:g}", str(len(reports))]
         for l in layers:
             accs = [a for a in (exit_accuracy(r, l) for r in reports) if a is not None]
