@@ -59,6 +59,10 @@ class ExitConfig:
     disc_lr: float = 2e-4  # AdamW learning rate of D (with beta1 = 0.5, as in DCGAN)
     # hidden width of the discriminator MLP (twice the default language-model width)
     disc_hidden: int = 256
+    # instance noise (Sønderby et al. 2017): std of the Gaussian noise added to everything D reads
+    # while training, annealed linearly to 0 over stage 2; 0 = off. With --adv-loss gan, 1.0 is the
+    # remedy that beat the paper's term on val (RESULTS.md, 2026-12-08)
+    disc_noise: float = 0.0
 
 
 def resolve_exit_layers(spec: str, depth: int) -> list[int]:
@@ -91,7 +95,7 @@ def check_exit_config(cfg: ExitConfig, depth: int) -> None:
     for name in ("temperature", "exit_lr", "disc_lr", "exit_epochs", "disc_hidden"):
         if getattr(cfg, name) <= 0:
             raise ValueError(f"--{name.replace('_', '-')} must be > 0 (got {getattr(cfg, name)})")
-    for name in ("lambda_adv", "lambda_kd", "lambda_ce"):
+    for name in ("lambda_adv", "lambda_kd", "lambda_ce", "disc_noise"):
         if getattr(cfg, name) < 0:
             raise ValueError(f"--{name.replace('_', '-')} must be >= 0 (got {getattr(cfg, name)})")
 
@@ -127,8 +131,11 @@ class Discriminator(nn.Module):
         self.body = nn.Sequential(nn.Linear(dim, hidden), nn.LeakyReLU(0.2),
                                   nn.Linear(hidden, hidden), nn.LeakyReLU(0.2))
         self.out = nn.Linear(hidden, 1)
+        self.noise = 0.0               # instance noise's std now (the training loop anneals it)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.training and self.noise > 0:
+            x = x + self.noise * torch.randn_like(x)    # real and fake alike, in D's and G's steps
         return self.out(self.body(x))[:, 0]
 
 

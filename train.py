@@ -363,6 +363,9 @@ def train_exits(free: FREE, states: dict, splits: dict, tcfg: TrainConfig, save,
         for n, ids in enumerate(bar, 1):
             ids = shard(pool[ids])                                     # all of it in one process
             batch = exit_batch(free, states, train, ids, labelled)
+            # instance noise (--disc-noise), annealed linearly to 0 over the stage's steps
+            done = (epoch * len(bar) + n) / (ecfg.exit_epochs * len(bar))
+            free.disc.noise = ecfg.disc_noise * max(0.0, 1.0 - done)
             for k, v in exit_step(free, batch, opt_g, opt_d).items():
                 sums[k] = sums.get(k, 0.0) + v                         # on the device
             scaler.update()

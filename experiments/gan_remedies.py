@@ -14,7 +14,9 @@ experiments/compare.py, with one change to the discriminator D:
           for image super-resolution", section 3.3; Arjovsky & Bottou 2017)
   sn      spectral normalisation of D's three linear layers (Miyato et al. 2018, "Spectral normalization for
           generative adversarial networks")
-The remedies live here, patched over free_min for the run: none is part of free-min unless it wins.
+The remedies live here, patched over free_min for the run: none is part of free-min unless it wins. Instance
+noise won (RESULTS.md, 2026-12-08) and is kept as `train.py --disc-noise 1.0` (a test checks that it trains
+the same exits, bit for bit, as the patch here).
 The table reads each run's val accuracy per exit after the last epoch (OUT/log.jsonl) and sets them beside
 compare.py's runs of the paper's term (free_gan_F0_sS) and of the default (free_F0_sS) from --baseline:
 mean ± std over seeds. A remedy wins if its mean over the exits beats the paper's term by more than the two

@@ -275,3 +275,25 @@ def test_the_gan_remedies_change_the_discriminator_as_their_papers_say(monkeypat
     for _ in range(3):
         train.discriminator_loss(free, real, fakes)
     assert torch.allclose(d(x), d(x), atol=1e-3)                                 # the noise annealed to 0
+
+
+def test_the_kept_remedy_is_the_screened_one(tmp_path, monkeypatch):
+    """--disc-noise 1.0, the instance noise free-min kept, trains the same exits, bit for bit, as the noise
+    remedy that gan_remedies.py screened (its patch over free_min), on a tiny run."""
+    import gan_remedies
+    import train
+    flags = ["--preset", "tiny", "--train-images", "12", "--val-images", "4", "--test-images", "4", "--calib-images",
+             "4", "--threads", "1", "--scene-workers", "0", "--epochs", "1", "--exit-epochs", "2", "--no-final-eval"]
+    train.main(flags + ["--stage", "backbone", "--out", str(tmp_path / "backbone")])
+    stage2 = flags + ["--stage", "exits", "--backbone", str(tmp_path / "backbone" / "ckpt.pt"), "--adv-loss", "gan",
+                      "--label-fraction", "0"]
+    train.main(stage2 + ["--disc-noise", "1.0", "--out", str(tmp_path / "core")])
+    for obj, name in ((train, "discriminator_loss"), (free_min.Discriminator, "forward")):
+        monkeypatch.setattr(obj, name, getattr(obj, name))                 # each put back after the test
+    gan_remedies.one("noise", stage2 + ["--out", str(tmp_path / "patched")])
+    core, patched = (torch.load(tmp_path / name / "ckpt.pt", weights_only=False)["exits"] for name in ("core", "patched"))
+    assert core.keys() == patched.keys() and all(torch.equal(core[k], patched[k]) for k in core)
+    plain = tmp_path / "plain"
+    train.main(stage2 + ["--out", str(plain)])
+    assert not torch.equal(torch.load(plain / "ckpt.pt", weights_only=False)["exits"]["disc.out.weight"],
+                           core["disc.out.weight"])
