@@ -46,7 +46,8 @@ class ExitConfig:
     # labels only (DeeBERT)
     exit_method: str = field(default="free", metadata={"choices": ["free", "kd", "ce"]})
     # the adversarial term ADV_k: gan (the paper's non-saturating GAN loss) or fm (feature matching
-    # on D's hidden layer, the default: it ties distillation where gan costs accuracy, RESULTS.md)
+    # on D's hidden layer, the default: both lift the second exit above distillation alone, and fm
+    # keeps the first exit where gan loses points; val favours it, RESULTS.md)
     adv_loss: str = field(default="fm", metadata={"choices": ["gan", "fm"]})
     # fraction of training questions whose labels the exits may see (0 = label-free; ce needs > 0)
     label_fraction: float = 1.0
