@@ -251,10 +251,12 @@ def discriminator_loss(free: "FREE", real: torch.Tensor,
 # Generator step: exit features should fool D and let the frozen head answer as the final layer does
 #   L_G = sum_k [ lambda_adv ADV_k + lambda_kd T^2 KL(p_L^T || p_k^T) + lambda_ce CE(p_k, y) ]
 def generator_loss(free: "FREE", real: torch.Tensor, fakes: list[torch.Tensor],
-                   targets: torch.Tensor | None,
-                   labelled: torch.Tensor) -> tuple[torch.Tensor, dict]:
+                   targets: torch.Tensor | None, labelled: torch.Tensor,
+                   ce_weight: float = 1.0) -> tuple[torch.Tensor, dict]:
     """L_G with the terms of the method (METHODS). targets (B, A) soft labels or None (label-free);
-    labelled (B,) bool: the questions whose labels the exits may see (CE reads only those)."""
+    labelled (B,) bool: the questions whose labels the exits may see (CE reads only those);
+    ce_weight: the CE term's weight, 1 in one process (under torchrun, what makes the processes'
+    CE means add up to the mean over the global batch's labelled questions, train.ce_weight)."""
     cfg = free.cfg
     weights = {"adv": cfg.lambda_adv, "kd": cfg.lambda_kd, "ce": cfg.lambda_ce}
     on = [t for t in METHODS[cfg.exit_method] if weights[t] > 0]
@@ -271,7 +273,7 @@ def generator_loss(free: "FREE", real: torch.Tensor, fakes: list[torch.Tensor],
         terms = {"adv": lambda: ADVERSARIAL[cfg.adv_loss](free, fake, real),
                  "kd": lambda: distillation_loss(logits, final_logits, cfg.temperature),
                  # the labelled rows' targets (others all zero: soft_cross_entropy leaves them out)
-                 "ce": lambda: soft_cross_entropy(logits, targets * labelled[:, None])}
+                 "ce": lambda: ce_weight * soft_cross_entropy(logits, targets * labelled[:, None])}
         for name in on:
             value = terms[name]()
             loss = loss + weights[name] * value

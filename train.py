@@ -301,6 +301,17 @@ def live_states(free: FREE, split, ids: Tensor, device) -> dict:
             "real": states[-1][:, 0].float()}
 
 
+def ce_weight(answered: Tensor, global_ids: Tensor, local_ids: Tensor) -> float:
+    """The weight of this process's CE term, a mean over its labelled questions, that makes the
+    processes' weighted average (runtime.shard's loss weight) the mean over the global batch's:
+    local labelled x processes / (loss weight x global labelled). 1 in one process; counted on the
+    host, from `answered` (n,) bool, the questions CE may learn from."""
+    total = int(answered[global_ids].sum())
+    if total == 0:
+        return 0.0
+    return int(answered[local_ids].sum()) * WORLD["size"] / (WORLD["loss_weight"] * total)
+
+
 def exit_batch(free: FREE, states: dict | None, train, ids: Tensor, labelled: Tensor) -> dict:
     """Stage 2's batch: the frozen states of questions `ids` (states_batch, or live_states where
     `states` is None), their answers' soft 'targets' (B, A) (None when no label may be read) and
@@ -328,7 +339,8 @@ def exit_step(free: FREE, batch: dict, opt_g: Optimizer, opt_d: Optimizer) -> di
         opt_d.step(d_loss)                           # backward, mean over processes, step (runtime)
     # Generator step: exit features should fool D, and the frozen head answer from them as from h_L
     with autocast():
-        g_loss, g_stats = generator_loss(free, real, fakes, batch["targets"], batch["labelled"])
+        g_loss, g_stats = generator_loss(free, real, fakes, batch["targets"], batch["labelled"],
+                                         batch["ce_weight"])
     opt_g.step(g_loss)
     return stats | g_stats
 
@@ -352,6 +364,7 @@ def train_exits(free: FREE, states: dict, splits: dict, tcfg: TrainConfig, save,
     pool = torch.arange(len(train))                   # the ce baseline learns from labelled answers
     if ecfg.exit_method == "ce":
         pool = torch.nonzero(labelled & train.trainable()).squeeze(1)
+    answered = labelled & train.trainable()              # the questions the CE term learns from
     scaler, order = grad_scaler(), torch.Generator().manual_seed(tcfg.seed)
     opt_g, opt_d = exit_optimizers(free, scaler)
     first_epoch = 0 if progress is None else resume_exits(progress, opt_g, opt_d, scaler, order)
@@ -361,8 +374,9 @@ def train_exits(free: FREE, states: dict, splits: dict, tcfg: TrainConfig, save,
         bar = progress_bar(global_batches(len(pool), tcfg.batch_size, order),
                            f"exits ({ecfg.exit_method}) {name}")
         for n, ids in enumerate(bar, 1):
-            ids = shard(pool[ids])                                     # all of it in one process
-            batch = exit_batch(free, states, train, ids, labelled)
+            local = shard(pool[ids])                                   # all of it in one process
+            batch = exit_batch(free, states, train, local, labelled)
+            batch["ce_weight"] = ce_weight(answered, pool[ids], local)
             # instance noise (--disc-noise), annealed linearly to 0 over the stage's steps
             done = (epoch * len(bar) + n) / (ecfg.exit_epochs * len(bar))
             free.disc.noise = ecfg.disc_noise * max(0.0, 1.0 - done)

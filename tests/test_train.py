@@ -495,3 +495,24 @@ def test_export_writes_an_fp16_backbone_that_scores_what_it_states(tmp_path):
         assert torch.allclose(exported(**batch), trained(**batch), atol=0.05)
     res = train.evaluate(exported, splits["test"], torch.device("cpu"))
     assert res["accuracy"] == pytest.approx(state["test_accuracy"], abs=7.0)   # 32 questions: a flip is 3 points
+
+
+def test_the_ce_term_under_torchrun_averages_to_the_global_batchs_mean(monkeypatch):
+    """With few labels, the halves of a global batch hold different numbers of labelled questions (here 3 and
+    1): each process's CE mean, weighted by train.ce_weight and by shard's loss weight, averages over the
+    processes to the mean over the global batch's labelled questions, as one process computes it."""
+    answered = torch.tensor([1, 0, 1, 1, 0, 0, 0, 1, 0, 0], dtype=torch.bool)
+    per_row = torch.arange(10, dtype=torch.float) + 1.0                  # each question's CE
+    global_ids = torch.arange(10)
+    want = per_row[answered].mean().item()
+    monkeypatch.setitem(runtime.WORLD, "size", 2)
+    total = 0.0
+    for rank in (0, 1):
+        monkeypatch.setitem(runtime.WORLD, "rank", rank)
+        local = runtime.shard(global_ids)
+        mean = per_row[local][answered[local]].mean().item()                # what the process's CE term is
+        total += runtime.WORLD["loss_weight"] * train.ce_weight(answered, global_ids, local) * mean
+    assert total / 2 == pytest.approx(want)
+    monkeypatch.setitem(runtime.WORLD, "size", 1)
+    monkeypatch.setitem(runtime.WORLD, "rank", 0)
+    assert runtime.shard(global_ids) is not None and train.ce_weight(answered, global_ids, global_ids) == 1.0
