@@ -162,9 +162,10 @@ def test_object_patches_put_one_object_in_each_visual_token():
 
 def test_the_gpu_check_runs_every_step_in_its_cpu_dry_run(tmp_path):
     """experiments/gpu_check.sh with DRY_RUN=1, on the CPU with tiny settings: the all-reduce over two processes
-    (gloo here), both stages under torchrun, fp16 with the grad scaler forced and resumed after a stop, the
-    report of the exits torchrun trained, and the main command with its peak memory each run to the end, and
-    the checks pass (the report's accuracy against the CPU's is skipped, and says why)."""
+    (gloo here), both stages under torchrun (their batches leaving a last global batch of one question, which
+    both stages leave out), fp16 with the grad scaler forced and resumed after a stop, the report of the exits
+    torchrun trained, and the main command with its peak memory each run to the end, and the checks pass (the
+    report's accuracy against the CPU's is skipped, and says why)."""
     proc = subprocess.run(["bash", "experiments/gpu_check.sh", str(tmp_path), "400"], cwd=ROOT, capture_output=True,
                           text=True, timeout=500, env=dict(os.environ, DRY_RUN="1"))
     assert proc.returncode == 0, proc.stdout + proc.stderr

@@ -61,22 +61,19 @@ def test_stage1_under_torchrun_follows_the_single_process_run(runs):
     assert max(v for k, v in gap.items() if "running_" in k) < 0.1     # process 0's BatchNorm statistics
 
 
-def test_a_torchrun_checkpoint_resumes_in_one_process_and_the_other_way_round(runs, tmp_path):
-    """Stopped after its first epoch under torchrun, a run continues in one process with --resume; stopped in
-    one process, it continues under torchrun: each ends where an uninterrupted run ends (to 0.1 %)."""
+def test_a_torchrun_checkpoint_resumes_in_one_process(runs, tmp_path):
+    """Stopped after its first epoch under torchrun, a run continues in one process with --resume, and ends
+    where an uninterrupted run ends (to 0.1 %). (A checkpoint of one process read under torchrun: the stage-2
+    test below. A last global batch smaller than the processes, left out in both stages: the dry run of
+    experiments/gpu_check.sh, tests/test_experiments.py.)"""
     script = tmp_path / "crash.py"
     script.write_text(CRASH_AFTER_FIRST_SAVE)
     torchrun(str(script), *MICRO, "--stage", "backbone", "--out", str(tmp_path / "a"), expect_ok=False)
     assert [r["epoch"] for r in log(tmp_path / "a", "train_loss")] == [1]
     train.main(MICRO + ["--stage", "backbone", "--out", str(tmp_path / "a"), "--resume"])
-    stopped = subprocess.run([sys.executable, str(script), *MICRO, "--stage", "backbone", "--out", str(tmp_path / "b")],
-                             cwd=ROOT, env=dict(os.environ, PYTHONPATH=ROOT), capture_output=True, text=True, timeout=300)
-    assert stopped.returncode == 1 and "stopped after the first checkpoint" in stopped.stderr
-    torchrun("train.py", *MICRO, "--stage", "backbone", "--out", str(tmp_path / "b"), "--resume")
     final = log(runs / "one", "train_loss")[-1]["train_loss"]
-    for name in ("a", "b"):
-        assert [r["epoch"] for r in log(tmp_path / name, "train_loss")] == [1, 2]
-        assert log(tmp_path / name, "train_loss")[-1]["train_loss"] == pytest.approx(final, rel=1e-3)
+    assert [r["epoch"] for r in log(tmp_path / "a", "train_loss")] == [1, 2]
+    assert log(tmp_path / "a", "train_loss")[-1]["train_loss"] == pytest.approx(final, rel=1e-3)
 
 
 def test_stage2_under_torchrun_keeps_the_backbone_and_matches_one_process(runs, tmp_path):
@@ -97,13 +94,3 @@ def test_stage2_under_torchrun_keeps_the_backbone_and_matches_one_process(runs, 
     assert set(one) == set(two) and {"adv", "kd", "ce", "d_loss"} <= set(one)
     for key in ("d_loss", "d_real_acc", "d_fake_acc"):                  # D's step is a mean over rows
         assert two[key] == pytest.approx(one[key], rel=0.02, abs=0.05), key
-
-
-def test_a_last_global_batch_smaller_than_the_processes_is_left_out(tmp_path):
-    """40 training questions in global batches of 13 leave a last batch of 1, which one of two processes would
-    get nothing of (its losses NaN, the other waiting for it): both stages leave it out and run to the end."""
-    args = ["--preset", "tiny", "--train-images", "10", "--val-images", "4", "--test-images", "4", "--calib-images", "4",
-            "--threads", "1", "--batch-size", "13", "--epochs", "1", "--exit-epochs", "1", "--exit-layers", "2",
-            "--no-final-eval", "--out", str(tmp_path)]
-    torchrun("train.py", *args)
-    assert log(tmp_path, "val_exits")[-1]["epoch"] == 1 and log(tmp_path, "train_loss")[-1]["epoch"] == 1
