@@ -29,12 +29,14 @@ if [ "${DRY_RUN:-0}" = 1 ]; then
     device=cpu; procs=2; threads=1
     # 160 questions in global batches of 53 leave a last one of 1, which one of two processes would get
     # nothing of: torchrun's steps show it left out in both stages
-    tiny=(--preset tiny --train-images 40 --val-images 8 --test-images 8 --calib-images 8 --epochs 2
+    tiny=(--preset tiny --train-images 40 --val-images 8 --test-images 8 --calib-images 8 --epochs 1
           --exit-epochs 1 --scene-workers 0 --no-final-eval --batch-size 53)
-    main=("${tiny[@]}" --epochs 1); report=(--timing-samples 4 --repeats 1 --split val); exits=$out/torchrun/ckpt.pt
+    main=("${tiny[@]}"); report=(--timing-samples 4 --repeats 1 --split val); exits=$out/torchrun/ckpt.pt
+    resume=(--epochs 2 --train-images 12 --batch-size 16); plot=()   # a run to stop after its first epoch
     caps=(nccl=60 torchrun=120 fp16_resume=90 report=60)
 else
     device=cuda; threads=2; tiny=(--preset tiny); main=(); report=(); exits=backbones/shapes-default-free.pt
+    resume=(); plot=(--plot "$out/report.png")
     procs=$(python -c "import torch; print(max(1, torch.cuda.device_count()))")
     caps=(nccl=60 torchrun=150 fp16_resume=150 report=90)
 fi
@@ -109,9 +111,9 @@ step torchrun "${torchrun[@]}" train.py "${tiny[@]}" --device "$device" --thread
     --out "$out/torchrun" || failed=1
 step fp16_resume bash -c 'python "$0/launch.py" fp16-stop "${@}"; [ $? = 1 ] &&
                           python "$0/launch.py" fp16 "${@}" --resume' "$out" "${tiny[@]}" --device "$device" \
-    --threads "$threads" --out "$out/fp16" || failed=1
+    "${resume[@]}" --threads "$threads" --out "$out/fp16" || failed=1
 step report python infer.py --ckpt "$exits" --eval "${report[@]}" --device "$device" \
-    --threads "$threads" --json "$out/report.json" --plot "$out/report.png" || failed=1
+    --threads "$threads" --json "$out/report.json" "${plot[@]}" || failed=1
 step main python "$out/launch.py" measure "${main[@]}" --device "$device" --threads "$threads" \
     --out "$out/main" || failed=1
 [ -n "${smi:-}" ] && kill "$smi" 2> /dev/null

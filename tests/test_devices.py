@@ -283,7 +283,7 @@ def test_the_training_steps_read_nothing_back_but_the_text_cut(monkeypatch):
     batch = train.backbone_batch(model, tr, ids)
     free = FREE(model, ExitConfig(exit_layers="1", label_fraction=0.5))
     opt_g, opt_d = train.exit_optimizers(free, torch.amp.GradScaler("cpu", enabled=False))
-    exit_batch = train.exit_batch(free, None, tr, ids, train.labelled_mask(len(tr), 0.5, 0))
+    exit_batch = train.exit_batch(free, None, tr, ids, train.labelled_mask(len(tr), 0.5, 0)) | {"ce_weight": 1.0}
     calls = spy_reads(monkeypatch)
     train.backbone_step(model, heads, batch, opt)
     assert calls == [("tolist", "model.py")]
