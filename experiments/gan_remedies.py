@@ -37,6 +37,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 import free_min                                                    # noqa: E402
 import train                                                       # noqa: E402
+from compare import mean_std                                       # noqa: E402
 
 REMEDIES = ("smooth", "noise", "sn")
 REAL_TARGET = 0.9        # smooth: D's target for real features (Salimans et al.: 0.9)
@@ -117,11 +118,10 @@ def table(out: str, baseline: str, seeds: list[int]) -> str:
     layers = sorted({l for runs in found.values() for r in runs for l in r})
     rows = ["| setting | n | " + " | ".join(f"exit L{l}" for l in layers) + " | mean over exits |",
             "|---" * (len(layers) + 3) + "|"]
-    fmt = lambda xs: f"{statistics.mean(xs):.2f} ± {statistics.stdev(xs):.2f}" if len(xs) > 1 else f"{xs[0]:.2f}"
     for name, runs in found.items():
         if runs:
-            cells = [fmt([r[l] for r in runs]) if all(l in r for r in runs) else "-" for l in layers]
-            cells.append(fmt([statistics.mean(r.values()) for r in runs]))
+            cells = [mean_std([r[l] for r in runs], ".2f") if all(l in r for r in runs) else "-" for l in layers]
+            cells.append(mean_std([statistics.mean(r.values()) for r in runs], ".2f"))
             rows.append(f"| {name} | {len(runs)} | " + " | ".join(cells) + " |")
     means = {name: [statistics.mean(r.values()) for r in runs] for name, runs in found.items() if len(runs) > 1}
     paper = means.get("paper's GAN term")
