@@ -100,6 +100,11 @@ PRESET_USE = {"tiny": "a first look, a minute on a CPU", "default": "a 2-core CP
 SHIPPED_BACKBONE = "backbones/shapes-default.pt"   # the trained backbone the repo ships (README)
 BACKBONE_FILE = "backbone.pt"     # OUT/backbone.pt: stage 1's checkpoint, kept when stage 2 follows
 EVAL_BATCH = 256
+# A depth profile (infer.collect) holds every layer's states of its batch at once, (L+1) x B x S x D
+# floats: 13 x 256 x 74 x 256 x 4 bytes = 0.25 GB for `base` at B = 256 (more with the layers'
+# temporaries), the most stage 2 holds beside its data. At 64 the profile stays under its frozen states.
+PROFILE_BATCH = 64
+STAGE1_ONLY = ("optimizer", "scaler", "aux", "rng", "scenes")   # checkpoint keys stage 2 drops
 
 
 def parse_args(argv=None):
@@ -189,7 +194,10 @@ def train_backbone(model: VLM, splits: dict, tcfg: TrainConfig, save, state: dic
         model.train()
         train = splits["train"] if scenes is None else scenes(epoch)
         trainable = torch.nonzero(train.trainable()).squeeze(1)     # questions with an answer
-        order = global_batches(len(trainable), tcfg.batch_size)
+        # the epoch's order from its own generator: every process draws the same batches whatever
+        # else any of them draws from the global RNG (process 0's evaluation, say)
+        shuffle = torch.Generator().manual_seed(tcfg.seed * 10_000 + epoch)
+        order = global_batches(len(trainable), tcfg.batch_size, shuffle)
         bar, scores = progress_bar(order, f"backbone {epoch + 1}/{tcfg.epochs}"), EpochScores()
         for n, ids in enumerate(bar, 1):
             for group in opt.param_groups:
@@ -380,8 +388,11 @@ def train_exits(free: FREE, states: dict, splits: dict, tcfg: TrainConfig, save,
             # instance noise (--disc-noise), annealed linearly to 0 over the stage's steps
             done = (epoch * len(bar) + n) / (ecfg.exit_epochs * len(bar))
             free.disc.noise = ecfg.disc_noise * max(0.0, 1.0 - done)
+            # each process's batch means weighted by its share of the global batch (1 in one
+            # process): the processes' sums are then `size` x the global batch's means, exactly
+            weight = WORLD["loss_weight"]
             for k, v in exit_step(free, batch, opt_g, opt_d).items():
-                sums[k] = sums.get(k, 0.0) + v                         # on the device
+                sums[k] = sums.get(k, 0.0) + v * weight                # on the device
             scaler.update()
             if n % CHECK_EVERY == 0 or n == len(bar):
                 read = read_sums(sums)
@@ -391,7 +402,7 @@ def train_exits(free: FREE, states: dict, splits: dict, tcfg: TrainConfig, save,
         means = {k: v / len(bar) / WORLD["size"] for k, v in zip(keys, totals)}
         if is_main():
             seconds = {"seconds": time.time() - t0}                   # the epoch, not its val pass
-            val = infer.collect(free, splits["val"], EVAL_BATCH)
+            val = infer.collect(free, splits["val"], PROFILE_BATCH)
             profile = infer.exit_profile(splits["val"], val, free.exit_layers)
             report.log_exit_epoch(tcfg.out, ecfg, name, means | seconds, profile)
             last = epoch + 1 == ecfg.exit_epochs
@@ -441,6 +452,14 @@ def run_backbone(run: Run, state: dict | None) -> tuple[VLM, dict]:
 def run_exits(run: Run, model: VLM, state: dict, source: dict, splits: dict) -> None:
     """Stage 2 into OUT/ckpt.pt on the frozen `model` (from `source`), continuing a stage 2 in
     progress (`state`); then the report."""
+    # Host memory (measured in RESULTS.md): torch's imports (~0.55 GB) + the data (per train image
+    # 12 KB of pixels; per question ~5 KB, most of it its Python record) + the frozen states
+    # (frozen_states: at most STATE_CACHE_GB) + a batch. What only stage 1 reads is let go here:
+    # its optimizer's state (2 x the backbone) and the stand-ins' pixel labels (8 KB an image).
+    for key in STAGE1_ONLY:
+        state.pop(key, None)
+    for split in splits.values():
+        split.pixel_labels = None
     free = FREE(model.to(RUN["device"]), run.exits).to(RUN["device"])
     progress = state.get("exit_progress") if run.train.resume else None
     if progress is not None:
@@ -451,7 +470,7 @@ def run_exits(run: Run, model: VLM, state: dict, source: dict, splits: dict) -> 
     print(f"stage 2: {run.exits.exit_method} exits after layers {free.exit_layers}, label fraction "
           f"{run.exits.label_fraction}; {size:.2f}M trainable exit parameters")
     if progress is None and is_main():
-        val = infer.collect(free, splits["val"], EVAL_BATCH)
+        val = infer.collect(free, splits["val"], PROFILE_BATCH)
         report.print_depth_profile(infer.exit_profile(splits["val"], val, free.exit_layers),
                                    "val before stage 2")
     save = stage2_saver(run, free, state, source)
@@ -467,7 +486,7 @@ def run_exits(run: Run, model: VLM, state: dict, source: dict, splits: dict) -> 
 def report_exits(free: FREE, splits: dict, run: Run) -> None:
     """After stage 2: the exits' test depth profile; infer.py's report, timed where the model
     trained, its calibrated point kept in the checkpoint for infer.py --image; then --export."""
-    test = infer.exit_profile(splits["test"], infer.collect(free, splits["test"], EVAL_BATCH),
+    test = infer.exit_profile(splits["test"], infer.collect(free, splits["test"], PROFILE_BATCH),
                               free.exit_layers)
     report.log_exit_test(run.train.out, free.cfg, test)
     if run.train.final_eval:

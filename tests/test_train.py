@@ -516,3 +516,20 @@ def test_the_ce_term_under_torchrun_averages_to_the_global_batchs_mean(monkeypat
     monkeypatch.setitem(runtime.WORLD, "size", 1)
     monkeypatch.setitem(runtime.WORLD, "rank", 0)
     assert runtime.shard(global_ids) is not None and train.ce_weight(answered, global_ids, global_ids) == 1.0
+
+
+def test_stage1_batches_do_not_hang_on_the_global_rng(tmp_path, monkeypatch):
+    """Every process of a torchrun must shard the same global batches. Process 0 alone evaluates between
+    epochs, so a draw from the global RNG there must not change the next epoch's batches: the batches of two
+    runs, one of them drawing from the global RNG in each evaluation, are the same. (Families drawn uniformly:
+    by-error sampling follows the training, whose dropout the draw does change.)"""
+    shard, evaluate = train.shard, train.evaluate
+
+    def batches_of(out, draw: bool) -> list:
+        seen = []
+        monkeypatch.setattr(train, "shard", lambda ids: seen.append(ids.tolist()) or shard(ids))
+        monkeypatch.setattr(train, "evaluate", lambda *a: (draw and torch.rand(5), evaluate(*a))[1])
+        train.main(MICRO + ["--out", str(out), "--sample-families", "uniform"])
+        return seen
+
+    assert batches_of(tmp_path / "a", draw=True) == batches_of(tmp_path / "b", draw=False)
