@@ -265,9 +265,8 @@ def on_gpu(params) -> bool:
 # NOTE: DistributedDataParallel's wrapper does the same averaging with bucketed all-reduces that
 # overlap the backward; it is not used because stage 2 alternates two optimisers (D's, then the
 # exits') over two parameter sets, each step's backward reaching only one of them, which its reducer
-# is not made for. loss_weight: this process's share of the batch in hand (shard), which its loss is
-# scaled by.
-WORLD = {"rank": 0, "size": 1, "loss_weight": 1.0}
+# is not made for. Each process's loss is scaled by its share of the global batch (shard's weight).
+WORLD = {"rank": 0, "size": 1}
 
 
 def init_distributed(device_choice: str) -> None:
@@ -293,12 +292,11 @@ def is_main() -> bool:
     return WORLD["rank"] == 0
 
 
-def shard(ids: torch.Tensor) -> torch.Tensor:
-    """This process's slice of a global batch. Sets WORLD['loss_weight'], the weight that makes the
-    average of the processes' mean losses the mean over the global batch (1 in a single process)."""
+def shard(ids: torch.Tensor) -> tuple[torch.Tensor, float]:
+    """This process's slice of a global batch, and its weight: the one that makes the average of the
+    processes' mean losses, each times its weight, the mean over the global batch (1 alone)."""
     local = ids.tensor_split(WORLD["size"])[WORLD["rank"]]
-    WORLD["loss_weight"] = len(local) * WORLD["size"] / len(ids)
-    return local
+    return local, len(local) * WORLD["size"] / len(ids)
 
 
 def average_gradients(params: list) -> None:
@@ -396,42 +394,6 @@ class EpochScores:
         totals = all_sum([x for f in families for x in self.by_family[f]])    # [sum, n] per family
         return {f: 100 * totals[2 * i] / totals[2 * i + 1]
                 for i, f in enumerate(families) if totals[2 * i + 1]}
-
-
-# --------------------------------------------------------------------------------------------------
-# The optimizer step
-# --------------------------------------------------------------------------------------------------
-class Optimizer:
-    """A torch optimizer stepped as every process must step it. step(loss): backward (the loss
-    times this process's share of the batch, through the grad scaler), the gradients' mean over
-    the processes, clipping of their global norm if `clip` > 0, and the step; outside autocast.
-    The share is the one shard() set for the batch in hand (1 in a single process). The scaler,
-    shared by a stage's optimizers, is updated once a batch by its loop."""
-
-    def __init__(self, opt: torch.optim.Optimizer, scaler: torch.amp.GradScaler, clip: float = 0.0):
-        self.opt, self.scaler, self.clip = opt, scaler, clip
-
-    @property
-    def param_groups(self) -> list[dict]:
-        return self.opt.param_groups       # not kept: load_state_dict replaces the optimizer's list
-
-    def params(self) -> list:
-        return [p for g in self.opt.param_groups for p in g["params"]]
-
-    def step(self, loss: torch.Tensor) -> None:
-        self.opt.zero_grad(set_to_none=True)
-        self.scaler.scale(loss * WORLD["loss_weight"]).backward()
-        average_gradients(self.params())
-        if self.clip > 0:
-            self.scaler.unscale_(self.opt)
-            torch.nn.utils.clip_grad_norm_(self.params(), self.clip)
-        self.scaler.step(self.opt)
-
-    def state_dict(self) -> dict:
-        return self.opt.state_dict()
-
-    def load_state_dict(self, state: dict) -> None:
-        self.opt.load_state_dict(state)
 
 
 # --------------------------------------------------------------------------------------------------

@@ -40,8 +40,9 @@ from free_min import FREE, METHODS, ExitConfig, discriminator_loss, generator_lo
 from model import VLM, ModelConfig, soft_cross_entropy
 from prepare import (Run, load_run_data, record_calibrated, record_test, report_paths, stage1_saver,
                      stage2_saver, start_fresh, trained_backbone, validate)
-from runtime import (CHECK_EVERY, RUN, WORLD, EpochScores, Optimizer, StepClock, UsageError,
-                     all_sum, autocast, cache_patches, close_distributed, exit_progress,
+from runtime import (CHECK_EVERY, RUN, WORLD, EpochScores, StepClock, UsageError,
+                     all_sum, autocast, average_gradients, cache_patches, close_distributed,
+                     exit_progress,
                      export_checkpoint, grad_scaler, is_main, load_checkpoint, on_gpu,
                      parse_configs, progress_bar, read_sums, resume_exits, resume_stage,
                      save_atomic, setup, shard, to_device, wait_for_main)
@@ -125,7 +126,7 @@ def get_lr(step: int, total_steps: int, cfg: TrainConfig) -> float:
     return cfg.lr * 0.5 * (1.0 + math.cos(math.pi * progress))
 
 
-def stage1_optimizer(model: VLM, heads: dict, tcfg: TrainConfig, scaler=None) -> Optimizer:
+def stage1_optimizer(model: VLM, heads: dict, tcfg: TrainConfig) -> torch.optim.AdamW:
     """AdamW over the VLM and its auxiliary heads; with the label-free aids, the encoder's
     transformer blocks and final norm in a group of their own at LABEL_FREE['vit_blocks_lr'] x."""
     params = [p for p in model.parameters() if p.requires_grad]
@@ -136,9 +137,8 @@ def stage1_optimizer(model: VLM, heads: dict, tcfg: TrainConfig, scaler=None) ->
         groups = [{"params": [p for p in params if id(p) not in slow]},
                   {"params": [p for p in params if id(p) in slow],
                    "lr_scale": LABEL_FREE["vit_blocks_lr"]}]
-    adamw = torch.optim.AdamW(groups, lr=tcfg.lr, weight_decay=tcfg.weight_decay, betas=(0.9, 0.98),
-                              fused=on_gpu(params))
-    return Optimizer(adamw, scaler or grad_scaler(), clip=tcfg.grad_clip)
+    return torch.optim.AdamW(groups, lr=tcfg.lr, weight_decay=tcfg.weight_decay, betas=(0.9, 0.98),
+                             fused=on_gpu(params))
 
 
 def backbone_batch(model: VLM, split, ids: torch.Tensor) -> dict:
@@ -150,11 +150,12 @@ def backbone_batch(model: VLM, split, ids: torch.Tensor) -> dict:
     return batch | aux_inputs(model, split, ids, batch["images"])
 
 
-def backbone_step(model: VLM, heads: dict, batch: dict,
-                  opt: Optimizer) -> tuple[Tensor, Tensor, Tensor]:
+def backbone_step(model: VLM, heads: dict, batch: dict, opt, scaler,
+                  clip: float) -> tuple[Tensor, Tensor, Tensor]:
     """One optimizer step of stage 1: soft cross-entropy on the answers, plus the auxiliary heads'
-    losses. Returns the answer loss, the whole objective and the logits (B, A), on the device
-    (nothing is read back here, CHECK_EVERY)."""
+    losses; the gradients' global norm clipped to `clip` (0: not clipped). batch['weight']: this
+    process's share of the global batch (1 alone). Returns the answer loss, the whole objective
+    and the logits (B, A), on the device (nothing is read back here, CHECK_EVERY)."""
     images, patches = batch["images"], batch["patches"]            # a frozen encoder's, or None
     with autocast():
         if patches is None:
@@ -165,7 +166,14 @@ def backbone_step(model: VLM, heads: dict, batch: dict,
     loss = soft_cross_entropy(logits, batch["targets"])
     aux = batch | {"states": states}                                   # L+1 x (B, S, D)
     total = loss + sum(weight * head.loss(patches, aux) for weight, head in heads.values())
-    opt.step(total)
+    params = [p for group in opt.param_groups for p in group["params"]]
+    opt.zero_grad(set_to_none=True)
+    scaler.scale(total * batch["weight"]).backward()   # fp16: the loss scaled; under torchrun: x share
+    average_gradients(params)                          # under torchrun: the mean over the processes
+    if clip > 0:
+        scaler.unscale_(opt)                           # clip the gradients, not the scaled ones
+        torch.nn.utils.clip_grad_norm_(params, clip)
+    scaler.step(opt)                                   # fp16: skipped where a gradient overflowed
     return loss.detach(), total.detach(), logits.detach()
 
 
@@ -184,8 +192,7 @@ def train_backbone(model: VLM, splits: dict, tcfg: TrainConfig, save, state: dic
     checkpoint (save(epoch, step, opt, scaler, heads)). `state` continues an interrupted run."""
     heads = {name: (w, h.to(RUN["device"]))
              for name, (w, h) in aux_heads(model, splits["train"], tcfg).items()}
-    scaler = grad_scaler()
-    opt = stage1_optimizer(model, heads, tcfg, scaler)
+    scaler, opt = grad_scaler(), stage1_optimizer(model, heads, tcfg)
     total_steps = tcfg.epochs * math.ceil(int(splits["train"].trainable().sum()) / tcfg.batch_size)
     step, first_epoch = (0, 0) if state is None else resume_stage(state, opt, scaler, heads)
     print(f"stage 1: {total_steps} steps; auxiliary heads: {', '.join(heads) or 'none'}")
@@ -202,9 +209,9 @@ def train_backbone(model: VLM, splits: dict, tcfg: TrainConfig, save, state: dic
         for n, ids in enumerate(bar, 1):
             for group in opt.param_groups:
                 group["lr"] = get_lr(step, total_steps, tcfg) * group.get("lr_scale", 1.0)
-            ids = shard(trainable[ids])                                 # all of it in one process
-            batch = backbone_batch(model, train, ids)
-            loss, total, logits = backbone_step(model, heads, batch, opt)
+            ids, weight = shard(trainable[ids])                  # all of it, weight 1, in one process
+            batch = backbone_batch(model, train, ids) | {"weight": weight}
+            loss, total, logits = backbone_step(model, heads, batch, opt, scaler, tcfg.grad_clip)
             scaler.update()
             step += 1
             scores.add(ids, loss, total, logits)
@@ -311,13 +318,14 @@ def live_states(free: FREE, split, ids: Tensor, device) -> dict:
 
 def ce_weight(answered: Tensor, global_ids: Tensor, local_ids: Tensor) -> float:
     """The weight of this process's CE term, a mean over its labelled questions, that makes the
-    processes' weighted average (runtime.shard's loss weight) the mean over the global batch's:
-    local labelled x processes / (loss weight x global labelled). 1 in one process; counted on the
-    host, from `answered` (n,) bool, the questions CE may learn from."""
+    processes' losses, each weighted by its share of the batch (runtime.shard), add up to the mean
+    over the global batch's labelled questions: (local labelled / local questions) / (global
+    labelled / global questions). 1 in one process; counted on the host, from `answered` (n,) bool,
+    the questions CE may learn from."""
     total = int(answered[global_ids].sum())
     if total == 0:
         return 0.0
-    return int(answered[local_ids].sum()) * WORLD["size"] / (WORLD["loss_weight"] * total)
+    return int(answered[local_ids].sum()) * len(global_ids) / (len(local_ids) * total)
 
 
 def exit_batch(free: FREE, states: dict | None, train, ids: Tensor, labelled: Tensor) -> dict:
@@ -333,9 +341,12 @@ def exit_batch(free: FREE, states: dict | None, train, ids: Tensor, labelled: Te
     return states_batch(states, ids, device) | labels
 
 
-def exit_step(free: FREE, batch: dict, opt_g: Optimizer, opt_d: Optimizer) -> dict:
-    """One batch of stage 2 on the frozen backbone's states (exit_batch): a D step, then a G step.
-    Returns the losses (name -> tensor on the device; nothing is read back here, CHECK_EVERY)."""
+def exit_step(free: FREE, batch: dict, opts: tuple, scaler) -> dict:
+    """One batch of stage 2 on the frozen backbone's states (exit_batch): a D step, then a G step,
+    with opts = (G's optimizer, D's). batch['weight']: this process's share of the global batch
+    (1 alone). Returns the losses (name -> tensor on the device; nothing is read back here,
+    CHECK_EVERY)."""
+    opt_g, opt_d = opts
     real, mask = batch["real"], batch["mask"]                      # h_L[CLS] (B, D), (B, 1, 1, s)
     with autocast():                                                   # G_k(h_{l_k}): K x (B, D)
         fakes = [free.exit_feature(k, h, mask) for k, h in enumerate(batch["inputs"])]
@@ -344,23 +355,29 @@ def exit_step(free: FREE, batch: dict, opt_g: Optimizer, opt_d: Optimizer) -> di
         # Discriminator step: tell final-layer features (real) from exit features (fake)
         with autocast():
             d_loss, stats = discriminator_loss(free, real, fakes)
-        opt_d.step(d_loss)                           # backward, mean over processes, step (runtime)
+        opt_d.zero_grad(set_to_none=True)
+        scaler.scale(d_loss * batch["weight"]).backward()       # (the fakes reach D detached)
+        average_gradients(list(free.disc.parameters()))         # under torchrun: the processes' mean
+        scaler.step(opt_d)
     # Generator step: exit features should fool D, and the frozen head answer from them as from h_L
     with autocast():
         g_loss, g_stats = generator_loss(free, real, fakes, batch["targets"], batch["labelled"],
                                          batch["ce_weight"])
-    opt_g.step(g_loss)
+    opt_g.zero_grad(set_to_none=True)
+    scaler.scale(g_loss * batch["weight"]).backward()
+    average_gradients(list(free.exits.parameters()))
+    scaler.step(opt_g)
     return stats | g_stats
 
 
-def exit_optimizers(free: FREE, scaler) -> tuple[Optimizer, Optimizer]:
-    """AdamW for the exits (G) and for the discriminator D (with a GAN's betas), one grad scaler."""
+def exit_optimizers(free: FREE) -> tuple[torch.optim.AdamW, torch.optim.AdamW]:
+    """AdamW for the exits (G) and for the discriminator D (with a GAN's betas)."""
     fused = on_gpu(free.exits.parameters())
     opt_g = torch.optim.AdamW(free.exits.parameters(), lr=free.cfg.exit_lr, weight_decay=0.01,
                               fused=fused)
     opt_d = torch.optim.AdamW(free.disc.parameters(), lr=free.cfg.disc_lr, betas=(0.5, 0.999),
                               weight_decay=0.0, fused=fused)
-    return Optimizer(opt_g, scaler), Optimizer(opt_d, scaler)
+    return opt_g, opt_d
 
 
 def train_exits(free: FREE, states: dict, splits: dict, tcfg: TrainConfig, save,
@@ -374,7 +391,7 @@ def train_exits(free: FREE, states: dict, splits: dict, tcfg: TrainConfig, save,
         pool = torch.nonzero(labelled & train.trainable()).squeeze(1)
     answered = labelled & train.trainable()              # the questions the CE term learns from
     scaler, order = grad_scaler(), torch.Generator().manual_seed(tcfg.seed)
-    opt_g, opt_d = exit_optimizers(free, scaler)
+    opt_g, opt_d = exit_optimizers(free)
     first_epoch = 0 if progress is None else resume_exits(progress, opt_g, opt_d, scaler, order)
     for epoch in range(first_epoch, ecfg.exit_epochs):
         free.train()
@@ -382,16 +399,15 @@ def train_exits(free: FREE, states: dict, splits: dict, tcfg: TrainConfig, save,
         bar = progress_bar(global_batches(len(pool), tcfg.batch_size, order),
                            f"exits ({ecfg.exit_method}) {name}")
         for n, ids in enumerate(bar, 1):
-            local = shard(pool[ids])                                   # all of it in one process
+            local, weight = shard(pool[ids])                # all of it, weight 1, in one process
             batch = exit_batch(free, states, train, local, labelled)
-            batch["ce_weight"] = ce_weight(answered, pool[ids], local)
+            batch |= {"weight": weight, "ce_weight": ce_weight(answered, pool[ids], local)}
             # instance noise (--disc-noise), annealed linearly to 0 over the stage's steps
             done = (epoch * len(bar) + n) / (ecfg.exit_epochs * len(bar))
             free.disc.noise = ecfg.disc_noise * max(0.0, 1.0 - done)
             # each process's batch means weighted by its share of the global batch (1 in one
             # process): the processes' sums are then `size` x the global batch's means, exactly
-            weight = WORLD["loss_weight"]
-            for k, v in exit_step(free, batch, opt_g, opt_d).items():
+            for k, v in exit_step(free, batch, (opt_g, opt_d), scaler).items():
                 sums[k] = sums.get(k, 0.0) + v * weight                # on the device
             scaler.update()
             if n % CHECK_EVERY == 0 or n == len(bar):

@@ -279,17 +279,18 @@ def test_the_training_steps_read_nothing_back_but_the_text_cut(monkeypatch):
     model, splits = tiny_model_and_splits()
     tr, ids, tcfg = splits["train"], torch.arange(16), train.TrainConfig()
     heads = train.aux_heads(model, tr, tcfg)
-    opt = train.stage1_optimizer(model, heads, tcfg, torch.amp.GradScaler("cpu", enabled=False))
-    batch = train.backbone_batch(model, tr, ids)
+    opt, scaler = train.stage1_optimizer(model, heads, tcfg), torch.amp.GradScaler("cpu", enabled=False)
+    batch = train.backbone_batch(model, tr, ids) | {"weight": 1.0}
     free = FREE(model, ExitConfig(exit_layers="1", label_fraction=0.5))
-    opt_g, opt_d = train.exit_optimizers(free, torch.amp.GradScaler("cpu", enabled=False))
-    exit_batch = train.exit_batch(free, None, tr, ids, train.labelled_mask(len(tr), 0.5, 0)) | {"ce_weight": 1.0}
+    opts = train.exit_optimizers(free)
+    exit_batch = train.exit_batch(free, None, tr, ids, train.labelled_mask(len(tr), 0.5, 0))
+    exit_batch |= {"ce_weight": 1.0, "weight": 1.0}
     calls = spy_reads(monkeypatch)
-    train.backbone_step(model, heads, batch, opt)
+    train.backbone_step(model, heads, batch, opt, scaler, tcfg.grad_clip)
     assert calls == [("tolist", "model.py")]
     calls.clear()
     free.train()
-    train.exit_step(free, exit_batch, opt_g, opt_d)
+    train.exit_step(free, exit_batch, opts, scaler)
     assert calls == []
     free.eval()
     out = free_min.early_exit_predict(free, splits["val"].batch(torch.arange(30)), "maxprob", 0.0)

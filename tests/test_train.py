@@ -55,9 +55,8 @@ def test_the_vlm_learns_to_read_the_image():
                             dim=64, depth=2, heads=2)
     model, probe = VLM(cfg=cfg), stand_ins.PatchProbe(cfg.vit_dim)
     tcfg = train.TrainConfig(lr=2e-3, warmup_steps=30, epochs=1, batch_size=32)
-    opt = runtime.Optimizer(torch.optim.AdamW(list(model.parameters()) + list(probe.parameters()), lr=tcfg.lr,
-                                              weight_decay=0.05), torch.amp.GradScaler("cpu", enabled=False),
-                            clip=tcfg.grad_clip)
+    opt = torch.optim.AdamW(list(model.parameters()) + list(probe.parameters()), lr=tcfg.lr, weight_decay=0.05)
+    scaler = torch.amp.GradScaler("cpu", enabled=False)
     tr, va = splits["train"], splits["val"]
     pick = lambda split: torch.tensor([i for i, r in enumerate(split.records) if r["family"] == "query_color"])
     train_ids, val_ids = pick(tr), pick(va)
@@ -66,7 +65,8 @@ def test_the_vlm_learns_to_read_the_image():
         for group in opt.param_groups:
             group["lr"] = train.get_lr(step, 150, tcfg)
         ids = train_ids[torch.randint(len(train_ids), (32,), generator=g)]
-        train.backbone_step(model, {"probe": (1.0, probe)}, train.backbone_batch(model, tr, ids), opt)
+        batch = train.backbone_batch(model, tr, ids) | {"weight": 1.0}
+        train.backbone_step(model, {"probe": (1.0, probe)}, batch, opt, scaler, tcfg.grad_clip)
     model.eval()
     with torch.no_grad():
         accuracy = 100 * va.score(val_ids, model(**va.batch(val_ids)).argmax(1)).mean().item()
@@ -130,10 +130,11 @@ def test_the_scene_loss_fits_where_things_are():
                             dim=64, depth=2, heads=2)
     model, tcfg = VLM(cfg=cfg), train.TrainConfig(lr=3e-3, weight_decay=0.0)
     heads = stand_ins.aux_heads(model, splits["train"], tcfg)
-    opt = train.stage1_optimizer(model, heads, tcfg, torch.amp.GradScaler("cpu", enabled=False))
+    opt, scaler = train.stage1_optimizer(model, heads, tcfg), torch.amp.GradScaler("cpu", enabled=False)
     tr, ids = splits["train"], torch.arange(32)
     for _ in range(150):
-        train.backbone_step(model, heads, train.backbone_batch(model, tr, ids), opt)
+        batch = train.backbone_batch(model, tr, ids) | {"weight": 1.0}
+        train.backbone_step(model, heads, batch, opt, scaler, tcfg.grad_clip)
     model.eval()
     with torch.no_grad():
         states, _ = model.hidden_states(**tr.batch(ids))
@@ -499,7 +500,7 @@ def test_export_writes_an_fp16_backbone_that_scores_what_it_states(tmp_path):
 
 def test_the_ce_term_under_torchrun_averages_to_the_global_batchs_mean(monkeypatch):
     """With few labels, the halves of a global batch hold different numbers of labelled questions (here 3 and
-    1): each process's CE mean, weighted by train.ce_weight and by shard's loss weight, averages over the
+    1): each process's CE mean, weighted by train.ce_weight and by shard's weight, averages over the
     processes to the mean over the global batch's labelled questions, as one process computes it."""
     answered = torch.tensor([1, 0, 1, 1, 0, 0, 0, 1, 0, 0], dtype=torch.bool)
     per_row = torch.arange(10, dtype=torch.float) + 1.0                  # each question's CE
@@ -509,13 +510,13 @@ def test_the_ce_term_under_torchrun_averages_to_the_global_batchs_mean(monkeypat
     total = 0.0
     for rank in (0, 1):
         monkeypatch.setitem(runtime.WORLD, "rank", rank)
-        local = runtime.shard(global_ids)
+        local, weight = runtime.shard(global_ids)
         mean = per_row[local][answered[local]].mean().item()                # what the process's CE term is
-        total += runtime.WORLD["loss_weight"] * train.ce_weight(answered, global_ids, local) * mean
+        total += weight * train.ce_weight(answered, global_ids, local) * mean
     assert total / 2 == pytest.approx(want)
     monkeypatch.setitem(runtime.WORLD, "size", 1)
     monkeypatch.setitem(runtime.WORLD, "rank", 0)
-    assert runtime.shard(global_ids) is not None and train.ce_weight(answered, global_ids, global_ids) == 1.0
+    assert runtime.shard(global_ids)[1] == 1.0 and train.ce_weight(answered, global_ids, global_ids) == 1.0
 
 
 def test_stage1_batches_do_not_hang_on_the_global_rng(tmp_path, monkeypatch):
