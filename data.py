@@ -37,7 +37,7 @@ import torch.nn.functional as F
 from tokenizers import Tokenizer, models, normalizers, pre_tokenizers, processors
 from PIL import Image, UnidentifiedImageError
 
-from runtime import Parser, UsageError
+from util.config import Parser, UsageError
 
 
 class DataError(UsageError):

@@ -29,12 +29,12 @@ from dataclasses import dataclass, field, replace
 
 import torch
 
-import report
+from util import report
 from data import batches, load_data, read_question
 from free_min import RULES, early_exit_predict
-from prepare import check_infer_config, default_checkpoint, load_free, pick_threshold, report_paths
-from runtime import (Parser, UsageError, add_config_args, config_from_args, inference_copy,
-                     pick_device, pick_threads, synchronize, to_device)
+from util.checkpoints import default_checkpoint, load_free
+from util.config import ConfigError, Parser, UsageError, add_config_args, config_from_args
+from util.runtime import inference_copy, pick_device, pick_threads, synchronize, to_device
 
 RISKS = ("harm", "disagree")          # the losses calibration can bound (see risk_losses)
 
@@ -88,6 +88,67 @@ class InferConfig:
     # measure wall-clock speedups and calibrate by costs measured here (--no-timing: the layer view
     # and FLOPs only, deterministic)
     timing: bool = True
+
+
+def check_infer_config(cfg) -> None:
+    """Refuse settings that cannot work, naming the flag (ConfigError)."""
+    for name in ("batch_size", "timing_samples", "repeats"):
+        if getattr(cfg, name) < 1:
+            raise ConfigError(
+                f"--{name.replace('_', '-')} must be at least 1 (got {getattr(cfg, name)})")
+    if cfg.threads < 0 or not 0 < cfg.max_drop < 100:
+        raise ConfigError(
+            f"--threads must be >= 0 and --max-drop in (0, 100) points (got {cfg.threads}, "
+            f"{cfg.max_drop})")
+    if not 0 < cfg.delta < 1:
+        raise ConfigError(f"--delta must be a probability in (0, 1) (got {cfg.delta})")
+    spec, t = RULES[cfg.rule], cfg.threshold
+    if t != -1 and not (spec.bounds[0] <= t <= spec.bounds[1] and (not spec.whole or t == int(t))):
+        kind = "a whole number" if spec.whole else "a number"
+        raise ConfigError(f"--threshold {t:g}: {cfg.rule} takes {kind} from {spec.bounds[0]:g} to "
+                          f"{spec.bounds[1]:g} (or -1: the calibrated one)")
+    refusals = [
+        (
+            cfg.image and not cfg.question.strip(),
+            "--image needs a question: give --question with the text to answer (it is empty)",
+        ),
+        (cfg.question and not cfg.image, "--question needs --image, the picture it asks about"),
+        (
+            cfg.eval and cfg.image,
+            "--eval reports on a whole split and --image answers one question: give one of them",
+        ),
+        (cfg.explain and not cfg.image, "--explain goes with --image and --question"),
+        (not (cfg.eval or cfg.image), "nothing to do: give --eval, or --image and --question"),
+    ]
+    for refused, message in refusals:
+        if refused:
+            raise ConfigError(message)
+
+
+def report_paths(cfg) -> tuple[str, str]:
+    """--json and --plot, or beside the checkpoint: report.json and speedup.png for the test
+    split (the names train.py gives the same report), report_SPLIT.json and speedup_SPLIT.png for
+    another split."""
+    folder = os.path.dirname(os.path.abspath(cfg.ckpt))
+    tail = "" if cfg.split == "test" else f"_{cfg.split}"
+    return (cfg.json or os.path.join(folder, f"report{tail}.json"),
+            cfg.plot or os.path.join(folder, f"speedup{tail}.png"))
+
+
+def pick_threshold(free, cfg, calibrated: dict) -> tuple[float, list[int] | None, str]:
+    """The threshold and exits --image uses, and how they were chosen: --threshold if given; else
+    the run's calibrated point for this rule (none evaluated, i.e. the full model, where
+    calibration found no point that keeps its promise); else the rule's default."""
+    default = RULES[cfg.rule].default
+    if cfg.threshold != -1:
+        return cfg.threshold, None, f"threshold {cfg.threshold:g}"
+    if calibrated.get("rule") == cfg.rule and calibrated.get("threshold") is not None:
+        exits = [free.exit_layers.index(l) for l in calibrated["exit_layers"]]
+        how = f"calibrated, {calibrated.get('calibration', 'empirical')}"
+        return calibrated["threshold"], exits, f"threshold {calibrated['threshold']:g} ({how})"
+    if calibrated.get("rule") == cfg.rule:
+        return default, [], "no exit: calibration found no point that keeps its promise"
+    return default, None, f"threshold {default:g} (the rule's default; not calibrated)"
 
 
 # --------------------------------------------------------------------------------------------------

@@ -22,6 +22,7 @@ optimizer, step, RNG, configs, tokenizer, answers), atomically. What is not the 
 precision, checkpoints, flags) is in runtime.py and prepare.py; stage 1's stand-ins for pretraining
 are in stand_ins.py; what is printed and logged, in report.py.
 """
+import json
 import math
 import os
 import sys
@@ -30,23 +31,26 @@ from collections import defaultdict
 from dataclasses import asdict, dataclass, field
 
 import torch
+from tokenizers import Tokenizer
 from torch import Tensor
 
 import infer
-import report
-from data import (FAMILIES, DataConfig, TrainScenes, batches, family_weights,
-                  majority_baseline)
-from free_min import FREE, METHODS, ExitConfig, discriminator_loss, generator_loss
-from model import VLM, ModelConfig, soft_cross_entropy
-from prepare import (Run, load_run_data, record_calibrated, record_test, report_paths, stage1_saver,
-                     stage2_saver, start_fresh, trained_backbone, validate)
-from runtime import (CHECK_EVERY, RUN, WORLD, EpochScores, StepClock, UsageError,
-                     all_sum, autocast, average_gradients, cache_patches, close_distributed,
-                     exit_progress,
-                     export_checkpoint, grad_scaler, is_main, load_checkpoint, on_gpu,
-                     parse_configs, progress_bar, read_sums, resume_exits, resume_stage,
-                     save_atomic, setup, shard, to_device, wait_for_main)
-from stand_ins import LABEL_FREE, aux_heads, aux_inputs
+from util import report
+from data import (FAMILIES, SPLITS, DataConfig, TrainScenes, batches, check_data_config,
+                  family_weights, load_data, majority_baseline)
+from free_min import (FREE, METHODS, ExitConfig, check_exit_config, discriminator_loss,
+                      generator_loss, resolve_exit_layers)
+from model import (VLM, ModelConfig, check_model_config, describe_timm_vit, make_vit,
+                   soft_cross_entropy)
+from util.checkpoints import (build_from_checkpoint, exit_progress, export_checkpoint,
+                              load_checkpoint, record_calibrated, record_test, resume_exits,
+                              resume_stage, resume_state, save_atomic, stage1_saver, stage2_saver,
+                              start_fresh)
+from util.config import ConfigError, UsageError, parse_configs, require
+from util.runtime import (CHECK_EVERY, RUN, WORLD, EpochScores, StepClock, all_sum, autocast,
+                          average_gradients, cache_patches, close_distributed, grad_scaler, is_main,
+                          on_gpu, progress_bar, read_sums, setup, shard, to_device, wait_for_main)
+from util.stand_ins import LABEL_FREE, aux_heads, aux_inputs
 
 
 @dataclass
@@ -113,6 +117,112 @@ def parse_args(argv=None):
     Returns (args, DataConfig, ModelConfig, TrainConfig, ExitConfig)."""
     configs = (DataConfig, ModelConfig, TrainConfig, ExitConfig)
     return parse_configs(argv, __doc__, configs, PRESETS, PRESET_USE)
+
+
+# --------------------------------------------------------------------------------------------------
+# The flags checked, and the run's data
+# --------------------------------------------------------------------------------------------------
+def adopt_timm_encoder(dcfg: DataConfig, mcfg: ModelConfig) -> None:
+    """--vit NAME: the input size, patch size, width, normalisation, resize and crop come from
+    timm's own description of the model; with --vit-weights, the file must fit it. ValueError
+    naming the flag."""
+    import timm                            # here: its import takes seconds a bad flag need not wait
+    if not timm.is_model(mcfg.vit):
+        raise ValueError(f"--vit {mcfg.vit}: not a timm model name "
+                         f"(python -c \"import timm; print(timm.list_models('vit*'))\")")
+    enc = describe_timm_vit(mcfg.vit)
+    dcfg.image_size, dcfg.crop_pct = enc["image_size"], enc["crop_pct"]
+    dcfg.interpolation = enc["interpolation"]
+    mcfg.image_size, mcfg.patch_size = enc["image_size"], enc["patch_size"]
+    mcfg.vit_dim = enc["vit_dim"]
+    mcfg.pixel_mean, mcfg.pixel_std = enc["pixel_mean"], enc["pixel_std"]
+    if mcfg.vit_weights:
+        try:
+            make_vit(mcfg)
+        # whatever stops the user's file from loading into this model: one line
+        except Exception as e:
+            raise ValueError(f"--vit-weights {mcfg.vit_weights} does not fit --vit {mcfg.vit} "
+                             f"({str(e).splitlines()[0][:150]})")
+
+
+def validate(dcfg: DataConfig, mcfg: ModelConfig, tcfg, ecfg: ExitConfig) -> dict | None:
+    """Check every flag, and read the checkpoint the run starts from, before any data is made or
+    any step is taken: a bad flag costs seconds and touches nothing written. Returns that
+    checkpoint (the backbone of --stage exits, or the run to --resume) or None."""
+    check_data_config(dcfg)
+    require(tcfg, ("epochs", "batch_size", "lr"), 0, strict=True)
+    require(
+        tcfg,
+        ("weight_decay", "warmup_steps", "grad_clip", "aux_weight", "scene_weight", "threads",
+         "scene_workers"),
+        0,
+        strict=False,
+    )
+    if tcfg.backbone and tcfg.stage != "exits":
+        raise ConfigError(
+            "--backbone is read by --stage exits only (the other stages train their own backbone)")
+    try:
+        mcfg.image_size, mcfg.max_text_len = dcfg.image_size, dcfg.max_question_len
+        if tcfg.stage == "exits" and not tcfg.resume:
+            named = ("--backbone" if tcfg.backbone
+                     else "--stage exits (no --backbone, so OUT/ckpt.pt):")
+            state = load_checkpoint(tcfg.backbone or os.path.join(tcfg.out, "ckpt.pt"), named)
+        else:
+            if mcfg.vit:
+                adopt_timm_encoder(dcfg, mcfg)
+            check_model_config(mcfg)
+            state = resume_state(tcfg, dcfg, mcfg, ecfg)
+        depth = state["model_config"]["depth"] if state is not None else mcfg.depth
+        check_exit_config(ecfg, depth)
+        layers = resolve_exit_layers(ecfg.exit_layers, depth)
+        ecfg.exit_layers = ",".join(map(str, layers))                  # recorded written out
+    except ValueError as e:   # the config checks of model.py and free_min.py
+        raise ConfigError(str(e))
+    return state
+
+
+@dataclass
+class Run:
+    """One training run: its settings (train.parse_args) and where it writes."""
+    data: DataConfig
+    model: ModelConfig
+    train: object                  # train.TrainConfig
+    exits: ExitConfig
+    describe: dict                 # what the run prints and logs as its config
+
+    @property
+    def ckpt(self) -> str:
+        return os.path.join(self.train.out, "ckpt.pt")
+
+
+def load_run_data(run, state: dict | None):
+    """The splits, reusing the tokenizer and answers of `state` (a checkpoint) if given; prints the
+    config."""
+    t0 = time.time()
+    tokenizer = Tokenizer.from_str(state["tokenizer"]) if state else None
+    splits, tokenizer, answers = load_data(run.data, tokenizer, state["answers"] if state else None,
+                                           only=SPLITS)
+    run.model.vocab_size, run.model.num_answers = tokenizer.get_vocab_size(), len(answers)
+    sizes = ", ".join(f"{k} {len(v)}" for k, v in splits.items())
+    print(f"data: {run.data.data} ({sizes} questions), {len(answers)} answers,"
+          f" {run.model.vocab_size} tokens ({time.time() - t0:.1f}s)")
+    config = run.describe | {"data": asdict(run.data), "model": asdict(run.model)}
+    print("config:", json.dumps(config))
+    return splits, tokenizer, answers
+
+
+def trained_backbone(run, state: dict) -> tuple[VLM, dict, dict]:
+    """Stage 2 on a trained backbone (--stage exits, or a stage 2 resumed): the model, the
+    splits, and where the backbone came from."""
+    model, _, _, _, run.data = build_from_checkpoint(state)
+    run.model = model.cfg
+    splits, _, _ = load_run_data(run, state)
+    if run.train.resume:                                   # an interrupted stage 2, continued
+        return model, splits, state["backbone_source"]
+    source = {"path": run.train.backbone or run.ckpt, "train_config": state.get("train_config")}
+    if os.path.abspath(source["path"]) != os.path.abspath(run.ckpt) and is_main():
+        start_fresh(run.train.out)                   # a new run in OUT: the old log is not about it
+    return model, splits, source
 
 
 # --------------------------------------------------------------------------------------------------
@@ -508,7 +618,7 @@ def report_exits(free: FREE, splits: dict, run: Run) -> None:
     if run.train.final_eval:
         icfg = infer.InferConfig(ckpt=run.ckpt)
         results = infer.build_report(free, splits, "test", icfg)
-        report.write_report(results, free, *report_paths(icfg))      # report.json, speedup.png
+        report.write_report(results, free, *infer.report_paths(icfg))      # report.json, speedup.png
         record_calibrated(run.ckpt, results["calibrated"])
     if run.train.export:
         export_checkpoint(run.train.export, run.ckpt)

@@ -24,9 +24,8 @@ import torch
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import free_min                                                    # noqa: E402
 import infer                                                       # noqa: E402
-import prepare                                                     # noqa: E402
-import runtime                                                     # noqa: E402
-from data import load_data                                         # noqa: E402
+from util import checkpoints, config, runtime                                                     # noqa: E402
+from data import load_data
 
 
 def known_exits(free, x: dict, exits: list[int], leaves_at: int) -> None:
@@ -52,7 +51,7 @@ def layers_only(free, x: dict, layers: int) -> None:
 
 def main(argv=None) -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--ckpt", default=prepare.SHIPPED_EXITS,
+    p.add_argument("--ckpt", default=checkpoints.SHIPPED_EXITS,
                    help="exits with a calibrated point (default: the shipped ones)")
     p.add_argument("--questions", type=int, default=256, help="test questions, drawn at random (seed 0)")
     p.add_argument("--rounds", type=int, default=6,
@@ -64,8 +63,8 @@ def main(argv=None) -> None:
                          f"up); got {args.questions}, {args.threads}, {args.rounds}")
     torch.set_num_threads(args.threads)
     try:
-        free, tokenizer, answers, dcfg, state = prepare.load_free(infer.InferConfig(ckpt=args.ckpt))
-    except runtime.UsageError as e:
+        free, tokenizer, answers, dcfg, state = checkpoints.load_free(infer.InferConfig(ckpt=args.ckpt))
+    except config.UsageError as e:
         raise SystemExit(f"error: {e}")
     cal = state.get("calibrated") or {}
     if cal.get("threshold") is None:

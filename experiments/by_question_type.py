@@ -22,11 +22,11 @@ import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import infer                                                       # noqa: E402
-import report                                                      # noqa: E402
-import runtime                                                     # noqa: E402
-from data import load_data                                         # noqa: E402
-from free_min import FREE, ExitConfig                             # noqa: E402
-from prepare import build_from_checkpoint                          # noqa: E402
+from util import report                                                      # noqa: E402
+from util import checkpoints, config                                                     # noqa: E402
+from data import load_data
+from free_min import FREE, ExitConfig
+from util.checkpoints import build_from_checkpoint
 
 
 def question_types(annotations: str) -> dict:
@@ -50,12 +50,12 @@ def main(argv=None) -> None:
     args = p.parse_args(argv)
     torch.set_num_threads(args.threads)
     try:
-        model, free, tokenizer, answers, dcfg = build_from_checkpoint(runtime.load_checkpoint(args.ckpt))
+        model, free, tokenizer, answers, dcfg = build_from_checkpoint(checkpoints.load_checkpoint(args.ckpt))
         if dcfg.data != "vqa2":
-            raise runtime.UsageError(f"{args.ckpt}: trained on {dcfg.data}, not on VQA-format files")
+            raise config.UsageError(f"{args.ckpt}: trained on {dcfg.data}, not on VQA-format files")
         split = load_data(dcfg, tokenizer, answers, only=(args.split,))[0][args.split]
         split = by_type(split, question_types(dcfg.vqa_annotations))
-    except (runtime.UsageError, OSError, KeyError) as e:
+    except (config.UsageError, OSError, KeyError) as e:
         raise SystemExit(f"error: {e}")
     if free is None:                                         # a backbone: the final layer alone
         probs = {"exits": [], "final": torch.cat([model.eval()(**split.batch(ids)).float().softmax(1)

@@ -20,8 +20,9 @@ from dataclasses import asdict
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
-from free_min import ExitConfig                             # noqa: E402
-from runtime import CheckpointError, UsageError, load_checkpoint   # noqa: E402
+from free_min import ExitConfig
+from util.checkpoints import load_checkpoint
+from util.config import CheckpointError, UsageError
 
 METHODS = {"free_gan": ["--exit-method", "free", "--adv-loss", "gan"], "free": ["--exit-method", "free"],
            "kd": ["--exit-method", "kd"], "ce": ["--exit-method", "ce"]}

@@ -72,17 +72,18 @@ cat > "$out/launch.py" <<'EOF'
 # launch.py MODE train.py-ARGS: train.main with fp16 forced (MODE fp16), the same stopped after its first
 # checkpoint (fp16-stop), or as it is, then its peak GPU and host memory (measure). The main guard: the
 # drawing processes import it.
-import resource, sys, torch, prepare, runtime, train
+import resource, sys, torch, train
+from util import checkpoints, runtime
 if __name__ == "__main__":
     mode, args = sys.argv[1], sys.argv[2:]
     if mode.startswith("fp16"):
         runtime.pick_dtype = lambda device: (torch.float16, "fp16 autocast and grad scaler, forced by gpu_check.sh")
     if mode == "fp16-stop":
-        save = prepare.save_atomic
+        save = checkpoints.save_atomic
         def save_then_stop(path, state):
             save(path, state)
             raise SystemExit("stopped after the first checkpoint, as an interrupted run")
-        prepare.save_atomic = save_then_stop
+        checkpoints.save_atomic = save_then_stop
     try:
         train.main(args)
     finally:

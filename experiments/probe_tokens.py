@@ -22,10 +22,10 @@ import torch.nn.functional as F
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import data                                                                   # noqa: E402
-import runtime                                                                # noqa: E402
-from prepare import build_from_checkpoint                                     # noqa: E402
-from model import VLM                                                         # noqa: E402
-from stand_ins import PatchProbe                                              # noqa: E402
+from util import checkpoints, config, runtime                                                                # noqa: E402
+from model import VLM
+from util.checkpoints import build_from_checkpoint
+from util.stand_ins import PatchProbe
 
 
 def tokens_and_targets(model: VLM, split, n: int):
@@ -110,9 +110,9 @@ def main(argv=None) -> None:
     args = p.parse_args(argv)
     torch.set_num_threads(runtime.pick_threads(args.threads)[0])
     try:
-        model, _, tokenizer, answers, dcfg = build_from_checkpoint(runtime.load_checkpoint(args.ckpt, "CKPT"))
+        model, _, tokenizer, answers, dcfg = build_from_checkpoint(checkpoints.load_checkpoint(args.ckpt, "CKPT"))
         device = runtime.pick_device(args.device)
-    except runtime.UsageError as e:
+    except config.UsageError as e:
         raise SystemExit(f"error: {e}")
     if dcfg.data != "shapes":                           # e.g. the shapes set written as VQA files
         print(f"note: {args.ckpt} was trained on --data {dcfg.data}; the probe draws shapes scenes with their pixel "

@@ -22,10 +22,9 @@ from tqdm import tqdm
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import free_min                                                    # noqa: E402
 import infer                                                       # noqa: E402
-import prepare                                                    # noqa: E402
-import report                                                     # noqa: E402
-import runtime                                                    # noqa: E402
-from data import load_data                                        # noqa: E402
+from util import checkpoints, config, runtime                                                    # noqa: E402
+from util import report                                                     # noqa: E402
+from data import load_data
 
 
 POOLED = ("calib", "test")
@@ -106,9 +105,9 @@ def main(argv=None) -> None:
     torch.set_num_threads(args.threads)
     try:
         device = runtime.pick_device(args.device)
-        free, tokenizer, answers, dcfg, _ = prepare.load_free(infer.InferConfig(ckpt=args.ckpt))
+        free, tokenizer, answers, dcfg, _ = checkpoints.load_free(infer.InferConfig(ckpt=args.ckpt))
         splits, _, _ = load_data(dcfg, tokenizer, answers, only=POOLED)
-    except runtime.UsageError as e:
+    except config.UsageError as e:
         raise SystemExit(f"error: {e}")
     print(f"on {device}")
     free = runtime.inference_copy(free.to(device))

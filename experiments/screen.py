@@ -19,11 +19,10 @@ import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import data                                                         # noqa: E402
-import prepare                                                      # noqa: E402
-import runtime                                                      # noqa: E402
-import stand_ins                                                    # noqa: E402
+from util import config, runtime                                                      # noqa: E402
+from util import stand_ins                                                    # noqa: E402
 import train                                                        # noqa: E402
-from model import VLM                                               # noqa: E402
+from model import VLM
 
 
 def oracle_patches(split, patch_size: int, width: int):
@@ -167,7 +166,7 @@ def screen(families: list[str], steps: int, seed: int, out: str, flags: list[str
 
 def proxy_run(seed: int, out: str, flags: list[str], oracle: str, pos_std: float, steps: int) -> dict:
     _, dcfg, mcfg, tcfg, ecfg = train.parse_args(flags + ["--seed", str(seed), "--out", out, "--stage", "backbone"])
-    prepare.validate(dcfg, mcfg, tcfg, ecfg)                        # the flags checked and completed as train.py does
+    train.validate(dcfg, mcfg, tcfg, ecfg)                        # the flags checked and completed as train.py does
     torch.set_num_threads(tcfg.threads or torch.get_num_threads())
     runtime.use_device(tcfg.device)                                 # device and dtype, as train.py
     torch.manual_seed(seed)
@@ -230,7 +229,7 @@ def main() -> None:
         results = [screen(args.families, args.steps, s, os.path.join(args.out, f"seed{s}"), flags, args.oracle,
                           args.pos_std, args.only_more)
                    for s in args.seeds]
-    except runtime.UsageError as e:                                     # a bad train.py flag: one line, no traceback
+    except config.UsageError as e:                                     # a bad train.py flag: one line, no traceback
         raise SystemExit(f"error: {e}")
     if "relate" in args.families:
         print(f"relate without positions (see relate_without_positions): {relate_without_positions():.1f}%")

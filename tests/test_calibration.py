@@ -7,7 +7,7 @@ import pytest
 import torch
 
 import infer
-import report
+from util import report
 from test_exits_and_report import GoldSplit
 from test_free_min import make_free
 

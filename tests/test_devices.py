@@ -11,7 +11,7 @@ import torch
 import data
 import infer
 import train
-import runtime
+from util import checkpoints, runtime
 import free_min
 from free_min import FREE, ExitConfig
 from model import VLM
@@ -51,10 +51,10 @@ def test_resume_on_a_machine_with_fewer_gpus():
     """A checkpoint saved with the RNG states of 2 GPUs resumes on a machine with none (this CPU): the
     states of the GPUs it has are restored, the CPU's exactly."""
     torch.manual_seed(5)
-    state = runtime.rng_state() | {"cuda": [torch.zeros(16, dtype=torch.uint8)] * 2}
+    state = checkpoints.rng_state() | {"cuda": [torch.zeros(16, dtype=torch.uint8)] * 2}
     expected = torch.rand(3)
     torch.manual_seed(6)
-    runtime.set_rng_state(state)
+    checkpoints.set_rng_state(state)
     assert torch.equal(torch.rand(3), expected)
 
 

@@ -12,12 +12,11 @@ from PIL import Image
 import data
 import infer
 import train
-import runtime
-import prepare
-from report import explain, flop_costs, layer_costs, mid_crisis, overthinking
+from util import checkpoints, runtime
 import free_min
 from free_min import early_exit_predict
-from prepare import build_from_checkpoint
+from util.checkpoints import build_from_checkpoint
+from util.report import explain, flop_costs, layer_costs, mid_crisis, overthinking
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 # (--scene-workers 0: each epoch's scenes drawn in the test's own process, not a second interpreter's;
@@ -56,7 +55,7 @@ def test_stage2_keeps_backbone_bit_identical_and_stores_exits(backbone, tmp_path
 
 
 def scrambled_loader(monkeypatch, rows):
-    """Make the run's load_data (prepare.load_data) shuffle the training targets of the train-split questions `rows` among
+    """Make the run's load_data (data.load_data) shuffle the training targets of the train-split questions `rows` among
     themselves (every other question keeps its own)."""
     real_load = data.load_data
 
@@ -70,7 +69,7 @@ def scrambled_loader(monkeypatch, rows):
             setattr(tr, name, t)
         assert not torch.equal(tr.answer_idx, real_load(*args, **kw)[0]["train"].answer_idx)
         return splits, tok, answers
-    monkeypatch.setattr(prepare, "load_data", load)
+    monkeypatch.setattr(train, "load_data", load)
 
 
 def same_exits(a, b) -> bool:
@@ -126,16 +125,16 @@ def test_stage2_checkpoint_holds_only_its_own_run(backbone, tmp_path):
 def test_stage2_resumes_after_a_crash_and_matches_an_uninterrupted_run(backbone, tmp_path, monkeypatch):
     args = ["--exit-method", "free", "--exit-epochs", "3"]
     full = exits_run(backbone, tmp_path / "full", *args)
-    real_save = runtime.save_atomic
+    real_save = checkpoints.save_atomic
 
     def save_then_crash(path, state):
         real_save(path, state)
         if state["exit_progress"]["epoch"] == 1:
             raise KeyboardInterrupt                          # dies right after stage-2 epoch 2 was saved
-    monkeypatch.setattr(prepare, "save_atomic", save_then_crash)
+    monkeypatch.setattr(checkpoints, "save_atomic", save_then_crash)
     with pytest.raises(KeyboardInterrupt):
         exits_run(backbone, tmp_path / "cut", *args)
-    monkeypatch.setattr(prepare, "save_atomic", real_save)
+    monkeypatch.setattr(checkpoints, "save_atomic", real_save)
     assert "exit_progress" in torch.load(tmp_path / "cut" / "ckpt.pt", weights_only=False)
     resumed = exits_run(backbone, tmp_path / "cut", *args, "--resume")
     assert same_exits(full, resumed) and "exit_progress" not in resumed
@@ -336,10 +335,10 @@ def test_eval_writes_its_report_beside_the_checkpoint(report, tmp_path):
 
 def test_without_ckpt_the_run_in_out_or_else_the_shipped_exits(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
-    assert prepare.default_checkpoint() == prepare.SHIPPED_EXITS and os.path.isfile(prepare.SHIPPED_EXITS)
+    assert checkpoints.default_checkpoint() == checkpoints.SHIPPED_EXITS and os.path.isfile(checkpoints.SHIPPED_EXITS)
     (tmp_path / "out").mkdir()
     (tmp_path / "out" / "ckpt.pt").write_bytes(b"")
-    assert prepare.default_checkpoint() == "out/ckpt.pt"
+    assert checkpoints.default_checkpoint() == "out/ckpt.pt"
 
 
 # ---------------------------------------------------------------- the analyses, on hand-made inputs
@@ -537,10 +536,10 @@ def test_image_answers_with_the_stored_calibrated_point_or_the_full_model(finish
     stored, free, cfg = state["calibrated"], build_from_checkpoint(state)[1], infer.InferConfig()
     assert stored == {k: report["calibrated"].get(k) for k in stored} and stored["calibration"] == "guaranteed"
     found = stored | {"threshold": 0.7, "exit_layers": [2]}
-    assert prepare.pick_threshold(free, cfg, found)[:2] == (0.7, [0])
-    threshold, exits, how = prepare.pick_threshold(free, cfg, stored | {"threshold": None})
+    assert infer.pick_threshold(free, cfg, found)[:2] == (0.7, [0])
+    threshold, exits, how = infer.pick_threshold(free, cfg, stored | {"threshold": None})
     assert exits == [] and "no exit" in how
-    assert prepare.pick_threshold(free, infer.InferConfig(threshold=0.3), stored)[:2] == (0.3, None)
+    assert infer.pick_threshold(free, infer.InferConfig(threshold=0.3), stored)[:2] == (0.3, None)
 
 
 def test_export_after_stage_2_holds_the_exits_and_their_point_in_fp16(finished, tmp_path, capsys):
@@ -567,7 +566,7 @@ def test_the_main_command_keeps_the_backbone_stage_2_started_from(tmp_path):
     kept, final = (torch.load(tmp_path / name, weights_only=False) for name in ("backbone.pt", "ckpt.pt"))
     assert "exits" not in kept and "exits" in final
     assert final["backbone_source"]["path"] == str(tmp_path / "backbone.pt")
-    runtime.export_checkpoint(str(tmp_path / "shipped.pt"), str(tmp_path / "backbone.pt"))
+    checkpoints.export_checkpoint(str(tmp_path / "shipped.pt"), str(tmp_path / "backbone.pt"))
     shipped = torch.load(tmp_path / "shipped.pt", weights_only=False)
     assert all(torch.equal(shipped["model"][k], final["model"][k].half()) for k in final["model"]
                if final["model"][k].is_floating_point())

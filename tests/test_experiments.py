@@ -11,7 +11,7 @@ import torch
 
 import data
 import free_min
-import runtime
+from util import checkpoints, config
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, os.path.join(ROOT, "experiments"))
@@ -56,9 +56,9 @@ def test_table_averages_seeds_by_hand(tmp_path):
 def test_a_broken_run_is_named(tmp_path):
     folder = fake_run(tmp_path / "run", {}, [50, 50, 50], 60, [50, 50, 50], 0.0, 0.0, {"threshold": None})
     (tmp_path / "run" / "report.json").write_text("{truncated")
-    with pytest.raises(runtime.CheckpointError, match="run: not a finished run"):
+    with pytest.raises(config.CheckpointError, match="run: not a finished run"):
         compare.table([folder])
-    with pytest.raises(runtime.CheckpointError, match="checkpoint not found"):
+    with pytest.raises(config.CheckpointError, match="checkpoint not found"):
         compare.table([str(tmp_path / "nothing")])
 
 
@@ -187,13 +187,12 @@ def test_the_gpu_check_runs_every_step_in_its_cpu_dry_run(tmp_path):
 # --------------------------------------------------------------------------------------------------
 import batch1_costs  # noqa: E402
 import infer  # noqa: E402
-import prepare  # noqa: E402
 
 
 def test_the_best_case_does_the_work_early_exit_did_and_nothing_more(monkeypatch, capsys):
     """known_exits runs each question's layers and evaluates the exits early exit evaluated for it, and no other;
     layers_only the same layers and no exit; the script prints the five forwards."""
-    free, tokenizer, answers, dcfg, state = prepare.load_free(infer.InferConfig(ckpt=prepare.SHIPPED_EXITS))
+    free, tokenizer, answers, dcfg, state = checkpoints.load_free(infer.InferConfig(ckpt=checkpoints.SHIPPED_EXITS))
     cal, test = state["calibrated"], data.load_data(dcfg, tokenizer, answers, only=("test",))[0]["test"]
     exits, calls = infer.exit_indices(free, cal), []
     layer, exit_logits = free.backbone.layer, free.exit_logits
@@ -223,7 +222,7 @@ def test_by_question_type_reads_the_shapes_families_back_from_vqa_files(tmp_path
     layer's figure over all of them equal to train.evaluate's."""
     import by_question_type
     import train
-    from prepare import build_from_checkpoint
+    from util.checkpoints import build_from_checkpoint
     data.write_vqa_format(data.DataConfig(train_images=32, val_images=4, test_images=4), str(tmp_path / "set"))
     files = ["--data", "vqa2", "--vqa-questions", str(tmp_path / "set" / "questions.json"), "--vqa-annotations",
              str(tmp_path / "set" / "annotations.json"), "--vqa-images", str(tmp_path / "set" / "images")]
@@ -233,7 +232,7 @@ def test_by_question_type_reads_the_shapes_families_back_from_vqa_files(tmp_path
     by_question_type.main([str(tmp_path / "run" / "ckpt.pt"), "--threads", "1"])
     rows = dict(re.findall(r"^\| (\w+) \| \**([\d.]+)\**", capsys.readouterr().out, flags=re.M))
     assert set(rows) == set(data.FAMILIES) | {"all"}, rows
-    model, _, tok, answers, dcfg = build_from_checkpoint(runtime.load_checkpoint(str(tmp_path / "run" / "ckpt.pt")))
+    model, _, tok, answers, dcfg = build_from_checkpoint(checkpoints.load_checkpoint(str(tmp_path / "run" / "ckpt.pt")))
     test = data.load_data(dcfg, tok, answers, only=("test",))[0]["test"]
     assert float(rows["all"]) == pytest.approx(train.evaluate(model, test, torch.device("cpu"))["accuracy"], abs=0.05)
     assert set(test.families) <= {"yes/no", "number", "other"}                 # what train.py and infer.py group by

@@ -3,7 +3,7 @@ import pytest
 import torch
 
 import free_min
-import runtime
+from util import runtime
 from free_min import FREE, ExitConfig, ExitLayer, early_exit_predict
 from model import VLM, ModelConfig
 

@@ -7,8 +7,8 @@ import torch
 
 import data
 import train
-import runtime
-from prepare import build_from_checkpoint
+from util import runtime
+from util.checkpoints import build_from_checkpoint
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 FIXTURE = os.path.join(ROOT, "tests", "fixtures", "vqa")

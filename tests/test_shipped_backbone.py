@@ -15,10 +15,9 @@ from PIL import Image
 import data
 import free_min
 import infer
-import report
+from util import report
 import train
-from prepare import build_from_checkpoint
-from runtime import load_checkpoint
+from util.checkpoints import build_from_checkpoint, load_checkpoint
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, os.path.join(ROOT, "experiments"))

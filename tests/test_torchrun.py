@@ -16,13 +16,14 @@ MICRO = ["--preset", "tiny", "--train-images", "40", "--val-images", "8", "--tes
          "--batch-size", "16", "--epochs", "2", "--scene-workers", "0"]
 # a launcher that stops after the first checkpoint is written, as an interrupted run would (the main guard, as
 # in train.py: the process that draws the next scenes imports the launching script again)
-CRASH_AFTER_FIRST_SAVE = """import sys, prepare, train
-real = prepare.save_atomic
+CRASH_AFTER_FIRST_SAVE = """import sys, train
+from util import checkpoints
+real = checkpoints.save_atomic
 def save_then_stop(path, state):
     real(path, state)
     raise SystemExit("stopped after the first checkpoint")
 if __name__ == "__main__":
-    prepare.save_atomic = save_then_stop
+    checkpoints.save_atomic = save_then_stop
     train.main(sys.argv[1:])
 """
 

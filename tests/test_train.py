@@ -9,11 +9,10 @@ import torch
 
 import data
 import train
-import stand_ins
-import prepare
-import runtime
-from prepare import build_from_checkpoint
+from util import stand_ins
+from util import checkpoints, runtime
 from model import VLM
+from util.checkpoints import build_from_checkpoint
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 # a micro configuration (smaller than the tiny preset) for tests that only need the machinery to run
@@ -239,7 +238,7 @@ def test_overfits_a_small_batch():
 
 
 def test_save_load_gives_identical_predictions(micro_run):
-    state = runtime.load_checkpoint(str(micro_run / "ckpt.pt"))
+    state = checkpoints.load_checkpoint(str(micro_run / "ckpt.pt"))
     model, _, tokenizer, answers, dcfg = build_from_checkpoint(state)
     splits, _, _ = data.load_data(dcfg, tokenizer, answers)
     model.eval()
@@ -271,7 +270,7 @@ def test_resume_after_interruption_matches_uninterrupted_run(tmp_path, monkeypat
     train.main(args + ["--out", str(tmp_path / "full")])
 
     saves = []
-    real_save = runtime.save_atomic
+    real_save = checkpoints.save_atomic
 
     def save_then_crash(path, state):
         real_save(path, state)
@@ -279,10 +278,10 @@ def test_resume_after_interruption_matches_uninterrupted_run(tmp_path, monkeypat
         if len(saves) == 2:
             raise KeyboardInterrupt  # the run dies right after epoch 2 was checkpointed
 
-    monkeypatch.setattr(prepare, "save_atomic", save_then_crash)
+    monkeypatch.setattr(checkpoints, "save_atomic", save_then_crash)
     with pytest.raises(KeyboardInterrupt):
         train.main(args + ["--out", str(tmp_path / "resumed")])
-    monkeypatch.setattr(prepare, "save_atomic", real_save)
+    monkeypatch.setattr(checkpoints, "save_atomic", real_save)
     train.main(args + ["--out", str(tmp_path / "resumed"), "--resume"])
 
     full = torch.load(tmp_path / "full" / "ckpt.pt", weights_only=False)
@@ -301,15 +300,15 @@ def test_a_checkpoint_without_loss_scaling_resumes_with_fp16_loss_scaling(tmp_pa
     """A CPU or bf16 run saves an empty grad-scaler state. Continued where fp16 runs (a T4, a V100), the
     scaler starts afresh instead of failing; and an fp16 run's state continues where no scaler is needed."""
     args = MICRO + ["--epochs", "2", "--stage", "backbone", "--out", str(tmp_path)]
-    real_save = runtime.save_atomic
+    real_save = checkpoints.save_atomic
 
     def save_then_crash(path, state):
         real_save(path, state)
         raise KeyboardInterrupt                                # the run dies after epoch 1 was checkpointed
-    monkeypatch.setattr(prepare, "save_atomic", save_then_crash)
+    monkeypatch.setattr(checkpoints, "save_atomic", save_then_crash)
     with pytest.raises(KeyboardInterrupt):
         train.main(args)
-    monkeypatch.setattr(prepare, "save_atomic", real_save)
+    monkeypatch.setattr(checkpoints, "save_atomic", real_save)
     assert torch.load(tmp_path / "ckpt.pt", weights_only=False)["scaler"] == {}
     fp16 = torch.amp.GradScaler("cpu", enabled=True)          # what an fp16 device's run makes
     monkeypatch.setattr(train, "grad_scaler", lambda: fp16)
@@ -488,7 +487,7 @@ def test_export_writes_an_fp16_backbone_that_scores_what_it_states(tmp_path):
     assert "optimizer" not in state and "exits" not in state
     assert all(v.dtype == torch.float16 for v in state["model"].values() if v.is_floating_point())
     exported, free, tokenizer, answers, dcfg = build_from_checkpoint(state)
-    trained = build_from_checkpoint(runtime.load_checkpoint(str(tmp_path / "run" / "ckpt.pt")))[0]
+    trained = build_from_checkpoint(checkpoints.load_checkpoint(str(tmp_path / "run" / "ckpt.pt")))[0]
     assert free is None and next(exported.parameters()).dtype == torch.float32
     splits, _, _ = data.load_data(dcfg, tokenizer, answers, only=("test",))
     batch = splits["test"].batch(torch.arange(len(splits["test"])))

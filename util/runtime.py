@@ -1,140 +1,24 @@
-"""What train.py and infer.py need in order to run, and nothing a reader needs to follow the paper.
+"""What train.py and infer.py need in order to run, and nothing a reader needs to follow the paper:
+the device, the CPU threads and the precision; several processes (torchrun): each one's slice of a
+batch, the gradients' mean, sums of numbers; a stage-1 epoch's running scores; an inference copy of a
+model (BatchNorm folded into the convolutions); a frozen encoder's token cache; stage 1's clock.
 
-  * errors the user can fix: the scripts print them in one line and exit with status 2
-  * flags made from the config dataclasses; the device, the CPU threads and the precision
-  * several processes (torchrun): each one's slice of a batch, the gradients' mean, sums of numbers
-  * the optimizer step: backward, the mean over processes, clipping, fp16's loss scaling
-  * checkpoints: atomic writes, reading one back, random states, export, the optimizers' and RNG's
-    restore on --resume, the JSON log
-  * an inference copy of a model (BatchNorm folded into the convolutions), a frozen encoder's token
-    cache, a stage-1 epoch's running scores and a clock for stage 1
+Public: RUN, WORLD, setup, use_device, autocast, grad_scaler, to_device, synchronize, on_gpu,
+is_main, shard, average_gradients, all_sum, read_sums, progress_bar, inference_copy.
 """
-import argparse
 import copy
-import inspect
-import io
-import json
 import math
 import os
-import random
-import re
 import sys
-import textwrap
 import time
-import tokenize
 from collections import defaultdict
-from dataclasses import fields
 
-import numpy as np
 import torch
 import torch.distributed as dist
 import torch.nn as nn
 from tqdm import tqdm
 
-
-# --------------------------------------------------------------------------------------------------
-# Errors the user can fix (data.DataError is the third kind)
-# --------------------------------------------------------------------------------------------------
-class UsageError(Exception):
-    """Bad input from the user. The scripts print it as one line and exit with status 2."""
-
-
-class ConfigError(UsageError):
-    """A flag, or a combination of flags, that cannot work."""
-
-
-class CheckpointError(UsageError):
-    """A checkpoint that is missing, unreadable, not free-min's or not the one a flag needs."""
-
-
-# --------------------------------------------------------------------------------------------------
-# Flags from the config dataclasses
-# --------------------------------------------------------------------------------------------------
-class Parser(argparse.ArgumentParser):
-    """argparse that reports a bad flag in one line and exits 2, without the (long) usage text."""
-
-    def error(self, message):
-        self.exit(2, f"error: {message} (see {self.prog} -h)\n")
-
-
-def add_config_args(parser, cfg_class, defaults: dict | None = None) -> None:
-    """Add --field-name for each field of a config dataclass, typed, with the field's comment as
-    its help (field_help) and its default. Fields with metadata flag=False are derived from the
-    data and have no flag."""
-    defaults, helps = defaults or {}, field_help(cfg_class)
-    group = parser.add_argument_group(cfg_class.__name__)
-    for f in fields(cfg_class):
-        if not f.metadata.get("flag", True):
-            continue
-        default = defaults.get(f.name, f.default)
-        help_text = f"{helps.get(f.name, '')} (default: {default!r})"
-        kwargs = {"default": default, "help": help_text, "dest": f.name}
-        if f.type in (bool, "bool"):
-            kwargs["action"] = argparse.BooleanOptionalAction
-        else:
-            kwargs["type"] = {"int": int, "float": float, "str": str}.get(f.type, f.type)
-            if "choices" in f.metadata:
-                kwargs["choices"] = f.metadata["choices"]
-        group.add_argument(flag(f.name), **kwargs)
-
-
-def field_help(cfg_class) -> dict[str, str]:
-    """Each field's help text: the comment beside the field, or else the comment lines right above
-    it, read from the dataclass's source (every config field is commented, as in nanoGPT)."""
-    src = textwrap.dedent(inspect.getsource(cfg_class))
-    comments = {tok.start[0]: tok.string[1:].strip()
-                for tok in tokenize.generate_tokens(io.StringIO(src).readline)
-                if tok.type == tokenize.COMMENT}
-    names, helps, above = {f.name for f in fields(cfg_class)}, {}, []
-    for n, line in enumerate(src.splitlines(), 1):
-        if line.strip().startswith("#"):
-            above.append(comments[n])
-            continue
-        name = re.match(r"\s*(\w+)\s*:", line)
-        if name and name.group(1) in names:
-            helps[name.group(1)] = comments.get(n) or " ".join(above)
-        above = []
-    return helps
-
-
-def config_from_args(cfg_class, args):
-    """Build a config dataclass from parsed arguments (fields without a flag keep their default)."""
-    values = {f.name: getattr(args, f.name) for f in fields(cfg_class) if hasattr(args, f.name)}
-    return cfg_class(**values)
-
-
-def parse_configs(argv, description: str, classes: tuple, presets: dict, uses: dict):
-    """Flags for every field of the config dataclasses `classes`, with --preset NAME choosing their
-    defaults (presets: name -> the fields it changes; uses: name -> what it is for). Returns (args,
-    one config per class)."""
-    pre = Parser(add_help=False)
-    pre.add_argument("--preset", default="default", choices=list(presets))
-    preset = pre.parse_known_args(argv)[0].preset
-    p = Parser(description=description, formatter_class=argparse.RawDescriptionHelpFormatter)
-    changes = [f"{name} ({uses[name]}) changes "
-               + ", ".join(f"{flag(k)} {v}" for k, v in kw.items())
-               for name, kw in presets.items() if kw]
-    p.add_argument("--preset", default="default", choices=list(presets),
-                   help=f"named defaults: default ({uses['default']}); " + "; ".join(changes)
-                   + ". The defaults shown below are those of the preset given")
-    for cls in classes:
-        add_config_args(p, cls, presets[preset])
-    args = p.parse_args(argv)
-    return args, *(config_from_args(cls, args) for cls in classes)
-
-
-def flag(name: str) -> str:
-    """The flag of a config field: batch_size -> --batch-size."""
-    return "--" + name.replace("_", "-")
-
-
-def require(cfg, names, low: float, strict: bool) -> None:
-    """ConfigError unless every field `names` of cfg is > low (strict) or >= low."""
-    for name in names:
-        value = getattr(cfg, name)
-        if value < low or (strict and value == low):
-            sign = ">" if strict else ">="
-            raise ConfigError(f"{flag(name)} must be {sign} {low:g} (got {value})")
+from util.config import ConfigError
 
 
 # --------------------------------------------------------------------------------------------------
@@ -394,109 +278,6 @@ class EpochScores:
         totals = all_sum([x for f in families for x in self.by_family[f]])    # [sum, n] per family
         return {f: 100 * totals[2 * i] / totals[2 * i + 1]
                 for i, f in enumerate(families) if totals[2 * i + 1]}
-
-
-# --------------------------------------------------------------------------------------------------
-# Checkpoints, the log and random states
-# --------------------------------------------------------------------------------------------------
-def save_atomic(path: str, obj) -> None:
-    """Write obj to path (JSON for a .json path, torch.save otherwise) through a temp file and a
-    rename, so that an interrupted write never leaves a half-written file in place of the old
-    one."""
-    os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
-    tmp = path + ".tmp"
-    if path.endswith(".json"):
-        with open(tmp, "w") as f:
-            json.dump(obj, f, indent=1)
-    else:
-        torch.save(obj, tmp)
-    os.replace(tmp, path)
-
-
-def load_checkpoint(path: str, flag_name: str = "") -> dict:
-    """Read a checkpoint; CheckpointError naming the flag and file if it is missing, unreadable
-    or not free-min's."""
-    where = f"{flag_name} {path}".strip()
-    if not os.path.isfile(path):
-        raise CheckpointError(f"{where}: checkpoint not found")
-    try:
-        state = torch.load(path, map_location="cpu", weights_only=False)
-    except Exception as e:  # a truncated or foreign file: say which file, not a traceback
-        raise CheckpointError(f"{where}: not a readable checkpoint ({e.__class__.__name__})")
-    if not isinstance(state, dict) or not {"model", "model_config", "data_config"} <= set(state):
-        raise CheckpointError(f"{where}: not a free-min checkpoint (no backbone weights and "
-                              f"configs in it)")
-    return state
-
-
-def log_json(out: str, record: dict) -> None:
-    """One JSON line per evaluation in OUT/log.jsonl."""
-    with open(os.path.join(out, "log.jsonl"), "a") as f:
-        f.write(json.dumps(record) + "\n")
-
-
-def rng_state() -> dict:
-    cuda = torch.cuda.get_rng_state_all() if torch.cuda.is_available() else []
-    return {"torch": torch.get_rng_state(), "cuda": cuda, "numpy": np.random.get_state(),
-            "python": random.getstate()}
-
-
-def set_rng_state(state: dict) -> None:
-    """Restore rng_state(); on a machine with fewer GPUs than the saving one, the GPUs it has
-    (none on a CPU)."""
-    torch.set_rng_state(state["torch"])
-    for i, gpu_state in enumerate(state["cuda"][:torch.cuda.device_count()]):
-        torch.cuda.set_rng_state(gpu_state, i)
-    np.random.set_state(state["numpy"])
-    random.setstate(state["python"])
-
-
-# What an exported checkpoint leaves out: what only continuing the run needs.
-TRAINING_STATE = ("optimizer", "scaler", "rng", "aux", "step", "epoch", "scenes")
-
-
-def export_checkpoint(path: str, ckpt: str) -> None:
-    """A run's checkpoint, small enough to ship (how backbones/ is made): fp16 weights (loaded
-    back in fp32), the configs, tokenizer, answers, the backbone's test accuracy
-    (tests/test_shipped_backbone.py checks that it is still reached) and, after stage 2, the
-    exits and their calibrated point; no optimizer or RNG state."""
-    state = {k: v for k, v in load_checkpoint(ckpt).items() if k not in TRAINING_STATE}
-    for key in ("model", "exits"):
-        if key in state:
-            state[key] = {k: v.half() if v.is_floating_point() else v
-                          for k, v in state[key].items()}
-    save_atomic(path, state)
-    print(f"wrote {path} ({os.path.getsize(path) / 1e6:.1f} MB)")
-
-
-def resume_stage(state: dict, opt, scaler, heads: dict) -> tuple[int, int]:
-    """Load an interrupted stage 1's optimizer, scaler, auxiliary heads and RNG; return (step, next
-    epoch)."""
-    opt.load_state_dict(state["optimizer"])
-    load_scaler(scaler, state["scaler"])
-    for name, (_, head) in heads.items():
-        head.load_state_dict(state["aux"][name])
-    set_rng_state(state["rng"])
-    print(f"resumed stage 1 after epoch {state['epoch'] + 1} (step {state['step']})")
-    return state["step"], state["epoch"] + 1
-
-
-def exit_progress(epoch: int, opt_g, opt_d, scaler, order: torch.Generator) -> dict:
-    """What continuing an interrupted stage 2 after `epoch` needs (resume_exits reads it back)."""
-    return {"epoch": epoch, "opt_g": opt_g.state_dict(), "opt_d": opt_d.state_dict(),
-            "scaler": scaler.state_dict(), "batch_order": order.get_state(), "rng": rng_state()}
-
-
-def resume_exits(progress: dict, opt_g, opt_d, scaler, order) -> int:
-    """Load an interrupted stage 2's optimizers, scaler, batch order and RNG; return the next
-    epoch."""
-    opt_g.load_state_dict(progress["opt_g"])
-    opt_d.load_state_dict(progress["opt_d"])
-    load_scaler(scaler, progress["scaler"])
-    order.set_state(progress["batch_order"])
-    set_rng_state(progress["rng"])
-    print(f"resumed stage 2 after epoch {progress['epoch'] + 1}")
-    return progress["epoch"] + 1
 
 
 # --------------------------------------------------------------------------------------------------

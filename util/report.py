@@ -17,7 +17,9 @@ from collections import defaultdict
 import torch
 
 from free_min import RULES
-from runtime import ConfigError, log_json, save_atomic, synchronize, to_device
+from util.checkpoints import log_json, save_atomic
+from util.config import ConfigError
+from util.runtime import synchronize, to_device
 
 
 # --------------------------------------------------------------------------------------------------
