@@ -18,7 +18,7 @@ same layer without G_k); mid-crisis and overthinking; a threshold sweep per exit
 (free_min.RULES); a calibrated operating point, picked on the *calib* split (the fastest whose
 accuracy drop is <= --max-drop points; data.SPLITS says which split chooses what), reported on the
 eval split and timed at batch 1 and batched; and the depth each question family runs to there.
-Its statistics, cost models, printing and figure are in report.py.
+Its statistics, cost models, printing and figure are in util/report.py.
 """
 import argparse
 import os
@@ -28,13 +28,16 @@ import time
 from dataclasses import dataclass, field, replace
 
 import torch
+from PIL import Image
 
-from util import report
-from data import batches, load_data, read_question
+from data import batches, encode_questions, load_data
 from free_min import RULES, early_exit_predict
+from util import report
 from util.checkpoints import default_checkpoint, load_free
-from util.config import ConfigError, Parser, UsageError, add_config_args, config_from_args
+from util.config import (ConfigError, DataError, Parser, UsageError, add_config_args,
+                         config_from_args)
 from util.runtime import inference_copy, pick_device, pick_threads, synchronize, to_device
+from util.vqa import load_image
 
 RISKS = ("harm", "disagree")          # the losses calibration can bound (see risk_losses)
 
@@ -220,7 +223,7 @@ def layers_run(free, sim: dict) -> torch.Tensor:
 
 def predicted_speedup(free, sim: dict, costs: dict) -> float:
     """Full-model cost / mean early-exit cost of the questions in `sim` under a cost model
-    (report.py: seconds measured at batch 1, or FLOPs): embedding + layers + exits evaluated
+    (util/report.py: seconds measured at batch 1, or FLOPs): embedding + layers + exits evaluated
     (+ the final head)."""
     at_final = (sim["exit"] == free.num_exits).float()
     cost = (costs["embed"] + layers_run(free, sim) * costs["layer"]
@@ -426,7 +429,7 @@ def time_point(free, split, cal: dict, timing_ids: torch.Tensor, cfg: InferConfi
 def build_report(free, splits: dict, split_name: str, cfg: InferConfig) -> dict:
     """Everything the report says about one checkpoint on one split, calibrated on the calib
     split (cfg.calibrate_on); run and timed where `free` is, on an inference copy
-    (runtime.inference_copy)."""
+    (util.runtime.inference_copy)."""
     free = inference_copy(free)
     split, calib = splits[split_name], splits[cfg.calibrate_on]
     probs = collect(free, split, cfg.batch_size)
@@ -462,7 +465,7 @@ def build_report(free, splits: dict, split_name: str, cfg: InferConfig) -> dict:
 
 def describe_depth(free, split, probs: dict, cfg: InferConfig) -> dict:
     """The report's first part: where it ran, the full model, the depth profile, mid-crisis,
-    overthinking and the oracle (report.py)."""
+    overthinking and the oracle (util/report.py)."""
     profile = exit_profile(split, probs, free.exit_layers)
     oracle = layer_speedup(free, report.oracle_exits(probs), probs["seq_len"])
     crisis = {"free_exits": report.mid_crisis(profile),
@@ -479,6 +482,46 @@ def describe_depth(free, split, probs: dict, cfg: InferConfig) -> dict:
 # One question, and the command line
 # --------------------------------------------------------------------------------------------------
 @torch.no_grad()
+def read_question(tokenizer, image_path: str, question: str,
+                  image_size: int) -> tuple[dict, list[str]]:
+    """The model's inputs for --image and --question (image (1, 3, H, W) in [0, 1], tokens and mask
+    (1, T)), and notes on what the model will not see as given: words no training question had, a
+    question cut to the tokens the model reads, an image unlike the ones it was trained on."""
+    if not os.path.isfile(image_path):
+        raise DataError(f"--image {image_path}: file not found")
+    image = load_image(image_path, image_size).float()[None] / 255.0           # (1, 3, H, W)
+    tokens, text_mask = encode_questions(tokenizer, [question])                 # (1, T)
+    notes = []
+    unseen = unseen_words(tokenizer, question)
+    if unseen:
+        notes.append(
+            f"no training question had the words {', '.join(unseen)}: the answer cannot rest "
+            "on what they mean")
+    if tokenizer.encode(question).overflowing:
+        kept = tokenizer.decode(tokens[0].tolist(), skip_special_tokens=True).replace(" ##", "")
+        notes.append(
+            f"the question is longer than the {tokens.shape[1]} tokens the model reads; it "
+            f"reads: \"{kept}\"")
+    with Image.open(image_path) as im:
+        mode, size = im.mode, im.size
+    if mode != "RGB" or size != (image_size, image_size):
+        notes.append(
+            f"the image is {size[0]} x {size[1]} {mode}; the model sees it as {image_size} x "
+            f"{image_size} RGB (it was trained on pictures like those of data.py --scene)")
+    return {"images": image, "tokens": tokens, "text_mask": text_mask}, notes
+
+
+def unseen_words(tokenizer, question: str) -> list[str]:
+    """The question's words (once each, punctuation left out) that are no word of the tokenizer's
+    vocabulary: the training questions never had them (the tokenizer still splits them into known
+    characters, so the model answers regardless)."""
+    words = tokenizer.pre_tokenizer.pre_tokenize_str(tokenizer.normalizer.normalize_str(question))
+    unseen = [
+        w for w, _ in words if any(c.isalnum() for c in w) and tokenizer.token_to_id(w) is None
+    ]
+    return list(dict.fromkeys(unseen))
+
+
 def answer_one(free, answers: list[str], inputs: dict, rule: str, threshold: float,
                exits: list[int] | None = None) -> dict:
     """Answer one question with early exit (evaluating the exits `exits`, default all): the

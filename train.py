@@ -19,8 +19,8 @@ pretrained BLIP-2, which we have none of offline. Stage 2 freezes it and trains 
 Then infer.py's early-exit report runs on the test split. Each stage prints its progress, logs
 one JSON line per evaluation to OUT/log.jsonl and writes OUT/ckpt.pt after every epoch (weights,
 optimizer, step, RNG, configs, tokenizer, answers), atomically. What is not the method (processes,
-precision, checkpoints, flags) is in runtime.py and prepare.py; stage 1's stand-ins for pretraining
-are in stand_ins.py; what is printed and logged, in report.py.
+precision, checkpoints, flags) is in util/; stage 1's stand-ins for pretraining are in
+util/stand_ins.py; what is printed and logged, in util/report.py.
 """
 import json
 import math
@@ -35,13 +35,13 @@ from tokenizers import Tokenizer
 from torch import Tensor
 
 import infer
-from util import report
-from data import (FAMILIES, SPLITS, DataConfig, TrainScenes, batches, check_data_config,
-                  family_weights, load_data, majority_baseline)
+from data import (FAMILIES, SPLITS, DataConfig, batches, check_data_config, load_data,
+                  majority_baseline)
 from free_min import (FREE, METHODS, ExitConfig, check_exit_config, discriminator_loss,
                       generator_loss, resolve_exit_layers)
 from model import (VLM, ModelConfig, check_model_config, describe_timm_vit, make_vit,
                    soft_cross_entropy)
+from util import report
 from util.checkpoints import (build_from_checkpoint, exit_progress, export_checkpoint,
                               load_checkpoint, record_calibrated, record_test, resume_exits,
                               resume_stage, resume_state, save_atomic, stage1_saver, stage2_saver,
@@ -50,6 +50,7 @@ from util.config import ConfigError, UsageError, parse_configs, require
 from util.runtime import (CHECK_EVERY, RUN, WORLD, EpochScores, StepClock, all_sum, autocast,
                           average_gradients, cache_patches, close_distributed, grad_scaler, is_main,
                           on_gpu, progress_bar, read_sums, setup, shard, to_device, wait_for_main)
+from util.scenes import TrainScenes, family_weights
 from util.stand_ins import LABEL_FREE, aux_heads, aux_inputs
 
 
@@ -72,7 +73,7 @@ class TrainConfig:
     # facts each answer is computed from, see stand_ins.SceneHeads; 0 = off)
     scene_weight: float = 1.0
     # shapes data, stage 1: uniform (every family asked as often) or by-error (each epoch's scenes
-    # ask each family in proportion to its training error, see data.family_weights)
+    # ask each family in proportion to its training error, see util/scenes.py's family_weights)
     sample_families: str = field(default="by-error", metadata={"choices": ["uniform", "by-error"]})
     seed: int = 0  # seed of initialisation, batch order and labelled fraction
     # auto (cuda, then mps, then cpu), cuda, mps or cpu
@@ -298,7 +299,7 @@ def global_batches(n: int, batch_size: int, generator: torch.Generator | None = 
 def train_backbone(model: VLM, splits: dict, tcfg: TrainConfig, save, state: dict | None = None,
                    scenes=None) -> None:
     """Stage 1: the whole VLM and its auxiliary heads on each epoch's train split (scenes(epoch), a
-    data.TrainScenes, or splits['train']); after every epoch the val accuracy per family and a
+    util.scenes.TrainScenes, or splits['train']); after every epoch the val accuracy per family and a
     checkpoint (save(epoch, step, opt, scaler, heads)). `state` continues an interrupted run."""
     heads = {name: (w, h.to(RUN["device"]))
              for name, (w, h) in aux_heads(model, splits["train"], tcfg).items()}

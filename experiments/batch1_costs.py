@@ -24,7 +24,7 @@ import torch
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import free_min                                                    # noqa: E402
 import infer                                                       # noqa: E402
-from util import checkpoints, config, runtime                                                     # noqa: E402
+from util import checkpoints, config, runtime                 # noqa: E402
 from data import load_data
 
 

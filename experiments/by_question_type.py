@@ -22,8 +22,7 @@ import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import infer                                                       # noqa: E402
-from util import report                                                      # noqa: E402
-from util import checkpoints, config                                                     # noqa: E402
+from util import checkpoints, config, report                  # noqa: E402
 from data import load_data
 from free_min import FREE, ExitConfig
 from util.checkpoints import build_from_checkpoint

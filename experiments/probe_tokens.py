@@ -8,7 +8,7 @@ shapes images, each probe is fitted on some and scored on others, beside the sha
     scored on the tokens that cover an object;
   * position: the visual token the language model reads (VLM.embed's, after the merge and the position
     embedding) under each object's centre -> where the object is: the right or left half, the bottom or
-    top half (which the token's own place decides), and its cell of an 8 x 8 grid (data.fact_cell, the
+    top half (which the token's own place decides), and its cell of an 8 x 8 grid (shapes.fact_cell, the
     cells of `relate`'s scene facts: finer than a visual token, so the token must also say where in it).
 --random: the same architecture at its random initialisation.
 """
@@ -22,7 +22,7 @@ import torch.nn.functional as F
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import data                                                                   # noqa: E402
-from util import checkpoints, config, runtime                                                                # noqa: E402
+from util import checkpoints, config, runtime, shapes         # noqa: E402
 from model import VLM
 from util.checkpoints import build_from_checkpoint
 from util.stand_ins import PatchProbe
@@ -46,21 +46,21 @@ def visual_tokens(model: VLM, images: np.ndarray) -> torch.Tensor:
 
 
 def fresh_visual_tokens(model: VLM, n: int, seed: int):
-    """n fresh scenes (lists of data.Obj) and their visual tokens (n, N, D)."""
+    """n fresh scenes (lists of shapes.Obj) and their visual tokens (n, N, D)."""
     rng, size = np.random.default_rng(seed), model.cfg.image_size
-    scenes = [data.make_scene(rng, size) for _ in range(n)]
-    return scenes, visual_tokens(model, np.stack([data.render_scene(objs, rng, size) for objs in scenes]))
+    scenes = [shapes.make_scene(rng, size) for _ in range(n)]
+    return scenes, visual_tokens(model, np.stack([shapes.render_scene(objs, rng, size) for objs in scenes]))
 
 
 def object_positions(model: VLM, scenes: list, visual: torch.Tensor):
     """The visual token under each object's centre (n_obj, D) and where the object is (n_obj, 3): right
-    half, bottom half, data.fact_cell."""
+    half, bottom half, shapes.fact_cell."""
     size, side = model.cfg.image_size, model.grid // model.cfg.merge                   # visual tokens a side
     tokens, where = [], []
     for i, objs in enumerate(scenes):
         for o in objs:
             tokens.append(visual[i, int(o.y * side / size) * side + int(o.x * side / size)])
-            where.append([int(o.x > size / 2), int(o.y > size / 2), data.fact_cell(o, size)])
+            where.append([int(o.x > size / 2), int(o.y > size / 2), shapes.fact_cell(o, size)])
     return torch.stack(tokens), torch.tensor(where)
 
 
@@ -71,7 +71,7 @@ def place_to_content(model: VLM, visual: torch.Tensor, n: int = 100) -> float:
     at any scale (it standardises each dimension); attention, which compares whole tokens, hears it at this
     ratio."""
     rng = np.random.default_rng(0)
-    blank = visual_tokens(model, np.stack([data.render_scene([], rng, model.cfg.image_size) for _ in range(n)]))
+    blank = visual_tokens(model, np.stack([shapes.render_scene([], rng, model.cfg.image_size) for _ in range(n)]))
     place = blank.mean(dim=0) - blank.mean(dim=(0, 1))                                  # (N, D)
     content = visual - visual.mean(dim=0)                                               # (n', N, D)
     return float(place.pow(2).sum(dim=1).mean().sqrt() / content.pow(2).sum(dim=2).mean().sqrt())
@@ -136,7 +136,7 @@ def main(argv=None) -> None:
     (p_fit, w_fit), (p_val, w_val) = (object_positions(model, fit_scenes, fit_visual),
                                       object_positions(model, val_scenes, val_visual))
     p_fit, p_val = standardise(p_fit, p_val)
-    for j, name in enumerate(("right half", "bottom half", f"cell of {data.FACT_GRID}x{data.FACT_GRID}")):
+    for j, name in enumerate(("right half", "bottom half", f"cell of {shapes.FACT_GRID}x{shapes.FACT_GRID}")):
         right = probe_accuracy(p_fit, w_fit[:, j], p_val, w_val[:, j], on_object=False)
         common = w_val[:, j].bincount().max().item() / len(w_val)
         print(f"position, {name}: {100 * right:.1f} % of objects read right from the visual token under them "

@@ -22,8 +22,7 @@ from tqdm import tqdm
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import free_min                                                    # noqa: E402
 import infer                                                       # noqa: E402
-from util import checkpoints, config, runtime                                                    # noqa: E402
-from util import report                                                     # noqa: E402
+from util import checkpoints, config, report, runtime         # noqa: E402
 from data import load_data
 
 

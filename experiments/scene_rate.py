@@ -3,7 +3,7 @@
     python experiments/scene_rate.py [--workers 1 2] [--images 6000] [--epochs 3]
 
 Each setting draws `--epochs` whole epochs of the default train split (`--images` scenes each, questions
-tokenized and the split built, as data.TrainScenes hands it to the training loop) one after the other, with
+tokenized and the split built, as scenes.TrainScenes hands it to the training loop) one after the other, with
 nothing training meanwhile, and prints the scenes per second of the fastest epoch. Compare them with the
 scenes per second stage 1 trains on (train.py's epoch time): the GPU waits on nothing while drawing is
 faster. The processes start before the clock does (a run starts them once).
@@ -15,25 +15,26 @@ import time
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import data                                                        # noqa: E402
+from util import scenes
 
 
 def rate(cfg: data.DataConfig, workers: int, epochs: int, first, tok, answers) -> float:
     """Scenes per second of the fastest of `epochs` epochs drawn by `workers` processes (0: this one)."""
-    scenes = data.TrainScenes(cfg, first, tok, answers, epochs=epochs + 1, workers=workers)
+    drawn = scenes.TrainScenes(cfg, first, tok, answers, epochs=epochs + 1, workers=workers)
     try:
-        if scenes.pool:                                            # start the processes, off the clock
-            list(scenes.pool.map(abs, range(2 * workers)))
+        if drawn.pool:                                            # start the processes, off the clock
+            list(drawn.pool.map(abs, range(2 * workers)))
         seconds = []
         for epoch in range(1, epochs + 1):
             start = time.perf_counter()
-            scenes.start(epoch)                                    # one part per process
-            parts = scenes.pending.pop(epoch)
-            split = (data.join_splits([f.result() for f in parts]) if parts else
-                     data.fresh_split(cfg, epoch, None, (0, 1), tok, scenes.answer_to_idx))
+            drawn.start(epoch)                                    # one part per process
+            parts = drawn.pending.pop(epoch)
+            split = (scenes.join_splits([f.result() for f in parts]) if parts else
+                     scenes.fresh_split(cfg, epoch, None, (0, 1), tok, drawn.answer_to_idx))
             seconds.append(time.perf_counter() - start)
             assert len(split.images) == cfg.train_images
     finally:
-        scenes.close()
+        drawn.close()
     return cfg.train_images / min(seconds)
 
 

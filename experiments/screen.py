@@ -19,8 +19,7 @@ import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import data                                                         # noqa: E402
-from util import config, runtime                                                      # noqa: E402
-from util import stand_ins                                                    # noqa: E402
+from util import config, runtime, scenes, shapes, stand_ins   # noqa: E402
 import train                                                        # noqa: E402
 from model import VLM
 
@@ -39,7 +38,7 @@ def oracle_patches(split, patch_size: int, width: int):
 
 def find_objects(pixel_labels: torch.Tensor) -> list[list[tuple]]:
     """The objects of each image, recovered from its pixel labels (n_img, 2, H, W): [(colour index, shape index,
-    x, y)] with (x, y) the generator's centre in pixels. Objects never touch (data.make_scene keeps them 2 px
+    x, y)] with (x, y) the generator's centre in pixels. Objects never touch (shapes.make_scene keeps them 2 px
     apart), so each connected region of foreground is one object: every pixel takes the largest id among its
     3 x 3 neighbours until nothing changes. A triangle's centre lies 0.133 r above its centroid (r from its
     area, 1.7 r^2)."""
@@ -62,7 +61,7 @@ def find_objects(pixel_labels: torch.Tensor) -> list[list[tuple]]:
     scenes = [[] for _ in range(n)]
     for k in torch.nonzero(keys % (H * W + 1)).flatten().tolist():                      # the foreground regions
         x, y = float(sx[k] / area[k]), float(sy[k] / area[k])
-        if data.SHAPES[int(shape[k]) - 1] == "triangle":
+        if shapes.SHAPES[int(shape[k]) - 1] == "triangle":
             y -= (2 / 3 * 1.7 - 1) * math.sqrt(float(area[k]) / 1.7)
         scenes[int(keys[k]) // (H * W + 1)].append((int(colour[k]) - 1, int(shape[k]) - 1, x, y))
     return scenes
@@ -79,8 +78,8 @@ def object_patches(split, patch_size: int, width: int, merge: int = 2):
     for i, objs in enumerate(find_objects(split.pixel_labels)):
         for j, (colour, shape, cx, cy) in enumerate(objs):
             p = torch.tensor([2 * cx / H - 1, 2 * cy / H - 1])
-            feats = torch.cat([torch.nn.functional.one_hot(torch.tensor(colour), len(data.COLORS)).float(),
-                               torch.nn.functional.one_hot(torch.tensor(shape), len(data.SHAPES)).float(),
+            feats = torch.cat([torch.nn.functional.one_hot(torch.tensor(colour), len(shapes.COLORS)).float(),
+                               torch.nn.functional.one_hot(torch.tensor(shape), len(shapes.SHAPES)).float(),
                                p, (p[:, None] * k).sin().flatten(), (p[:, None] * k).cos().flatten()])
             row, col = divmod(j, g // merge)
             x[i, row * merge, col * merge, :len(feats)] = feats
@@ -88,7 +87,7 @@ def object_patches(split, patch_size: int, width: int, merge: int = 2):
     return split
 
 
-class SeenScenes(data.TrainScenes):
+class SeenScenes(scenes.TrainScenes):
     """The train split of every epoch, seen through `see` (an oracle's perception, or as it is)."""
 
     def __init__(self, see, *args, **kwargs):
@@ -104,7 +103,7 @@ def blind_score(objs: list, question: str, answer: str) -> float:
     """The expected score on one `relate` question of a model that sees every object's colour and shape but
     not where it is: it names the asked attribute of one of the objects other than the reference, at random."""
     name = re.search(r"(?:closest to|farthest from) the (.+?)(?: has|\?)", question).group(1)
-    ref = next(o for phrase, o in data.reference_names(objs) if phrase == name)
+    ref = next(o for phrase, o in shapes.reference_names(objs) if phrase == name)
     attr = "color" if "color" in question else "shape"
     others = [getattr(o, attr) for o in objs if o is not ref]
     return others.count(answer) / len(others)
@@ -115,14 +114,14 @@ def relate_without_positions(n_scenes: int = 3000, seed: int = 1) -> float:
     has learned the question's form, not the relation."""
     rng, scores = np.random.default_rng(seed), []
     for _ in range(n_scenes):
-        objs = data.make_scene(rng)
-        qa = data.GENERATORS["relate"](objs, rng)
+        objs = shapes.make_scene(rng)
+        qa = shapes.GENERATORS["relate"](objs, rng)
         if qa is not None:
             scores.append(blind_score(objs, *qa[:2]))
     return 100.0 * sum(scores) / len(scores)
 
 
-ASK_COMPARE = data.GENERATORS["compare"]
+ASK_COMPARE = shapes.GENERATORS["compare"]
 SIDES = {"left": ("x", False), "right": ("x", True), "top": ("y", False), "bottom": ("y", True)}
 
 
@@ -131,7 +130,7 @@ def ask_side(objs, rng):
     left?", yes when the named object's centre lies in that half of the image (never asked of an
     object within 4 px of the middle). The answer is a single position, read off one object: what
     a model that knows where its visual tokens are learns at once."""
-    refs = [(name, o) for name, o in data.reference_names(objs)
+    refs = [(name, o) for name, o in shapes.reference_names(objs)
             if min(abs(o.x - 32), abs(o.y - 32)) >= 4]
     if not refs:
         return None
@@ -150,16 +149,16 @@ def more_only(objs, rng):
 def screen(families: list[str], steps: int, seed: int, out: str, flags: list[str], oracle: str = "",
            pos_std: float = 0.0, only_more: bool = False) -> dict:
     """One proxy run: val accuracy per family (%) after `steps` steps, and each family's majority answer."""
-    saved = list(data.FAMILIES), dict(data.GENERATORS), dict(data.ANSWER_TYPES)
+    saved = list(data.FAMILIES), dict(shapes.GENERATORS), dict(shapes.ANSWER_TYPES)
     data.FAMILIES[:] = families                                     # the generator asks these families only
-    data.GENERATORS["side"], data.ANSWER_TYPES["side"] = ask_side, "yes/no"
+    shapes.GENERATORS["side"], shapes.ANSWER_TYPES["side"] = ask_side, "yes/no"
     if only_more:
-        data.GENERATORS["compare"] = more_only
+        shapes.GENERATORS["compare"] = more_only
     try:
         return proxy_run(seed, out, flags, oracle, pos_std, steps)
     finally:                                                        # the generator as it was
         data.FAMILIES[:] = saved[0]
-        for table, before in ((data.GENERATORS, saved[1]), (data.ANSWER_TYPES, saved[2])):
+        for table, before in ((shapes.GENERATORS, saved[1]), (shapes.ANSWER_TYPES, saved[2])):
             table.clear()
             table.update(before)
 

@@ -12,6 +12,7 @@ import torch
 from PIL import Image
 
 import data
+from util import shapes, vqa
 from data import DataConfig, DataError
 
 FIXTURE = os.path.join(os.path.dirname(__file__), "fixtures", "vqa")
@@ -24,27 +25,27 @@ FIXTURE = os.path.join(os.path.dirname(__file__), "fixtures", "vqa")
     ("  Ten\n", "10"), ("3.5", "3.5"), ("isnt it", "isn't it"),
 ])
 def test_normalize_answer_official_examples(raw, expected):
-    assert data.normalize_answer(raw) == expected
+    assert vqa.normalize_answer(raw) == expected
 
 
 def test_normalization_is_idempotent_on_its_outputs():
     for raw in ["Two", "the dog", "dont", "t-shirt", "1,000", "mr. smith", "red, white", "3.5"]:
-        once = data.normalize_answer(raw)
-        assert data.normalize_answer(once) == once
+        once = vqa.normalize_answer(raw)
+        assert vqa.normalize_answer(once) == once
 
 
 @pytest.mark.parametrize("k, expected", [(0, 0.0), (1, 0.3), (2, 0.6), (3, 0.9), (4, 1.0), (7, 1.0)])
 def test_ten_answer_leave_one_out_scores(k, expected):
     answers = ["cat"] * k + ["dog"] * (10 - k) if k < 10 else ["cat"] * 10
-    assert data.vqa_accuracy("cat", answers) == pytest.approx(expected)
+    assert vqa.vqa_accuracy("cat", answers) == pytest.approx(expected)
 
 
 def test_metric_normalizes_only_when_humans_disagree():
     # not unanimous: "Two"/"2"/"two" all count for the prediction "2"
-    assert data.vqa_accuracy("2", ["Two"] * 4 + ["2"] * 3 + ["three"] * 3) == pytest.approx(1.0)
+    assert vqa.vqa_accuracy("2", ["Two"] * 4 + ["2"] * 3 + ["three"] * 3) == pytest.approx(1.0)
     # unanimous: the official script compares the raw (stripped) string
-    assert data.vqa_accuracy("2", ["Two"] * 10) == 0.0
-    assert data.vqa_accuracy("Two", ["Two"] * 10) == 1.0
+    assert vqa.vqa_accuracy("2", ["Two"] * 10) == 0.0
+    assert vqa.vqa_accuracy("Two", ["Two"] * 10) == 1.0
 
 
 # Hand-computed with the official vqaEval.py rules (not with this code): k matching humans of 10 score
@@ -78,25 +79,25 @@ def test_metric_normalizes_only_when_humans_disagree():
     ("dont", ["dont"] * 3 + ["no"] * 7, 0.9),          # "dont" -> "don't" on both sides
 ])
 def test_official_metric_on_hand_computed_cases(prediction, answers, expected):
-    assert data.vqa_accuracy(prediction, answers) == pytest.approx(expected)
+    assert vqa.vqa_accuracy(prediction, answers) == pytest.approx(expected)
 
 
 def test_at_most_32_periods_are_dropped_as_in_the_official_script():
     # the official call passes re.UNICODE (32) as sub()'s count: the 33rd period and later stay
-    assert data.normalize_answer("a" + "." * 40) == "a" + "." * 8
+    assert vqa.normalize_answer("a" + "." * 40) == "a" + "." * 8
 
 
 def test_fewer_than_ten_answers():
-    assert data.vqa_accuracy("yes", ["yes"]) == 1.0
-    assert data.vqa_accuracy("yes", ["yes", "no", "no", "no", "no"]) == pytest.approx(1 / 3)
-    assert data.vqa_accuracy("no", ["yes", "no"]) == pytest.approx(0.5)
+    assert vqa.vqa_accuracy("yes", ["yes"]) == 1.0
+    assert vqa.vqa_accuracy("yes", ["yes", "no", "no", "no", "no"]) == pytest.approx(1 / 3)
+    assert vqa.vqa_accuracy("no", ["yes", "no"]) == pytest.approx(0.5)
 
 
 # ---------------------------------------------------------------- the shapes generator
 def test_generator_is_deterministic_by_seed():
-    a_img, a_rec, a_lab = data.generate_shapes_split(20, 4, seed=7)
-    b_img, b_rec, b_lab = data.generate_shapes_split(20, 4, seed=7)
-    c_img, _, _ = data.generate_shapes_split(20, 4, seed=8)
+    a_img, a_rec, a_lab = shapes.generate_shapes_split(20, 4, seed=7)
+    b_img, b_rec, b_lab = shapes.generate_shapes_split(20, 4, seed=7)
+    c_img, _, _ = shapes.generate_shapes_split(20, 4, seed=8)
     assert np.array_equal(a_lab, b_lab)
     assert np.array_equal(a_img, b_img) and a_rec == b_rec
     assert not np.array_equal(a_img, c_img)
@@ -105,7 +106,7 @@ def test_generator_is_deterministic_by_seed():
 def _objects_in_pixels(labels: np.ndarray) -> list[dict]:
     """What is drawn, read back from a scene's pixel labels (2, H, W) alone: one dict per connected blob
     (4-neighbours) with its colour, shape and centroid. Shapes never touch, so blobs are objects."""
-    colors, seen, blobs = list(data.COLORS), np.zeros(labels.shape[1:], dtype=bool), []
+    colors, seen, blobs = list(shapes.COLORS), np.zeros(labels.shape[1:], dtype=bool), []
     for y0, x0 in zip(*np.nonzero(labels[0])):
         if seen[y0, x0]:
             continue
@@ -122,15 +123,15 @@ def _objects_in_pixels(labels: np.ndarray) -> list[dict]:
         kinds = {(int(labels[0, y, x]), int(labels[1, y, x])) for y, x in pixels}
         assert len(kinds) == 1, "two objects touch"
         c, s = kinds.pop()
-        blobs.append({"color": colors[c - 1], "shape": data.SHAPES[s - 1], "x": xs.mean(), "y": ys.mean()})
+        blobs.append({"color": colors[c - 1], "shape": shapes.SHAPES[s - 1], "x": xs.mean(), "y": ys.mean()})
     return blobs
 
 
 def _named(blobs, phrase: str) -> list[dict]:
     """Blobs a phrase like 'red object', 'circle', 'red circle', 'red objects', 'circles' refers to."""
     words = phrase.split()
-    color = next((w for w in words if w in data.COLORS), None)
-    shape = next((s for s in data.SHAPES if s in words or s + "s" in words), None)
+    color = next((w for w in words if w in shapes.COLORS), None)
+    shape = next((s for s in shapes.SHAPES if s in words or s + "s" in words), None)
     return [b for b in blobs if (color is None or b["color"] == color) and (shape is None or b["shape"] == shape)]
 
 
@@ -141,7 +142,7 @@ def _answer_from_pixels(family: str, question: str, blobs) -> str:
         thing = re.sub(r"^(is there (a|anything)|are there any|does the image contain a) ", "", q)
         return "yes" if _named(blobs, thing.replace(" object", "")) else "no"
     if family in ("query_color", "query_shape"):     # "what color is the circle", "which shape is red", ...
-        matches = _named(blobs, " ".join(w for w in q.split() if w in data.COLORS or w in data.SHAPES))
+        matches = _named(blobs, " ".join(w for w in q.split() if w in shapes.COLORS or w in shapes.SHAPES))
         assert len(matches) == 1, f"ambiguous: {question}"
         return matches[0]["color" if family == "query_color" else "shape"]
     if family == "count":
@@ -165,7 +166,7 @@ def _answer_from_pixels(family: str, question: str, blobs) -> str:
 def test_generated_answers_match_what_is_drawn():
     """Every answer is read back from the pixel labels (not from the generator's object list) with rules of
     this test's own; each question names its objects unambiguously and relate questions have no near ties."""
-    images, records, labels = data.generate_shapes_split(150, 6, seed=3)
+    images, records, labels = shapes.generate_shapes_split(150, 6, seed=3)
     blobs = [_objects_in_pixels(lab) for lab in labels]
     assert all(3 <= len(b) <= 6 for b in blobs)
     for r in records:
@@ -175,15 +176,15 @@ def test_generated_answers_match_what_is_drawn():
 def _cell_holds(cell: int, blob: dict, slack: float = 3.0) -> bool:
     """Whether a FACT_GRID cell (8 px at 64 px) lies within `slack` px of a blob's centroid (a triangle's
     centroid sits a little below the centre the generator places)."""
-    size = 64 / data.FACT_GRID
-    row, col = divmod(cell, data.FACT_GRID)
+    size = 64 / shapes.FACT_GRID
+    row, col = divmod(cell, shapes.FACT_GRID)
     return (col * size - slack <= blob["x"] <= (col + 1) * size + slack
             and row * size - slack <= blob["y"] <= (row + 1) * size + slack)
 
 
 def _nearest(blobs, cell: int) -> dict:
     """The blob whose centroid is nearest the centre of a FACT_GRID cell."""
-    size, (row, col) = 64 / data.FACT_GRID, divmod(cell, data.FACT_GRID)
+    size, (row, col) = 64 / shapes.FACT_GRID, divmod(cell, shapes.FACT_GRID)
     return min(blobs, key=lambda o: math.hypot(o["x"] - (col + 0.5) * size, o["y"] - (row + 0.5) * size))
 
 
@@ -191,7 +192,7 @@ def test_scene_facts_match_what_is_drawn():
     """Each question's scene facts, read back from the pixels: count, the count asked; compare, the counts of
     the first- and second-named groups; relate, the cells of the reference and of the answer's object.
     Other families carry none, and the facts' table marks the missing ones -1."""
-    images, records, labels = data.generate_shapes_split(150, 6, seed=3)
+    images, records, labels = shapes.generate_shapes_split(150, 6, seed=3)
     blobs = [_objects_in_pixels(lab) for lab in labels]
     for r in records:
         facts, b, q = r["facts"], blobs[r["image_index"]], r["question"].rstrip("?")
@@ -214,7 +215,7 @@ def test_scene_facts_match_what_is_drawn():
 
 
 def test_count_answers_are_as_the_readme_says():
-    _, records, _ = data.generate_shapes_split(600, 6, seed=4)
+    _, records, _ = shapes.generate_shapes_split(600, 6, seed=4)
     counts = Counter(r["answers"][0] for r in records if r["family"] == "count")
     share = {k: v / sum(counts.values()) for k, v in counts.items()}
     assert set(share) <= {"0", "1", "2", "3", "4", "5", "6"}
@@ -222,7 +223,7 @@ def test_count_answers_are_as_the_readme_says():
 
 
 def test_families_balanced_and_yes_no_balanced():
-    _, records, _ = data.generate_shapes_split(600, 4, seed=1)
+    _, records, _ = shapes.generate_shapes_split(600, 4, seed=1)
     fams = [r["family"] for r in records]
     for fam in data.FAMILIES:
         assert abs(fams.count(fam) / len(fams) - 1 / 6) < 0.02
@@ -241,7 +242,7 @@ def test_shapes_splits_are_disjoint():
     assert all(not (a & b) for i, a in enumerate(ids) for b in ids[i + 1:])
     images = [{img.tobytes() for img in split[0]} for split in splits.values()]
     assert all(not (a & b) for i, a in enumerate(images) for b in images[i + 1:])
-    stage1 = {img.tobytes() for epoch in range(1, 61) for img in data.fresh_scenes(cfg, epoch)[0]}
+    stage1 = {img.tobytes() for epoch in range(1, 61) for img in shapes.fresh_scenes(cfg, epoch)[0]}
     assert not (images[3] & stage1)
     assert all(np.array_equal(splits[name][0], data.shapes_splits(cfg)[name][0]) for name in ("train", "val", "test"))
 
@@ -381,8 +382,8 @@ def test_scene_command_draws_a_scene_and_prints_its_questions_and_answers(tmp_pa
     """python data.py --scene PNG: the image and one question of each family about it, with the answers the
     generator gives for that seed."""
     data.main(["--scene", str(tmp_path / "scene.png"), "--seed", "3"])
-    image, _, qas = data.make_image_with_questions(np.random.default_rng(3), data.FAMILIES)
-    assert np.array_equal(np.array(data.Image.open(tmp_path / "scene.png")), image)
+    image, _, qas = shapes.make_image_with_questions(np.random.default_rng(3), data.FAMILIES)
+    assert np.array_equal(np.array(Image.open(tmp_path / "scene.png")), image)
     printed = capsys.readouterr().out
     assert all(f"  {fam}: {q} -> {a}" in printed for fam, q, a, _ in qas) and len(qas) == len(data.FAMILIES)
     with pytest.raises(SystemExit) as e:

@@ -9,9 +9,9 @@ import time
 import torch
 
 import data
+from util import checkpoints, runtime, scenes
 import infer
 import train
-from util import checkpoints, runtime
 import free_min
 from free_min import FREE, ExitConfig
 from model import VLM
@@ -84,28 +84,28 @@ def test_stage1_evaluation_and_the_report_give_one_accuracy():
 
 def fresh_split(cfg, epoch, tok, answers, weights=None):
     """Epoch `epoch`'s train split, drawn in this process."""
-    return data.fresh_split(cfg, epoch, weights, (0, 1), tok, {a: i for i, a in enumerate(answers)})
+    return scenes.fresh_split(cfg, epoch, weights, (0, 1), tok, {a: i for i, a in enumerate(answers)})
 
 
 def test_the_next_epochs_scenes_are_drawn_while_this_one_trains():
     """TrainScenes: epoch 0 is the split given; asking for epoch e starts epoch e + 1 in the background, so that
     it is ready when its turn comes (the epoch after next is never waited for), and it equals what
-    data.fresh_split draws in this process."""
+    scenes.fresh_split draws in this process."""
     cfg = data.DataConfig(train_images=30, val_images=1, test_images=1)
     splits, tok, answers = data.load_data(cfg, only=("train", "val", "test"))
-    scenes = data.TrainScenes(cfg, splits["train"], tok, answers, epochs=3)
+    drawn = scenes.TrainScenes(cfg, splits["train"], tok, answers, epochs=3)
     try:
-        assert scenes(0) is splits["train"]
-        assert 1 in scenes.pending                          # started at once, before epoch 0 trains
-        first = scenes(1)
-        assert 2 in scenes.pending and 3 not in scenes.pending      # the last epoch is 2
+        assert drawn(0) is splits["train"]
+        assert 1 in drawn.pending                          # started at once, before epoch 0 trains
+        first = drawn(1)
+        assert 2 in drawn.pending and 3 not in drawn.pending      # the last epoch is 2
         deadline = time.time() + 60                         # "training" epoch 1 while epoch 2 is drawn
-        while not all(f.done() for f in scenes.pending[2]) and time.time() < deadline:
+        while not all(f.done() for f in drawn.pending[2]) and time.time() < deadline:
             time.sleep(0.1)
-        assert all(f.done() for f in scenes.pending[2])
-        second = scenes(2)
+        assert all(f.done() for f in drawn.pending[2])
+        second = drawn(2)
     finally:
-        scenes.close()
+        drawn.close()
     for epoch, split in ((1, first), (2, second)):
         assert_same_split(split, fresh_split(cfg, epoch, tok, answers))
     assert not torch.equal(first.images, second.images)
@@ -119,18 +119,18 @@ def assert_same_split(a, b):
 
 def test_one_and_three_workers_draw_the_same_epochs():
     """Each image of an epoch comes from its own seed, so three processes, each drawing and building a third of
-    the split, give the epochs one draws (data.fresh_split in one part, which the test above shows one worker
+    the split, give the epochs one draws (scenes.fresh_split in one part, which the test above shows one worker
     gives), weighted families included, image for image."""
     cfg = data.DataConfig(train_images=31, val_images=1, test_images=1)
     splits, tok, answers = data.load_data(cfg, only=("train", "val", "test"))
     heavy = dict.fromkeys(data.FAMILIES, 1.0) | {"relate": 5.0}
-    scenes = data.TrainScenes(cfg, splits["train"], tok, answers, epochs=3, workers=3)
+    drawn = scenes.TrainScenes(cfg, splits["train"], tok, answers, epochs=3, workers=3)
     try:
-        scenes(0)
-        scenes.weights = heavy                                                 # epoch 2 is drawn with them
-        three = [scenes(1), scenes(2)]
+        drawn(0)
+        drawn.weights = heavy                                                 # epoch 2 is drawn with them
+        three = [drawn(1), drawn(2)]
     finally:
-        scenes.close()
+        drawn.close()
     one = [fresh_split(cfg, 1, tok, answers), fresh_split(cfg, 2, tok, answers, heavy)]
     for a, b in zip(one, three):
         assert_same_split(a, b)
@@ -160,28 +160,29 @@ def test_weighted_epochs_draw_the_families_asked_for_and_resume_alike():
     heavy = dict.fromkeys(data.FAMILIES, 1.0) | {"relate": 9.0}
     drawn = fresh_split(cfg, 1, tok, answers, heavy).families
     assert drawn.count("relate") / len(drawn) > 0.45
-    one = data.TrainScenes(cfg, splits["train"], tok, answers, epochs=4, workers=0)
+    one = scenes.TrainScenes(cfg, splits["train"], tok, answers, epochs=4, workers=0)
     one(0)
     one.weights = heavy                                  # learned after epoch 0: epoch 2 is drawn with it
     splits_one = [one(1), one(2)]
     saved = one.progress(1)
-    other = data.TrainScenes(cfg, splits["train"], tok, answers, epochs=4, workers=0)
+    other = scenes.TrainScenes(cfg, splits["train"], tok, answers, epochs=4, workers=0)
     other.resume(saved, 2)
     assert other(2).records == splits_one[1].records and one.drawn_with[1] is None
 
 
 def test_family_weights_follow_the_training_error():
-    weights = data.family_weights({"exist": 100.0, "relate": 50.0}, ["exist", "relate", "count"])
-    assert weights == {"exist": data.FAMILY_FLOOR, "relate": 0.5 + data.FAMILY_FLOOR, "count": 1 + data.FAMILY_FLOOR}
+    weights = scenes.family_weights({"exist": 100.0, "relate": 50.0}, ["exist", "relate", "count"])
+    assert weights == {"exist": scenes.FAMILY_FLOOR, "relate": 0.5 + scenes.FAMILY_FLOOR, "count": 1 + scenes.FAMILY_FLOOR}
 
 
 PARENT = """import sys, time, data
+from util import scenes
 if __name__ == "__main__":
     cfg = data.DataConfig(train_images=4, val_images=1, test_images=1)
     splits, tok, answers = data.load_data(cfg)
-    scenes = data.TrainScenes(cfg, splits["train"], tok, answers, epochs=3)
-    scenes(0)                                            # starts the process that draws epoch 1
-    print(*scenes.pool._processes, flush=True)
+    drawn = scenes.TrainScenes(cfg, splits["train"], tok, answers, epochs=3)
+    drawn(0)                                             # starts the process that draws epoch 1
+    print(*drawn.pool._processes, flush=True)
     time.sleep(120)
 """
 

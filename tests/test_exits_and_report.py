@@ -10,9 +10,9 @@ import torch
 from PIL import Image
 
 import data
+from util import checkpoints, runtime, shapes
 import infer
 import train
-from util import checkpoints, runtime
 import free_min
 from free_min import early_exit_predict
 from util.checkpoints import build_from_checkpoint
@@ -250,7 +250,7 @@ def test_timing_interleaves_full_and_early_exit_batch_by_batch(report, monkeypat
 def test_one_question_round_trip(report, tmp_path):
     out, _ = report
     rng = np.random.default_rng(5)
-    image, objs, qas = data.make_image_with_questions(rng, ["query_color"])
+    image, objs, qas = shapes.make_image_with_questions(rng, ["query_color"])
     Image.fromarray(image).save(tmp_path / "img.png")
     proc = subprocess.run([sys.executable, "infer.py", "--ckpt", str(out / "ckpt.pt"), "--image", str(tmp_path / "img.png"),
                            "--question", qas[0][1], "--threshold", "0"], cwd=ROOT, capture_output=True, text=True, timeout=120)
@@ -270,7 +270,7 @@ def test_explain_shows_every_exit_against_its_threshold(report, tmp_path, capsys
     """--explain: one line per exit with its answer and the rule's measure against the threshold, the exit
     the question left at marked as the answer line says, and the final layer's answer."""
     out, _ = report
-    image, _, qas = data.make_image_with_questions(np.random.default_rng(5), ["query_color"])
+    image, _, qas = shapes.make_image_with_questions(np.random.default_rng(5), ["query_color"])
     Image.fromarray(image).save(tmp_path / "img.png")
     for threshold, leaves in (("0", True), ("1", False)):
         capsys.readouterr()
@@ -314,7 +314,7 @@ def test_notes_name_unseen_words_once_and_a_cut_question(report, tmp_path, capsy
     """Words no training question had are named once each, punctuation left out; a question longer than
     the model reads is said to be cut, with what it reads."""
     out, _ = report
-    image, _, _ = data.make_image_with_questions(np.random.default_rng(5), ["query_color"])
+    image, _, _ = shapes.make_image_with_questions(np.random.default_rng(5), ["query_color"])
     Image.fromarray(image).save(tmp_path / "img.png")
     question = "zzz, and zzz and " + "what color is the circle " * 6 + "?"
     infer.main(["--ckpt", str(out / "ckpt.pt"), "--image", str(tmp_path / "img.png"), "--question", question,
@@ -549,7 +549,7 @@ def test_export_after_stage_2_holds_the_exits_and_their_point_in_fp16(finished, 
     assert {"exits", "calibrated", "test_accuracy", "exit_config"} <= set(state) and "exit_progress" not in state
     assert all(v.dtype == torch.float16 for d in (state["model"], state["exits"]) for v in d.values() if v.is_floating_point())
     rng = np.random.default_rng(5)
-    image, _, qas = data.make_image_with_questions(rng, ["query_color"])
+    image, _, qas = shapes.make_image_with_questions(rng, ["query_color"])
     Image.fromarray(image).save(tmp_path / "img.png")
     capsys.readouterr()
     infer.main(["--ckpt", str(finished / "shipped.pt"), "--image", str(tmp_path / "img.png"), "--question", "zzz qqq circle?"])

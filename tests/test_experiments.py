@@ -10,8 +10,8 @@ import pytest
 import torch
 
 import data
+from util import checkpoints, config, shapes
 import free_min
-from util import checkpoints, config
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, os.path.join(ROOT, "experiments"))
@@ -71,8 +71,8 @@ import screen  # noqa: E402
 
 
 def test_blind_score_by_hand():
-    objs = [data.Obj("red", "circle", 10, 10, 6), data.Obj("blue", "square", 50, 50, 6),
-            data.Obj("blue", "circle", 20, 40, 6), data.Obj("green", "triangle", 40, 10, 6)]
+    objs = [shapes.Obj("red", "circle", 10, 10, 6), shapes.Obj("blue", "square", 50, 50, 6),
+            shapes.Obj("blue", "circle", 20, 40, 6), shapes.Obj("green", "triangle", 40, 10, 6)]
     # the reference is the red object; the others are blue, blue, green
     assert screen.blind_score(objs, "what color is the object closest to the red object?", "blue") == pytest.approx(2 / 3)
     assert screen.blind_score(objs, "the thing farthest from the red object has what color?", "green") == pytest.approx(1 / 3)
@@ -84,7 +84,7 @@ def test_blind_score_by_hand():
 def test_more_only_never_asks_fewer():
     rng, asked = np.random.default_rng(0), []
     for _ in range(200):
-        qa = screen.more_only(data.make_scene(rng), rng)
+        qa = screen.more_only(shapes.make_scene(rng), rng)
         if qa is not None:
             asked.append(qa)
     assert len(asked) > 50 and not any("fewer" in q for q, _, _ in asked)
@@ -97,23 +97,23 @@ def test_the_side_question_is_answered_by_where_the_named_object_is():
     nothing."""
     rng, asked = np.random.default_rng(0), []
     for _ in range(300):
-        objs = data.make_scene(rng)
+        objs = shapes.make_scene(rng)
         qa = screen.ask_side(objs, rng)
         if qa is None:
             continue
         name, side = re.fullmatch(r"is the (.+) on the (\w+)\?", qa[0]).groups()
-        o = dict(data.reference_names(objs))[name]
+        o = dict(shapes.reference_names(objs))[name]
         axis, beyond = screen.SIDES[side]
         assert min(abs(o.x - 32), abs(o.y - 32)) >= 4
         assert qa[1] == ("yes" if (getattr(o, axis) > 32) == beyond else "no")
         asked.append(qa[1])
     assert len(asked) > 150 and asked.count("yes") > 50 and asked.count("no") > 50
-    middle = [data.Obj("red", "circle", 30, 40, 6), data.Obj("blue", "square", 34, 10, 6), data.Obj("red", "square", 40, 34, 6)]
+    middle = [shapes.Obj("red", "circle", 30, 40, 6), shapes.Obj("blue", "square", 34, 10, 6), shapes.Obj("red", "square", 40, 34, 6)]
     assert screen.ask_side(middle, rng) is None
 
 
 def test_oracle_patches_are_each_patchs_fractions():
-    images, records, labels = data.generate_shapes_split(3, 1, seed=0)
+    images, records, labels = shapes.generate_shapes_split(3, 1, seed=0)
     split = screen.oracle_patches(data.make_split(images, records, labels, data.train_tokenizer(
         [r["question"] for r in records], 100, 24), {}), patch_size=8, width=64)
     assert split.patches.shape == (3, 64, 64)                        # (images, 8 x 8 patches, ViT width)
@@ -131,24 +131,24 @@ def test_a_proxy_run_trains_one_family_and_restores_the_generator(tmp_path):
     result = screen.screen(["count"], steps=2, seed=0, out=str(tmp_path), flags=flags, only_more=True)
     assert set(result["accuracy"]) == set(result["majority"]) == {"count"}
     assert data.FAMILIES == ["exist", "query_color", "query_shape", "count", "compare", "relate"]
-    assert data.GENERATORS["compare"] is screen.ASK_COMPARE
-    assert "side" not in data.GENERATORS and "side" not in data.ANSWER_TYPES
+    assert shapes.GENERATORS["compare"] is screen.ASK_COMPARE
+    assert "side" not in shapes.GENERATORS and "side" not in shapes.ANSWER_TYPES
 
 
 def test_find_objects_recovers_the_generators_objects():
     rng = np.random.default_rng(5)
-    scenes = [data.make_scene(rng) for _ in range(20)]
-    found = screen.find_objects(torch.from_numpy(np.stack([data.scene_labels(objs) for objs in scenes])))
+    scenes = [shapes.make_scene(rng) for _ in range(20)]
+    found = screen.find_objects(torch.from_numpy(np.stack([shapes.scene_labels(objs) for objs in scenes])))
     for objs, recovered in zip(scenes, found):
         assert len(recovered) == len(objs)
         for o in objs:   # each object found once, with its colour and shape, its centre within a pixel
             c, s, x, y = min(recovered, key=lambda t: (t[2] - o.x) ** 2 + (t[3] - o.y) ** 2)
-            assert (list(data.COLORS)[c], data.SHAPES[s]) == (o.color, o.shape)
+            assert (list(shapes.COLORS)[c], shapes.SHAPES[s]) == (o.color, o.shape)
             assert abs(x - o.x) < 1 and abs(y - o.y) < 1
 
 
 def test_object_patches_put_one_object_in_each_visual_token():
-    images, records, labels = data.generate_shapes_split(2, 1, seed=0)
+    images, records, labels = shapes.generate_shapes_split(2, 1, seed=0)
     split = screen.object_patches(data.make_split(images, records, labels, data.train_tokenizer(
         [r["question"] for r in records], 100, 24), {}), patch_size=8, width=64)
     x = split.patches.float().view(2, 8, 8, 64)                      # (images, rows, cols, ViT width)

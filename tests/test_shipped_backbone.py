@@ -13,9 +13,9 @@ import torch
 from PIL import Image
 
 import data
+from util import report, shapes
 import free_min
 import infer
-from util import report
 import train
 from util.checkpoints import build_from_checkpoint, load_checkpoint
 
@@ -182,7 +182,7 @@ def test_the_report_of_the_shipped_exits_shows_where_depth_matters(tmp_path, cap
 
 
 def test_a_fresh_clone_answers_with_the_shipped_exits(tmp_path):
-    image, _, qas = data.make_image_with_questions(np.random.default_rng(3), ["query_color"])
+    image, _, qas = shapes.make_image_with_questions(np.random.default_rng(3), ["query_color"])
     Image.fromarray(image).save(tmp_path / "scene.png")
     proc = subprocess.run([sys.executable, "infer.py", "--ckpt", SHIPPED_EXITS, "--image", str(tmp_path / "scene.png"),
                            "--question", qas[0][1], "--threads", "1"], cwd=ROOT, capture_output=True, text=True, timeout=120)

@@ -9,8 +9,7 @@ import torch
 
 import data
 import train
-from util import stand_ins
-from util import checkpoints, runtime
+from util import checkpoints, runtime, stand_ins
 from model import VLM
 from util.checkpoints import build_from_checkpoint
 

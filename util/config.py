@@ -13,7 +13,7 @@ from dataclasses import fields
 
 
 # --------------------------------------------------------------------------------------------------
-# Errors the user can fix (data.DataError is the third kind)
+# Errors the user can fix
 # --------------------------------------------------------------------------------------------------
 class UsageError(Exception):
     """Bad input from the user. The scripts print it as one line and exit with status 2."""
@@ -25,6 +25,10 @@ class ConfigError(UsageError):
 
 class CheckpointError(UsageError):
     """A checkpoint that is missing, unreadable, not free-min's or not the one a flag needs."""
+
+
+class DataError(UsageError):
+    """Bad input data, or a flag that asks for data that cannot be made."""
 
 
 # --------------------------------------------------------------------------------------------------

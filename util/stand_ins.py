@@ -13,7 +13,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from data import COLORS, FACTS, SHAPES, fact_classes
+from util.shapes import COLORS, FACTS, SHAPES, fact_classes
 from model import VLM, soft_cross_entropy
 
 # --------------------------------------------------------------------------------------------------
