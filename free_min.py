@@ -158,6 +158,15 @@ class FREE(nn.Module):
     def num_exits(self) -> int:
         return len(self.exit_layers)
 
+    def depths(self) -> list[int]:
+        """Exit index -> the language-model layers a question that leaves there has run: l_k for
+        exit k = 0..K-1, L for K (the final layer). The one map from exits to layers."""
+        return self.exit_layers + [self.backbone.depth]
+
+    def exits_after(self, exits: list[int] | None = None) -> dict[int, int]:
+        """Layer -> the exit evaluated after it, for the exits `exits` (indices; default all)."""
+        return {self.depths()[k]: k for k in (range(self.num_exits) if exits is None else exits)}
+
     def train(self, mode: bool = True):
         """The backbone stays in eval mode while the exits train: it is frozen."""
         super().train(mode)
@@ -345,7 +354,7 @@ def early_exit_predict(free: FREE, inputs: dict, rule: str = "maxprob", threshol
     h, mask = bb.embed(**inputs)                                   # (B, S, D), (B, 1, 1, S) or None
     rows = torch.arange(len(h), device=h.device)                      # the batch rows still running
     left = []                                     # the groups that left: (rows, pred, conf, k) each
-    at_layer = {free.exit_layers[k]: k for k in (range(K) if exits is None else exits)}
+    at_layer = free.exits_after(exits)                               # layer -> exit k
     last = streak = None
     for layer in range(1, bb.depth + 1):
         h = bb.layer(layer - 1, h, mask)                              # (B_run, S, D)
@@ -377,9 +386,9 @@ def gather_answers(free: FREE, left: list) -> dict:
     conf, k) each, k = K for the final layer: 'pred', 'confidence', 'exit' and 'layers' (B,) each,
     in batch order. With one group (everyone left at once, always so at batch 1) its rows are the
     batch in order: nothing to reorder, so a sample pays for no more than its own exit."""
-    depth_of = free.exit_layers + [free.backbone.depth]
+    depths = free.depths()
     parts = [{"pred": pred, "confidence": conf, "exit": torch.full_like(pred, k),
-              "layers": torch.full_like(pred, depth_of[k])} for _, pred, conf, k in left]
+              "layers": torch.full_like(pred, depths[k])} for _, pred, conf, k in left]
     if len(parts) == 1:
         return parts[0]
     order = torch.cat([rows for rows, *_ in left]).argsort()                  # back to batch order

@@ -218,7 +218,7 @@ def simulate(probs: dict, rule: str, threshold: float, exits: list[int] | None =
 # --------------------------------------------------------------------------------------------------
 def layers_run(free, sim: dict) -> torch.Tensor:
     """(n,) float: the language-model layers each question of `sim` runs (its exit's, or L)."""
-    return torch.tensor(free.exit_layers + [free.backbone.depth])[sim["exit"]].float()
+    return torch.tensor(free.depths())[sim["exit"]].float()
 
 
 def predicted_speedup(free, sim: dict, costs: dict) -> float:

@@ -30,7 +30,7 @@ from data import load_data
 
 def known_exits(free, x: dict, exits: list[int], leaves_at: int) -> None:
     """The layers to the exit the question leaves at (K: the final layer), with the exits `exits` on the way."""
-    bb, stop = free.backbone, dict(zip((free.exit_layers[k] for k in exits), exits))
+    bb, stop = free.backbone, free.exits_after(exits)
     h, mask = bb.embed(**x)
     for layer in range(1, bb.depth + 1):
         h = bb.layer(layer - 1, h, mask)

@@ -62,13 +62,14 @@ def unit_costs(free, split, ids: torch.Tensor, repeats: int) -> dict:
     inputs = [
         to_device(split.batch(torch.tensor([i]), raw_images=True), device) for i in ids.tolist()
     ]
+    after = free.exits_after()                                           # layer -> exit k
     for r in range(repeats + 1):
         for x in inputs:
             h, mask = timed("embed", bb.embed, x["images"], x["tokens"], x["text_mask"])
             for i in range(bb.depth):
                 h = timed("layer", bb.layer, i, h, mask)
-                if i + 1 in free.exit_layers:
-                    k = free.exit_layers.index(i + 1)
+                if i + 1 in after:
+                    k = after[i + 1]
                     timed("exit", lambda: free.exit_logits(k, h, mask).float().softmax(1).max(1))
             timed("head", lambda: bb.head(h[:, 0]).float().softmax(1).max(1))
         if r == 0:
