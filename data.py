@@ -29,7 +29,7 @@ import numpy as np
 import torch
 from tokenizers import Tokenizer, models, normalizers, pre_tokenizers, processors
 
-from util.config import DataError, Parser
+from util.config import flag, DataError, Parser
 from util.shapes import FACTS, FAMILIES, draw_scene, shapes_splits
 from util.vqa import official_score_table, vqa2_splits, write_vqa_format
 
@@ -70,7 +70,7 @@ def check_data_config(cfg: DataConfig) -> None:
              "num_answers", "tokenizer_vocab")
     for name in sizes:
         if getattr(cfg, name) < 1:
-            raise DataError(f"--{name.replace('_', '-')} must be at least 1 "
+            raise DataError(f"{flag(name)} must be at least 1 "
                             f"(got {getattr(cfg, name)})")
     if not 1 <= cfg.questions_per_image <= len(FAMILIES):
         raise DataError(f"--questions-per-image must be between 1 and {len(FAMILIES)} (one per "

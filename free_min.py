@@ -34,6 +34,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from model import VLM, soft_cross_entropy
+from util.config import flag
 
 
 @dataclass
@@ -85,20 +86,20 @@ def resolve_exit_layers(spec: str, depth: int) -> list[int]:
 def check_exit_config(cfg: ExitConfig, depth: int) -> None:
     """Refuse stage-2 settings that cannot work, naming the flag at fault (ValueError)."""
     resolve_exit_layers(cfg.exit_layers, depth)
-    for flag, value, table in (("--exit-method", cfg.exit_method, METHODS),
-                               ("--adv-loss", cfg.adv_loss, ADVERSARIAL)):
+    for name, value, table in (("exit_method", cfg.exit_method, METHODS),
+                               ("adv_loss", cfg.adv_loss, ADVERSARIAL)):
         if value not in table:
-            raise ValueError(f"{flag} {value}: choose from {', '.join(table)}")
+            raise ValueError(f"{flag(name)} {value}: choose from {', '.join(table)}")
     if not 0.0 <= cfg.label_fraction <= 1.0:
         raise ValueError(f"--label-fraction must be between 0 and 1 (got {cfg.label_fraction})")
     if cfg.exit_method == "ce" and cfg.label_fraction <= 0:
         raise ValueError("--exit-method ce trains on labels only and needs --label-fraction > 0")
     for name in ("temperature", "exit_lr", "disc_lr", "exit_epochs", "disc_hidden"):
         if getattr(cfg, name) <= 0:
-            raise ValueError(f"--{name.replace('_', '-')} must be > 0 (got {getattr(cfg, name)})")
+            raise ValueError(f"{flag(name)} must be > 0 (got {getattr(cfg, name)})")
     for name in ("lambda_adv", "lambda_kd", "lambda_ce", "disc_noise"):
         if getattr(cfg, name) < 0:
-            raise ValueError(f"--{name.replace('_', '-')} must be >= 0 (got {getattr(cfg, name)})")
+            raise ValueError(f"{flag(name)} must be >= 0 (got {getattr(cfg, name)})")
 
 
 # --------------------------------------------------------------------------------------------------

@@ -34,7 +34,7 @@ from data import batches, encode_questions, load_data
 from free_min import RULES, early_exit_predict
 from util import report
 from util.checkpoints import default_checkpoint, load_free
-from util.config import (ConfigError, DataError, Parser, UsageError, add_config_args,
+from util.config import (flag, ConfigError, DataError, Parser, UsageError, add_config_args,
                          config_from_args)
 from util.runtime import inference_copy, pick_device, pick_threads, synchronize, to_device
 from util.vqa import load_image
@@ -98,7 +98,7 @@ def check_infer_config(cfg) -> None:
     for name in ("batch_size", "timing_samples", "repeats"):
         if getattr(cfg, name) < 1:
             raise ConfigError(
-                f"--{name.replace('_', '-')} must be at least 1 (got {getattr(cfg, name)})")
+                f"{flag(name)} must be at least 1 (got {getattr(cfg, name)})")
     if cfg.threads < 0 or not 0 < cfg.max_drop < 100:
         raise ConfigError(
             f"--threads must be >= 0 and --max-drop in (0, 100) points (got {cfg.threads}, "

@@ -33,6 +33,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from util.config import flag
+
 
 @dataclass
 class ModelConfig:
@@ -70,7 +72,7 @@ def check_model_config(cfg: ModelConfig) -> None:
     """Refuse an architecture that cannot be built, naming the flag at fault (ValueError)."""
     for name in ("patch_size", "vit_dim", "vit_heads", "merge", "dim", "depth", "heads"):
         if getattr(cfg, name) < 1:
-            raise ValueError(f"--{name.replace('_', '-')} must be at least 1 "
+            raise ValueError(f"{flag(name)} must be at least 1 "
                              f"(got {getattr(cfg, name)})")
     if cfg.vit_depth < 0:
         raise ValueError(f"--vit-depth must be >= 0 (got {cfg.vit_depth})")
@@ -85,8 +87,8 @@ def check_model_config(cfg: ModelConfig) -> None:
                          f"{cfg.merge}")
     for width, heads in (("dim", "heads"), ("vit_dim", "vit_heads")):
         if getattr(cfg, width) % getattr(cfg, heads):
-            raise ValueError(f"--{width.replace('_', '-')} {getattr(cfg, width)} is not divisible "
-                             f"by --{heads.replace('_', '-')} {getattr(cfg, heads)}")
+            raise ValueError(f"{flag(width)} {getattr(cfg, width)} is not divisible "
+                             f"by {flag(heads)} {getattr(cfg, heads)}")
     if cfg.vit_weights and not os.path.isfile(cfg.vit_weights):
         raise ValueError(f"--vit-weights {cfg.vit_weights}: file not found")
     if (cfg.vit_pretrained or cfg.vit_weights) and not cfg.vit:

@@ -94,6 +94,17 @@ class TrainConfig:
     export: str = ""
 
 
+
+def check_train_config(tcfg: TrainConfig) -> None:
+    """Refuse training settings that cannot work, naming the flag (ConfigError)."""
+    require(tcfg, ("epochs", "batch_size", "lr"), 0, strict=True)
+    require(tcfg, ("weight_decay", "warmup_steps", "grad_clip", "aux_weight", "scene_weight",
+                   "threads", "scene_workers"), 0, strict=False)
+    if tcfg.backbone and tcfg.stage != "exits":
+        raise ConfigError(
+            "--backbone is read by --stage exits only (the other stages train their own backbone)")
+
+
 PRESETS = {                    # named overrides of the dataclass defaults; PRESET_USE: what for
     "tiny": dict(train_images=300, val_images=40, test_images=40, calib_images=40, dim=64, depth=4,
                  heads=2, epochs=4, batch_size=32, warmup_steps=20, lr=2e-3, exit_epochs=2),
@@ -151,17 +162,7 @@ def validate(dcfg: DataConfig, mcfg: ModelConfig, tcfg, ecfg: ExitConfig) -> dic
     any step is taken: a bad flag costs seconds and touches nothing written. Returns that
     checkpoint (the backbone of --stage exits, or the run to --resume) or None."""
     check_data_config(dcfg)
-    require(tcfg, ("epochs", "batch_size", "lr"), 0, strict=True)
-    require(
-        tcfg,
-        ("weight_decay", "warmup_steps", "grad_clip", "aux_weight", "scene_weight", "threads",
-         "scene_workers"),
-        0,
-        strict=False,
-    )
-    if tcfg.backbone and tcfg.stage != "exits":
-        raise ConfigError(
-            "--backbone is read by --stage exits only (the other stages train their own backbone)")
+    check_train_config(tcfg)
     try:
         mcfg.image_size, mcfg.max_text_len = dcfg.image_size, dcfg.max_question_len
         if tcfg.stage == "exits" and not tcfg.resume:
