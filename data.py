@@ -18,6 +18,9 @@ every vocabulary answer that earns credit (the evaluation, and the soft training
 JSON, PNG images), which `python train.py --data vqa2 --vqa-questions DIR/questions.json
 --vqa-annotations DIR/annotations.json --vqa-images DIR/images` reads through the real-data path;
 `python data.py --scene PNG` draws one scene and asks each family about it.
+
+Public: DataConfig, check_data_config, SPLITS, FAMILIES, FACTS, Split, load_data, batches,
+majority_baseline, train_tokenizer, encode_questions, build_answer_vocab, make_split, DataError.
 """
 import argparse
 import os

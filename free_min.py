@@ -22,6 +22,10 @@ FREE (Bajpai & Hanawal, ACL Findings 2025), as this project implements it:
   probability >= threshold in the paper) and stops computing; the rest go on to the final layer.
 
 The backbone stays frozen throughout: stage 2 (train.py) trains G_k and D only.
+
+Public: ExitConfig, check_exit_config, resolve_exit_layers, FREE (exit_feature, exit_logits,
+all_outputs, depths, exits_after), ExitLayer, Discriminator, ADVERSARIAL, METHODS,
+discriminator_loss, generator_loss, distillation_loss, RULES, ExitRule, early_exit_predict.
 """
 
 import copy

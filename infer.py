@@ -19,6 +19,10 @@ same layer without G_k); mid-crisis and overthinking; a threshold sweep per exit
 accuracy drop is <= --max-drop points; data.SPLITS says which split chooses what), reported on the
 eval split and timed at batch 1 and batched; and the depth each question family runs to there.
 Its statistics, cost models, printing and figure are in util/report.py.
+
+Public: InferConfig, RISKS, main, collect, accuracy, exit_profile, simulate, layers_run,
+predicted_speedup, layer_speedup, timing_batches, time_speedup, calibrate, exit_indices,
+build_report, read_question.
 """
 import argparse
 import os

@@ -22,6 +22,9 @@ defaults).
 The language model dominates the compute (the ViT is one narrow block), because exits can only skip
 language-model layers, as in the paper. `embed`, `layer` and `head` are what free_min.py builds
 exits on.
+
+Public: ModelConfig, check_model_config, VLM (patch_features, hidden_states, embed, layer, head,
+text_pos, visual_pos), Block, soft_cross_entropy, make_vit, describe_timm_vit.
 """
 
 import math

@@ -21,6 +21,10 @@ one JSON line per evaluation to OUT/log.jsonl and writes OUT/ckpt.pt after every
 optimizer, step, RNG, configs, tokenizer, answers), atomically. What is not the method (processes,
 precision, checkpoints, flags) is in util/; stage 1's stand-ins for pretraining are in
 util/stand_ins.py; what is printed and logged, in util/report.py.
+
+Public: TrainConfig, PRESETS, parse_args, validate, main, EVAL_BATCH, STATE_CACHE_GB,
+train_backbone, backbone_step, evaluate, frozen_states, exit_step, train_exits; discriminator_loss
+and generator_loss, the names exit_step calls, which an experiment may replace.
 """
 import json
 import math

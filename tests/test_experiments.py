@@ -297,3 +297,50 @@ def test_the_kept_remedy_is_the_screened_one(tmp_path, monkeypatch):
     train.main(stage2 + ["--out", str(plain)])
     assert not torch.equal(torch.load(plain / "ckpt.pt", weights_only=False)["exits"]["disc.out.weight"],
                            core["disc.out.weight"])
+
+
+# --------------------------------------------------------------------------------------------------
+# What experiments may use: the names each module's docstring lists as public
+# --------------------------------------------------------------------------------------------------
+import ast  # noqa: E402
+import glob  # noqa: E402
+import re  # noqa: E402
+
+MODULES = ("data", "model", "free_min", "train", "infer", "util.config", "util.runtime", "util.checkpoints",
+           "util.report", "util.stand_ins", "util.shapes", "util.scenes", "util.vqa")
+
+
+def public_names(module: str) -> set[str]:
+    """The names after 'Public:' in the module's docstring (what is in parentheses names attributes)."""
+    doc = ast.get_docstring(ast.parse(open(os.path.join(ROOT, module.replace(".", "/") + ".py")).read()))
+    listed = re.sub(r"\([^)]*\)", "", doc.split("Public:")[1])
+    return set(re.findall(r"[A-Za-z_]\w*", listed))
+
+
+def names_used(source: str) -> dict[str, set[str]]:
+    """Module -> the names a script takes from it (from M import x; M.x; from util import M, then M.x)."""
+    tree, alias, used = ast.parse(source), {}, {}
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Import):
+            alias |= {a.asname or a.name: a.name for a in node.names if a.name in MODULES}
+        elif isinstance(node, ast.ImportFrom) and node.module in MODULES:
+            used.setdefault(node.module, set()).update(a.name for a in node.names)
+        elif isinstance(node, ast.ImportFrom) and node.module == "util":
+            alias |= {a.asname or a.name: "util." + a.name for a in node.names}
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Attribute) and isinstance(node.value, ast.Name) and node.value.id in alias:
+            used.setdefault(alias[node.value.id], set()).add(node.attr)
+    return used
+
+
+def test_experiments_use_only_what_the_modules_name_public():
+    """Every name an experiment takes from free-min's modules (the Python of gpu_check.sh's here-documents
+    included) is listed in that module's docstring after 'Public:'."""
+    scripts = {path: open(path).read() for path in glob.glob(os.path.join(ROOT, "experiments", "*.py"))}
+    shell = open(os.path.join(ROOT, "experiments", "gpu_check.sh")).read()
+    scripts["gpu_check.sh"] = "\n".join(re.findall(r"<<'EOF'\n(.*?)\nEOF", shell, re.S))
+    assert len(scripts) >= 10 and "import" in scripts["gpu_check.sh"]
+    private = {f"{os.path.basename(path)}: {module}.{name}"
+               for path, source in scripts.items() for module, names in names_used(source).items()
+               for name in names - public_names(module)}
+    assert not private, sorted(private)

@@ -30,7 +30,7 @@ def test_shipped_backbone_is_small():
     assert os.path.getsize(SHIPPED) <= 10 * 1024 * 1024
 
 
-# The floors the README states for the shipped files, on the whole test split (400 questions a family):
+# The floors the shipped files are held to, on the whole test split (400 questions a family):
 # every family at >= 99.5 % from the final layer, >= 98 % from the last exit (after layer 6), and the hard
 # families >= 30 points above the first exit; at the certified point they run >= 1.5 layers deeper than the
 # easy ones.

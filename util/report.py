@@ -6,6 +6,9 @@
     oracle (every question leaves at the first exit that agrees with the final layer);
   * the statistics behind the guarantee (Hoeffding-Bentkus p-values for Learn-then-Test);
   * the report printed and its figure; one question explained exit by exit; train.py's progress.
+
+Public: unit_costs, flop_costs, layer_costs, oracle_exits, mid_crisis, overthinking,
+per_family_depth, hb_pvalue, binomial_cdf, explain, print_report, plot_report.
 """
 
 import math

@@ -4,7 +4,8 @@ batch, the gradients' mean, sums of numbers; a stage-1 epoch's running scores; a
 model (BatchNorm folded into the convolutions); a frozen encoder's token cache; stage 1's clock.
 
 Public: RUN, WORLD, setup, use_device, autocast, grad_scaler, to_device, synchronize, on_gpu,
-is_main, shard, average_gradients, all_sum, read_sums, progress_bar, inference_copy.
+is_main, shard, average_gradients, all_sum, read_sums, progress_bar, inference_copy,
+pick_device, pick_threads, pick_dtype.
 """
 import copy
 import math

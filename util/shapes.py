@@ -5,7 +5,8 @@ also comes with pixel labels (colour and shape per pixel) and each question with
 behind its answer, which the stand-ins of stage 1 read (util/stand_ins.py).
 
 Public: FAMILIES, COLORS, SHAPES, FACTS, fact_classes, make_scene, render_scene,
-make_image_with_questions, generate_shapes_split, shapes_splits, fresh_scenes, draw_scene.
+make_image_with_questions, generate_shapes_split, shapes_splits, fresh_scenes, draw_scene,
+ANSWER_TYPES, GENERATORS, FACT_GRID, fact_cell, reference_names.
 """
 import math
 import os

@@ -8,6 +8,8 @@ shows what it buys.
   * PatchProbe: shapes data's pixel labels teach the encoder what is where;
   * AnswerShortcut and PatchDecoder: the same without labels (--aux-weight 0, or VQA v2);
   * SceneHeads: the scene facts behind each answer teach the language model its intermediate steps.
+
+Public: LABEL_FREE, PatchProbe, PatchDecoder, AnswerShortcut, SceneHeads, aux_heads, aux_inputs.
 """
 import torch
 import torch.nn as nn
