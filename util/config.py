@@ -35,7 +35,14 @@ class DataError(UsageError):
 # Flags from the config dataclasses
 # --------------------------------------------------------------------------------------------------
 class Parser(argparse.ArgumentParser):
-    """argparse that reports a bad flag in one line and exits 2, without the (long) usage text."""
+    """argparse that reports a bad flag in one line and exits 2, without the (long) usage text. A
+    module docstring given as the description is shown without its 'Public:' list, which is for a
+    reader of the code."""
+
+    def __init__(self, *args, description: str | None = None, **kwargs):
+        if description:
+            description = description.split("\nPublic:")[0]
+        super().__init__(*args, description=description, **kwargs)
 
     def error(self, message):
         self.exit(2, f"error: {message} (see {self.prog} -h)\n")
