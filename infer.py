@@ -364,8 +364,7 @@ def calibrate(free, calib, calib_probs: dict, costs: dict, promise: InferConfig)
     .max_drop, .calibration, .delta, .risk): certified to risk <= max_drop ('guaranteed', above),
     or with a measured drop <= max_drop ('empirical': the accuracy drop, or for risk 'disagree'
     the share of changed answers; no guarantee). Why the exits too: an exit pays only if enough
-    questions leave there, and at batch 1 on a CPU an exit costs about a layer (many small
-    operations)."""
+    questions leave there, and at batch 1 on a CPU an exit costs about a layer."""
     full_pred, sets = calib_probs["final"].argmax(1), exit_subsets(free.num_exits)
     eps, best = promise.max_drop / 100, None
     _, image = torch.unique(calib.image_index, return_inverse=True)        # (n,) in 0..n_img-1
@@ -393,8 +392,8 @@ def calibrate(free, calib, calib_probs: dict, costs: dict, promise: InferConfig)
                         "predicted_speedup": speedup, **measured}
     setting = {"rule": promise.rule, "calibration": promise.calibration, "risk": promise.risk,
                "max_drop": promise.max_drop, "delta": promise.delta, "split": promise.calibrate_on,
-               "calibration_unit": "image",
-               "calibration_images": n_images, "calibration_questions": len(calib),
+               "calibration_unit": "image", "calibration_images": n_images,
+               "calibration_questions": len(calib),
                "exit_sets": len(sets), "cost_model": costs}
     if best is None or best["predicted_speedup"] <= 1.0:  # none, or none faster than the full model
         return setting | {"threshold": None}

@@ -123,7 +123,8 @@ BACKBONE_FILE = "backbone.pt"     # OUT/backbone.pt: stage 1's checkpoint, kept 
 EVAL_BATCH = 256
 # A depth profile (infer.collect) holds every layer's states of its batch at once, (L+1) x B x S x D
 # floats: 13 x 256 x 74 x 256 x 4 bytes = 0.25 GB for `base` at B = 256 (more with the layers'
-# temporaries), the most stage 2 holds beside its data. At 64 the profile stays under its frozen states.
+# temporaries), the most stage 2 holds beside its data. At 64 the profile stays under its frozen
+# states.
 PROFILE_BATCH = 64
 STAGE1_ONLY = ("optimizer", "scaler", "aux", "rng", "scenes")   # checkpoint keys stage 2 drops
 
@@ -284,7 +285,7 @@ def backbone_step(model: VLM, heads: dict, batch: dict, opt, scaler,
     total = loss + sum(weight * head.loss(patches, aux) for weight, head in heads.values())
     params = [p for group in opt.param_groups for p in group["params"]]
     opt.zero_grad(set_to_none=True)
-    scaler.scale(total * batch["weight"]).backward()   # fp16: the loss scaled; under torchrun: x share
+    scaler.scale(total * batch["weight"]).backward()   # fp16: the loss scaled; torchrun: x share
     average_gradients(params)                          # under torchrun: the mean over the processes
     if clip > 0:
         scaler.unscale_(opt)                           # clip the gradients, not the scaled ones
@@ -301,11 +302,19 @@ def global_batches(n: int, batch_size: int, generator: torch.Generator | None = 
             if len(ids) >= WORLD["size"]]
 
 
+def epoch_batches(n: int, tcfg: TrainConfig, epoch: int) -> list:
+    """Stage 1's global batches of `epoch` over n questions, from a generator of their own: every
+    process draws the same batches, whatever else one of them draws from the global RNG (process
+    0's evaluation, say)."""
+    shuffle = torch.Generator().manual_seed(tcfg.seed * 10_000 + epoch)
+    return global_batches(n, tcfg.batch_size, shuffle)
+
+
 def train_backbone(model: VLM, splits: dict, tcfg: TrainConfig, save, state: dict | None = None,
                    scenes=None) -> None:
     """Stage 1: the whole VLM and its auxiliary heads on each epoch's train split (scenes(epoch), a
-    util.scenes.TrainScenes, or splits['train']); after every epoch the val accuracy per family and a
-    checkpoint (save(epoch, step, opt, scaler, heads)). `state` continues an interrupted run."""
+    util.scenes.TrainScenes, or splits['train']); after every epoch the val accuracy per family and
+    a checkpoint (save(epoch, step, opt, scaler, heads)). `state` continues an interrupted run."""
     heads = {name: (w, h.to(RUN["device"]))
              for name, (w, h) in aux_heads(model, splits["train"], tcfg).items()}
     scaler, opt = grad_scaler(), stage1_optimizer(model, heads, tcfg)
@@ -317,15 +326,12 @@ def train_backbone(model: VLM, splits: dict, tcfg: TrainConfig, save, state: dic
         model.train()
         train = splits["train"] if scenes is None else scenes(epoch)
         trainable = torch.nonzero(train.trainable()).squeeze(1)     # questions with an answer
-        # the epoch's order from its own generator: every process draws the same batches whatever
-        # else any of them draws from the global RNG (process 0's evaluation, say)
-        shuffle = torch.Generator().manual_seed(tcfg.seed * 10_000 + epoch)
-        order = global_batches(len(trainable), tcfg.batch_size, shuffle)
+        order = epoch_batches(len(trainable), tcfg, epoch)
         bar, scores = progress_bar(order, f"backbone {epoch + 1}/{tcfg.epochs}"), EpochScores()
         for n, ids in enumerate(bar, 1):
             for group in opt.param_groups:
                 group["lr"] = get_lr(step, total_steps, tcfg) * group.get("lr_scale", 1.0)
-            ids, weight = shard(trainable[ids])                  # all of it, weight 1, in one process
+            ids, weight = shard(trainable[ids])              # all of it, weight 1, in one process
             batch = backbone_batch(model, train, ids) | {"weight": weight}
             loss, total, logits = backbone_step(model, heads, batch, opt, scaler, tcfg.grad_clip)
             scaler.update()
@@ -473,7 +479,7 @@ def exit_step(free: FREE, batch: dict, opts: tuple, scaler) -> dict:
             d_loss, stats = discriminator_loss(free, real, fakes)
         opt_d.zero_grad(set_to_none=True)
         scaler.scale(d_loss * batch["weight"]).backward()       # (the fakes reach D detached)
-        average_gradients(list(free.disc.parameters()))         # under torchrun: the processes' mean
+        average_gradients(list(free.disc.parameters()))     # under torchrun: the processes' mean
         scaler.step(opt_d)
     # Generator step: exit features should fool D, and the frozen head answer from them as from h_L
     with autocast():
@@ -484,6 +490,18 @@ def exit_step(free: FREE, batch: dict, opts: tuple, scaler) -> dict:
     average_gradients(list(free.exits.parameters()))
     scaler.step(opt_g)
     return stats | g_stats
+
+
+def exit_questions(train, ecfg: ExitConfig, seed: int) -> tuple[Tensor, Tensor, Tensor]:
+    """Stage 2's questions: which may show their label (n,) bool, the pool it draws batches from
+    (every question; the ce baseline, the labelled answers only) and those the CE term learns from
+    (n,) bool."""
+    labelled = labelled_mask(len(train), ecfg.label_fraction, seed)
+    answered = labelled & train.trainable()
+    pool = torch.arange(len(train))
+    if ecfg.exit_method == "ce":
+        pool = torch.nonzero(answered).squeeze(1)
+    return labelled, pool, answered
 
 
 def exit_optimizers(free: FREE) -> tuple[torch.optim.AdamW, torch.optim.AdamW]:
@@ -501,11 +519,7 @@ def train_exits(free: FREE, states: dict, splits: dict, tcfg: TrainConfig, save,
     """Stage 2: the exits (and D) for exit_epochs over the train questions' frozen `states`; after
     each epoch every exit's val accuracy and a checkpoint (save(progress), None after the last)."""
     ecfg, train = free.cfg, splits["train"]
-    labelled = labelled_mask(len(train), ecfg.label_fraction, tcfg.seed)
-    pool = torch.arange(len(train))                   # the ce baseline learns from labelled answers
-    if ecfg.exit_method == "ce":
-        pool = torch.nonzero(labelled & train.trainable()).squeeze(1)
-    answered = labelled & train.trainable()              # the questions the CE term learns from
+    labelled, pool, answered = exit_questions(train, ecfg, tcfg.seed)
     scaler, order = grad_scaler(), torch.Generator().manual_seed(tcfg.seed)
     opt_g, opt_d = exit_optimizers(free)
     first_epoch = 0 if progress is None else resume_exits(progress, opt_g, opt_d, scaler, order)
@@ -624,7 +638,7 @@ def report_exits(free: FREE, splits: dict, run: Run) -> None:
     if run.train.final_eval:
         icfg = infer.InferConfig(ckpt=run.ckpt)
         results = infer.build_report(free, splits, "test", icfg)
-        report.write_report(results, free, *infer.report_paths(icfg))      # report.json, speedup.png
+        report.write_report(results, free, *infer.report_paths(icfg))  # report.json, speedup.png
         record_calibrated(run.ckpt, results["calibrated"])
     if run.train.export:
         export_checkpoint(run.train.export, run.ckpt)

@@ -1,7 +1,7 @@
 """What train.py and infer.py need in order to run, and nothing a reader needs to follow the paper:
 the device, the CPU threads and the precision; several processes (torchrun): each one's slice of a
-batch, the gradients' mean, sums of numbers; a stage-1 epoch's running scores; an inference copy of a
-model (BatchNorm folded into the convolutions); a frozen encoder's token cache; stage 1's clock.
+batch, the gradients' mean, sums of numbers; a stage-1 epoch's running scores; an inference copy of
+a model (BatchNorm folded into the convolutions); a frozen encoder's token cache; stage 1's clock.
 
 Public: RUN, WORLD, setup, use_device, autocast, grad_scaler, to_device, synchronize, on_gpu,
 is_main, shard, average_gradients, all_sum, read_sums, progress_bar, inference_copy,
