@@ -97,7 +97,7 @@ class InferConfig:
     timing: bool = True
 
 
-def check_infer_config(cfg) -> None:
+def check_infer_config(cfg: InferConfig) -> None:
     """Refuse settings that cannot work, naming the flag (ConfigError)."""
     for name in ("batch_size", "timing_samples", "repeats"):
         if getattr(cfg, name) < 1:
@@ -132,7 +132,7 @@ def check_infer_config(cfg) -> None:
             raise ConfigError(message)
 
 
-def report_paths(cfg) -> tuple[str, str]:
+def report_paths(cfg: InferConfig) -> tuple[str, str]:
     """--json and --plot, or beside the checkpoint: report.json and speedup.png for the test
     split (the names train.py gives the same report), report_SPLIT.json and speedup_SPLIT.png for
     another split."""
@@ -142,7 +142,7 @@ def report_paths(cfg) -> tuple[str, str]:
             cfg.plot or os.path.join(folder, f"speedup{tail}.png"))
 
 
-def pick_threshold(free, cfg, calibrated: dict) -> tuple[float, list[int] | None, str]:
+def pick_threshold(free, cfg: InferConfig, calibrated: dict) -> tuple[float, list[int] | None, str]:
     """The threshold and exits --image uses, and how they were chosen: --threshold if given; else
     the run's calibrated point for this rule (none evaluated, i.e. the full model, where
     calibration found no point that keeps its promise); else the rule's default."""

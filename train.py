@@ -193,7 +193,7 @@ class Run:
     """One training run: its settings (train.parse_args) and where it writes."""
     data: DataConfig
     model: ModelConfig
-    train: object                  # train.TrainConfig
+    train: TrainConfig
     exits: ExitConfig
     describe: dict                 # what the run prints and logs as its config
 
@@ -202,7 +202,7 @@ class Run:
         return os.path.join(self.train.out, "ckpt.pt")
 
 
-def load_run_data(run, state: dict | None):
+def load_run_data(run: Run, state: dict | None) -> tuple[dict, Tokenizer, list[str]]:
     """The splits, reusing the tokenizer and answers of `state` (a checkpoint) if given; prints the
     config."""
     t0 = time.time()
@@ -218,7 +218,7 @@ def load_run_data(run, state: dict | None):
     return splits, tokenizer, answers
 
 
-def trained_backbone(run, state: dict) -> tuple[VLM, dict, dict]:
+def trained_backbone(run: Run, state: dict) -> tuple[VLM, dict, dict]:
     """Stage 2 on a trained backbone (--stage exits, or a stage 2 resumed): the model, the
     splits, and where the backbone came from."""
     model, _, _, _, run.data = build_from_checkpoint(state)

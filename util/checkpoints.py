@@ -166,7 +166,8 @@ def refuse_changes(path: str, saved: dict, now: dict, keys, what: str) -> None:
             "same values, or start over without --resume")
 
 
-def resume_state(tcfg, dcfg, mcfg, ecfg) -> dict | None:
+def resume_state(tcfg: "TrainConfig", dcfg: DataConfig, mcfg: ModelConfig,
+                 ecfg: ExitConfig) -> dict | None:
     """With --resume, the interrupted run in OUT (stage 1, or stage 2 when it holds exits in
     progress), checked to have been made with the same settings; without, None (and a note if a
     checkpoint will be replaced)."""
@@ -212,7 +213,7 @@ def start_fresh(out: str) -> None:
             os.remove(os.path.join(out, name))
 
 
-def stage1_saver(run, model: VLM, tokenizer: Tokenizer, answers: list[str], scenes):
+def stage1_saver(run: "Run", model: VLM, tokenizer: Tokenizer, answers: list[str], scenes):
     """save(epoch, step, opt, scaler, heads), which writes stage 1's checkpoint: the weights, the
     configs, tokenizer and answers, and what continuing needs (optimizer, scaler, step, RNG, the
     auxiliary heads, the training scenes' progress)."""
@@ -237,7 +238,7 @@ def stage1_saver(run, model: VLM, tokenizer: Tokenizer, answers: list[str], scen
     return save
 
 
-def record_test(run, res: dict) -> None:
+def record_test(run: "Run", res: dict) -> None:
     """Stage 1's test accuracy into its checkpoint, then --export."""
     test = {"test_accuracy": res["accuracy"], "test_per_family": res["per_family"]}
     save_atomic(run.ckpt, load_checkpoint(run.ckpt) | test)
@@ -259,7 +260,7 @@ BACKBONE_KEYS = ("model", "model_config", "data_config", "answers", "tokenizer",
                  "test_per_family")
 
 
-def stage2_saver(run, free: FREE, state: dict, source: dict):
+def stage2_saver(run: "Run", free: FREE, state: dict, source: dict):
     """save(progress), which writes stage 2's checkpoint: the backbone of `state`, `source`
     (where it came from), this run's exits and configs, and nothing else of another run;
     `progress` (None when stage 2 is done) is what continuing needs."""
@@ -279,7 +280,7 @@ def stage2_saver(run, free: FREE, state: dict, source: dict):
 # --------------------------------------------------------------------------------------------------
 # A trained checkpoint rebuilt (infer.py, experiments)
 # --------------------------------------------------------------------------------------------------
-def load_free(cfg):
+def load_free(cfg: "InferConfig"):
     """The checkpoint's FREE model (exits on their backbone), tokenizer, answers, data config and
     stored state."""
     state = load_checkpoint(cfg.ckpt, "--ckpt")
