@@ -590,7 +590,9 @@ def run_backbone(run: Run, state: dict | None) -> tuple[VLM, dict]:
     if is_main():
         res = evaluate(model, splits["test"], RUN["device"])
         report.log_test(run.train.out, res, majority_baseline(splits["train"], splits["test"]))
-        record_test(run, res)                                           # and --export
+        record_test(run.ckpt, res)
+        if run.train.export:
+            export_checkpoint(run.train.export, run.ckpt)
     wait_for_main()
     return model, splits
 

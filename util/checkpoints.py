@@ -238,12 +238,10 @@ def stage1_saver(run: "Run", model: VLM, tokenizer: Tokenizer, answers: list[str
     return save
 
 
-def record_test(run: "Run", res: dict) -> None:
-    """Stage 1's test accuracy into its checkpoint, then --export."""
+def record_test(ckpt: str, res: dict) -> None:
+    """Stage 1's test accuracy into its checkpoint."""
     test = {"test_accuracy": res["accuracy"], "test_per_family": res["per_family"]}
-    save_atomic(run.ckpt, load_checkpoint(run.ckpt) | test)
-    if run.train.export:
-        export_checkpoint(run.train.export, run.ckpt)
+    save_atomic(ckpt, load_checkpoint(ckpt) | test)
 
 
 def record_calibrated(ckpt: str, calibrated: dict) -> None:
