@@ -132,32 +132,6 @@ def check_infer_config(cfg: InferConfig) -> None:
             raise ConfigError(message)
 
 
-def report_paths(cfg: InferConfig) -> tuple[str, str]:
-    """--json and --plot, or beside the checkpoint: report.json and speedup.png for the test
-    split (the names train.py gives the same report), report_SPLIT.json and speedup_SPLIT.png for
-    another split."""
-    folder = os.path.dirname(os.path.abspath(cfg.ckpt))
-    tail = "" if cfg.split == "test" else f"_{cfg.split}"
-    return (cfg.json or os.path.join(folder, f"report{tail}.json"),
-            cfg.plot or os.path.join(folder, f"speedup{tail}.png"))
-
-
-def pick_threshold(free, cfg: InferConfig, calibrated: dict) -> tuple[float, list[int] | None, str]:
-    """The threshold and exits --image uses, and how they were chosen: --threshold if given; else
-    the run's calibrated point for this rule (none evaluated, i.e. the full model, where
-    calibration found no point that keeps its promise); else the rule's default."""
-    default = RULES[cfg.rule].default
-    if cfg.threshold != -1:
-        return cfg.threshold, None, f"threshold {cfg.threshold:g}"
-    if calibrated.get("rule") == cfg.rule and calibrated.get("threshold") is not None:
-        exits = [free.exit_layers.index(l) for l in calibrated["exit_layers"]]
-        how = f"calibrated, {calibrated.get('calibration', 'empirical')}"
-        return calibrated["threshold"], exits, f"threshold {calibrated['threshold']:g} ({how})"
-    if calibrated.get("rule") == cfg.rule:
-        return default, [], "no exit: calibration found no point that keeps its promise"
-    return default, None, f"threshold {default:g} (the rule's default; not calibrated)"
-
-
 # --------------------------------------------------------------------------------------------------
 # One pass over a split: every exit's and the final layer's answer distribution
 # --------------------------------------------------------------------------------------------------
@@ -538,6 +512,32 @@ def answer_one(free, answers: list[str], inputs: dict, rule: str, threshold: flo
         where = f"exit {k + 1} of {free.num_exits} (after layer {free.exit_layers[k]} of {L})"
     return {"answer": answers[out["pred"].item()], "confidence": out["confidence"].item(),
             "exit": k, "where": where}
+
+
+def report_paths(cfg: InferConfig) -> tuple[str, str]:
+    """--json and --plot, or beside the checkpoint: report.json and speedup.png for the test
+    split (the names train.py gives the same report), report_SPLIT.json and speedup_SPLIT.png for
+    another split."""
+    folder = os.path.dirname(os.path.abspath(cfg.ckpt))
+    tail = "" if cfg.split == "test" else f"_{cfg.split}"
+    return (cfg.json or os.path.join(folder, f"report{tail}.json"),
+            cfg.plot or os.path.join(folder, f"speedup{tail}.png"))
+
+
+def pick_threshold(free, cfg: InferConfig, calibrated: dict) -> tuple[float, list[int] | None, str]:
+    """The threshold and exits --image uses, and how they were chosen: --threshold if given; else
+    the run's calibrated point for this rule (none evaluated, i.e. the full model, where
+    calibration found no point that keeps its promise); else the rule's default."""
+    default = RULES[cfg.rule].default
+    if cfg.threshold != -1:
+        return cfg.threshold, None, f"threshold {cfg.threshold:g}"
+    if calibrated.get("rule") == cfg.rule and calibrated.get("threshold") is not None:
+        exits = [free.exit_layers.index(l) for l in calibrated["exit_layers"]]
+        how = f"calibrated, {calibrated.get('calibration', 'empirical')}"
+        return calibrated["threshold"], exits, f"threshold {calibrated['threshold']:g} ({how})"
+    if calibrated.get("rule") == cfg.rule:
+        return default, [], "no exit: calibration found no point that keeps its promise"
+    return default, None, f"threshold {default:g} (the rule's default; not calibrated)"
 
 
 def main(argv=None) -> None:
