@@ -162,30 +162,45 @@ def adopt_timm_encoder(dcfg: DataConfig, mcfg: ModelConfig) -> None:
                              f"({str(e).splitlines()[0][:150]})")
 
 
-def validate(dcfg: DataConfig, mcfg: ModelConfig, tcfg, ecfg: ExitConfig) -> dict | None:
-    """Check every flag, and read the checkpoint the run starts from, before any data is made or
-    any step is taken: a bad flag costs seconds and touches nothing written. Returns that
-    checkpoint (the backbone of --stage exits, or the run to --resume) or None."""
+def validate(dcfg: DataConfig, mcfg: ModelConfig, tcfg: TrainConfig,
+             ecfg: ExitConfig) -> dict | None:
+    """Before any data is made or any step is taken (a bad flag costs seconds and touches nothing
+    written): every flag checked, the model's config completed, and the checkpoint the run starts
+    from read. Returns that checkpoint (the backbone of --stage exits, or the run to --resume) or
+    None."""
     check_data_config(dcfg)
     check_train_config(tcfg)
+    new_model = not (tcfg.stage == "exits" and not tcfg.resume)
     try:
-        mcfg.image_size, mcfg.max_text_len = dcfg.image_size, dcfg.max_question_len
-        if tcfg.stage == "exits" and not tcfg.resume:
-            named = ("--backbone" if tcfg.backbone
-                     else "--stage exits (no --backbone, so OUT/ckpt.pt):")
-            state = load_checkpoint(tcfg.backbone or os.path.join(tcfg.out, "ckpt.pt"), named)
-        else:
-            if mcfg.vit:
-                adopt_timm_encoder(dcfg, mcfg)
+        complete_model_config(dcfg, mcfg, new_model)
+        if new_model:
             check_model_config(mcfg)
-            state = resume_state(tcfg, dcfg, mcfg, ecfg)
+        state = starting_checkpoint(tcfg, dcfg, mcfg, ecfg)
         depth = state["model_config"]["depth"] if state is not None else mcfg.depth
         check_exit_config(ecfg, depth)
-        layers = resolve_exit_layers(ecfg.exit_layers, depth)
-        ecfg.exit_layers = ",".join(map(str, layers))                  # recorded written out
     except ValueError as e:   # the config checks of model.py and free_min.py
         raise ConfigError(str(e))
+    ecfg.exit_layers = ",".join(map(str, resolve_exit_layers(ecfg.exit_layers, depth)))  # as run
     return state
+
+
+def complete_model_config(dcfg: DataConfig, mcfg: ModelConfig, new_model: bool) -> None:
+    """What the model's flags leave to the data (input size, text length) and, for a new model
+    with --vit, to timm's description of the encoder (adopt_timm_encoder)."""
+    mcfg.image_size, mcfg.max_text_len = dcfg.image_size, dcfg.max_question_len
+    if new_model and mcfg.vit:
+        adopt_timm_encoder(dcfg, mcfg)
+
+
+def starting_checkpoint(tcfg: TrainConfig, dcfg: DataConfig, mcfg: ModelConfig,
+                        ecfg: ExitConfig) -> dict | None:
+    """The checkpoint the run starts from: the backbone of --stage exits (--backbone, else
+    OUT/ckpt.pt), or with --resume the interrupted run (util.checkpoints.resume_state refuses
+    other settings), else None."""
+    if tcfg.stage == "exits" and not tcfg.resume:
+        named = "--backbone" if tcfg.backbone else "--stage exits (no --backbone, so OUT/ckpt.pt):"
+        return load_checkpoint(tcfg.backbone or os.path.join(tcfg.out, "ckpt.pt"), named)
+    return resume_state(tcfg, dcfg, mcfg, ecfg)
 
 
 @dataclass
