@@ -40,7 +40,8 @@ from util import report
 from util.checkpoints import default_checkpoint, load_free
 from util.config import (flag, ConfigError, DataError, Parser, UsageError, add_config_args,
                          config_from_args)
-from util.runtime import inference_copy, pick_device, pick_threads, synchronize, to_device
+from util.runtime import (device_of, inference_copy, pick_device, pick_threads, synchronize,
+                          to_device)
 from util.vqa import load_image
 
 RISKS = ("harm", "disagree")          # the losses calibration can bound (see risk_losses)
@@ -141,7 +142,7 @@ def collect(free, split, batch_size: int) -> dict:
     readout of the exits' layers through the frozen head without G_k (K, n, A); the mean sequence
     length. CPU tensors."""
     free.eval()
-    bb, device = free.backbone, next(free.parameters()).device
+    bb, device = free.backbone, device_of(free)
     final, exits, raw, seq = [], [], [], []
     for ids in batches(len(split), batch_size):
         out = free.all_outputs(**to_device(split.batch(ids), device))
@@ -221,7 +222,7 @@ def timing_batches(free, split, ids: torch.Tensor, batch_size: int, tokens_ready
     """The questions `ids` as batches of model inputs on the device. With tokens_ready the
     encoder's tokens are computed beforehand (as a cache of a frozen encoder has them): the
     language model alone is then timed."""
-    device = next(free.parameters()).device
+    device = device_of(free)
     inputs = [to_device(split.batch(b, raw_images=True), device)
               for b in torch.split(ids, batch_size)]
     if tokens_ready:
@@ -237,7 +238,7 @@ def time_speedup(free, inputs: list[dict], point: dict, repeats: int) -> dict:
     batch: each batch runs through both back to back, which goes first alternating, so both see
     the same machine load; a warm-up round, then `repeats` rounds, each summing its batches.
     Returns the medians over rounds and the range of the per-round ratios."""
-    device = next(free.parameters()).device
+    device = device_of(free)
     runs = {"full": lambda x: free.backbone(**x).argmax(1),
             "early_exit": lambda x: early_exit_predict(free, x, point["rule"], point["threshold"],
                                                        point.get("exits"))}
@@ -447,7 +448,7 @@ def describe_depth(free, split, probs: dict, cfg: InferConfig) -> dict:
     oracle = layer_speedup(free, report.oracle_exits(probs), probs["seq_len"])
     crisis = {"free_exits": report.mid_crisis(profile),
               "raw_readout": report.mid_crisis(profile, "raw_accuracy")}
-    return {"samples": len(split), "device": str(next(free.parameters()).device),
+    return {"samples": len(split), "device": str(device_of(free)),
             "batch_size": cfg.batch_size, "threads": torch.get_num_threads(),
             "full": {"accuracy": profile["final"], "layers": free.backbone.depth},
             "exits": profile["exits"], "mid_crisis": crisis,
@@ -504,7 +505,7 @@ def answer_one(free, answers: list[str], inputs: dict, rule: str, threshold: flo
     """Answer one question with early exit (evaluating the exits `exits`, default all): the
     answer, its probability, the exit it left at (K = the final layer) and where that is, in
     words."""
-    device = next(free.parameters()).device
+    device = device_of(free)
     out = early_exit_predict(free, to_device(inputs, device), rule, threshold, exits)
     k, L = out["exit"].item(), free.backbone.depth
     where = f"the final layer ({L} of {L})"

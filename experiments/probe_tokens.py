@@ -30,7 +30,7 @@ from util.stand_ins import PatchProbe
 
 def tokens_and_targets(model: VLM, split, n: int):
     """The first n images' ViT tokens (n*P, Dv) and their colour / shape classes (n*P,) each."""
-    device = next(model.parameters()).device
+    device = runtime.device_of(model)
     with torch.no_grad():
         x = model.patch_features(split.images[:n].contiguous().float().div(255).to(device)).flatten(0, 1).cpu()
     labels = split.pixel_labels[:n]
@@ -42,7 +42,7 @@ def visual_tokens(model: VLM, images: np.ndarray) -> torch.Tensor:
     gives them (after the merge and the position embedding)."""
     with torch.no_grad():
         pixels = torch.from_numpy(images).permute(0, 3, 1, 2).float().div(255)        # (n, 3, H, W)
-        return model.encode_image(pixels.to(next(model.parameters()).device)).cpu()    # (n, N, D)
+        return model.encode_image(pixels.to(runtime.device_of(model))).cpu()    # (n, N, D)
 
 
 def fresh_visual_tokens(model: VLM, n: int, seed: int):

@@ -22,7 +22,7 @@ import torch
 from free_min import RULES
 from util.checkpoints import log_json, save_atomic
 from util.config import ConfigError
-from util.runtime import synchronize, to_device
+from util.runtime import device_of, synchronize, to_device
 
 
 # --------------------------------------------------------------------------------------------------
@@ -52,7 +52,7 @@ def unit_costs(free, split, ids: torch.Tensor, repeats: int) -> dict:
     of: the embedding (image encoder, merge, text), one language-model layer, one exit evaluation
     (G_k, head, the rule's softmax) and the final head. Medians over the questions `ids` x
     repeats (after a warm-up round)."""
-    device, bb, times = next(free.parameters()).device, free.backbone, defaultdict(list)
+    device, bb, times = device_of(free), free.backbone, defaultdict(list)
 
     def timed(name, fn, *args):
         synchronize(device)
@@ -511,7 +511,7 @@ def explain(free, answers: list[str], inputs: dict, rule: str, threshold: float,
     """Why the question left where it did, exit by exit: each exit's answer and the rule's
     measure against the threshold, whether this operating point evaluates that exit, and the
     final layer's."""
-    device, spec = next(free.parameters()).device, RULES[rule]
+    device, spec = device_of(free), RULES[rule]
     out = free.all_outputs(**to_device(inputs, device))
     sign = ">=" if spec.high else "<="
     lines = [

@@ -5,7 +5,7 @@ a model (BatchNorm folded into the convolutions); a frozen encoder's token cache
 
 Public: RUN, WORLD, setup, use_device, autocast, grad_scaler, to_device, synchronize, on_gpu,
 is_main, shard, average_gradients, all_sum, read_sums, progress_bar, inference_copy,
-pick_device, pick_threads, pick_dtype.
+pick_device, pick_threads, pick_dtype, device_of.
 """
 import copy
 import math
@@ -114,6 +114,12 @@ def load_scaler(scaler: torch.amp.GradScaler, saved: dict) -> None:
         scaler.load_state_dict(saved)
     elif scaler.is_enabled():
         print("note: the checkpoint was written without fp16 loss scaling; it starts afresh here")
+
+
+def device_of(model: nn.Module) -> torch.device:
+    """The device a model is on: what a function given a model (infer.py, the report) computes on.
+    The run's own device, where train.py places its models, is RUN['device'], set once by setup()."""
+    return next(model.parameters()).device
 
 
 def to_device(batch: dict, device: torch.device) -> dict:
@@ -317,7 +323,7 @@ def inference_copy(free):
     exit can skip, is trimmed for both alike."""
     copied = copy.deepcopy(free).eval()
     fold_batchnorm(copied.backbone)
-    if next(copied.parameters()).device.type == "cpu":
+    if device_of(copied).type == "cpu":
         # only 4-D tensors (conv weights) change
         copied.backbone.to(memory_format=torch.channels_last)
     return copied
