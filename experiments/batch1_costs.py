@@ -22,10 +22,10 @@ import time
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-import free_min                                                    # noqa: E402
-import infer                                                       # noqa: E402
-from util import checkpoints, config, runtime                 # noqa: E402
-from data import load_data
+from data import load_data                                          # noqa: E402
+import free_min                                                     # noqa: E402
+import infer                                                        # noqa: E402
+from util import checkpoints, config, runtime                       # noqa: E402
 
 
 def known_exits(free, x: dict, exits: list[int], leaves_at: int) -> None:

@@ -21,11 +21,11 @@ import sys
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-import infer                                                       # noqa: E402
-from util import checkpoints, config, report                  # noqa: E402
-from data import load_data
-from free_min import FREE, ExitConfig
-from util.checkpoints import build_from_checkpoint
+from data import load_data                                          # noqa: E402
+from free_min import FREE, ExitConfig                               # noqa: E402
+import infer                                                        # noqa: E402
+from util import checkpoints, config, report                        # noqa: E402
+from util.checkpoints import build_from_checkpoint                  # noqa: E402
 
 
 def question_types(annotations: str) -> dict:

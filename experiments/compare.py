@@ -20,9 +20,9 @@ from dataclasses import asdict
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
-from free_min import ExitConfig
-from util.checkpoints import load_checkpoint
-from util.config import CheckpointError, UsageError
+from free_min import ExitConfig                                     # noqa: E402
+from util.checkpoints import load_checkpoint                        # noqa: E402
+from util.config import CheckpointError, UsageError                 # noqa: E402
 
 METHODS = {"free_gan": ["--exit-method", "free", "--adv-loss", "gan"], "free": ["--exit-method", "free"],
            "kd": ["--exit-method", "kd"], "ce": ["--exit-method", "ce"]}

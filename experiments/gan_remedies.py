@@ -35,9 +35,9 @@ import torch.nn.functional as F
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
-import free_min                                                    # noqa: E402
-import train                                                       # noqa: E402
-from compare import mean_std                                       # noqa: E402
+import free_min                                                     # noqa: E402
+import train                                                        # noqa: E402
+from compare import mean_std                                        # noqa: E402
 
 REMEDIES = ("smooth", "noise", "sn")
 REAL_TARGET = 0.9        # smooth: D's target for real features (Salimans et al.: 0.9)

@@ -21,11 +21,11 @@ import torch
 import torch.nn.functional as F
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-import data                                                                   # noqa: E402
-from util import checkpoints, config, runtime, shapes         # noqa: E402
-from model import VLM
-from util.checkpoints import build_from_checkpoint
-from util.stand_ins import PatchProbe
+import data                                                         # noqa: E402
+from model import VLM                                               # noqa: E402
+from util import checkpoints, config, runtime, shapes               # noqa: E402
+from util.checkpoints import build_from_checkpoint                  # noqa: E402
+from util.stand_ins import PatchProbe                               # noqa: E402
 
 
 def tokens_and_targets(model: VLM, split, n: int):

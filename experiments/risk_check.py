@@ -20,10 +20,10 @@ import torch
 from tqdm import tqdm
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-import free_min                                                    # noqa: E402
-import infer                                                       # noqa: E402
-from util import checkpoints, config, report, runtime         # noqa: E402
-from data import load_data
+from data import load_data                                          # noqa: E402
+import free_min                                                     # noqa: E402
+import infer                                                        # noqa: E402
+from util import checkpoints, config, report, runtime               # noqa: E402
 
 
 POOLED = ("calib", "test")

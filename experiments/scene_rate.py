@@ -14,8 +14,8 @@ import sys
 import time
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-import data                                                        # noqa: E402
-from util import scenes
+import data                                                         # noqa: E402
+from util import scenes                                             # noqa: E402
 
 
 def rate(cfg: data.DataConfig, workers: int, epochs: int, first, tok, answers) -> float:

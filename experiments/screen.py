@@ -19,9 +19,9 @@ import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import data                                                         # noqa: E402
-from util import config, runtime, scenes, shapes, stand_ins   # noqa: E402
+from model import VLM                                               # noqa: E402
 import train                                                        # noqa: E402
-from model import VLM
+from util import config, runtime, scenes, shapes, stand_ins         # noqa: E402
 
 
 def oracle_patches(split, patch_size: int, width: int):
