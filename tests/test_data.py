@@ -12,8 +12,8 @@ import torch
 from PIL import Image
 
 import data
-from util import shapes, vqa
 from data import DataConfig, DataError
+from util import shapes, vqa
 
 FIXTURE = os.path.join(os.path.dirname(__file__), "fixtures", "vqa")
 

@@ -9,12 +9,12 @@ import time
 import torch
 
 import data
-from util import checkpoints, runtime, scenes
-import infer
-import train
+from model import VLM
 import free_min
 from free_min import FREE, ExitConfig
-from model import VLM
+import train
+import infer
+from util import checkpoints, runtime, scenes
 
 
 def test_collectives_use_the_device_their_backend_serves(monkeypatch):

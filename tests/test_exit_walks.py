@@ -8,9 +8,9 @@ import pytest
 import torch
 
 import data
-import infer
-from free_min import FREE, RULES, ExitConfig, early_exit_predict
 from model import VLM, ModelConfig
+from free_min import FREE, RULES, ExitConfig, early_exit_predict
+import infer
 from util import report
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "experiments"))

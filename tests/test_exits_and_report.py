@@ -10,11 +10,11 @@ import torch
 from PIL import Image
 
 import data
-from util import checkpoints, runtime, shapes
-import infer
-import train
 import free_min
 from free_min import early_exit_predict
+import train
+import infer
+from util import checkpoints, runtime, shapes
 from util.checkpoints import build_from_checkpoint
 from util.report import explain, flop_costs, layer_costs, mid_crisis, overthinking
 

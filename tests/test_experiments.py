@@ -10,8 +10,8 @@ import pytest
 import torch
 
 import data
-from util import checkpoints, config, shapes
 import free_min
+from util import checkpoints, config, shapes
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, os.path.join(ROOT, "experiments"))

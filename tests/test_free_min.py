@@ -2,10 +2,10 @@
 import pytest
 import torch
 
-import free_min
-from util import runtime
-from free_min import FREE, ExitConfig, ExitLayer, early_exit_predict
 from model import VLM, ModelConfig
+import free_min
+from free_min import FREE, ExitConfig, ExitLayer, early_exit_predict
+from util import runtime
 
 T, A = 9, 6
 

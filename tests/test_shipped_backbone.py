@@ -13,10 +13,10 @@ import torch
 from PIL import Image
 
 import data
-from util import report, shapes
 import free_min
-import infer
 import train
+import infer
+from util import report, shapes
 from util.checkpoints import build_from_checkpoint, load_checkpoint
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))

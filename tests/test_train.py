@@ -8,9 +8,9 @@ import pytest
 import torch
 
 import data
+from model import VLM
 import train
 from util import checkpoints, runtime, stand_ins
-from model import VLM
 from util.checkpoints import build_from_checkpoint
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
