@@ -54,7 +54,7 @@ def test_shipped_backbone_reaches_its_stated_floors_on_a_regenerated_test_split(
 
 
 def test_token_probe_reads_colour_and_shape_from_the_shipped_encoder_but_not_from_a_random_one(capsys):
-    """experiments/probe_tokens.py (the README's "does the encoder see shapes?" check): the trained encoder's
+    """experiments/probe_tokens.py ("does the encoder see shapes?"): the trained encoder's
     object tokens say their colour and shape; the same encoder at random init does not say the shape. The
     position probe reads from the visual token under each object its cell of the 8 x 8 grid, finer than
     the token (the token must say where in it the object is: a probe reading any other token is far
@@ -100,7 +100,7 @@ def shipped_on_test():
     return state, free, test, infer.collect(free, test, 256)
 
 
-def test_shipped_exits_reach_the_floors_the_readme_states(shipped_on_test):
+def test_shipped_exits_reach_their_floors(shipped_on_test):
     """Per family on test: the final layer >= 99.5 %, the last exit >= 98 %, and compare and relate >= 30
     points above the first exit (the depth result, on 400 questions a family)."""
     _, free, test, probs = shipped_on_test
