@@ -46,10 +46,10 @@ from free_min import (FREE, METHODS, ExitConfig, check_exit_config, discriminato
 from model import (VLM, ModelConfig, check_model_config, describe_timm_vit, make_vit,
                    soft_cross_entropy)
 from util import report
-from util.checkpoints import (build_from_checkpoint, exit_progress, export_checkpoint,
-                              load_checkpoint, record_calibrated, record_test, resume_exits,
-                              resume_stage, resume_state, save_atomic, stage1_saver, stage2_saver,
-                              start_fresh)
+from util.checkpoints import (TRAINING_STATE, build_from_checkpoint, exit_progress,
+                              export_checkpoint, load_checkpoint, record_calibrated, record_test,
+                              resume_exits, resume_stage, resume_state, save_atomic, stage1_saver,
+                              stage2_saver, start_fresh)
 from util.config import ConfigError, UsageError, parse_configs, require
 from util.runtime import (CHECK_EVERY, RUN, WORLD, EpochScores, StepClock, all_sum, autocast,
                           average_gradients, cache_patches, close_distributed, grad_scaler, is_main,
@@ -122,11 +122,9 @@ SHIPPED_BACKBONE = "backbones/shapes-default.pt"   # the trained backbone the re
 BACKBONE_FILE = "backbone.pt"     # OUT/backbone.pt: stage 1's checkpoint, kept when stage 2 follows
 EVAL_BATCH = 256
 # A depth profile (infer.collect) holds every layer's states of its batch at once, (L+1) x B x S x D
-# floats: 13 x 256 x 74 x 256 x 4 bytes = 0.25 GB for `base` at B = 256 (more with the layers'
-# temporaries), the most stage 2 holds beside its data. At 64 the profile stays under its frozen
-# states.
+# floats besides the layers' temporaries: the most stage 2 holds beside its data, so it runs at a
+# smaller batch (RESULTS.md, 2026-12-08: base stage 2's peak memory).
 PROFILE_BATCH = 64
-STAGE1_ONLY = ("optimizer", "scaler", "aux", "rng", "scenes")   # checkpoint keys stage 2 drops
 
 
 def parse_args(argv=None):
@@ -615,11 +613,12 @@ def run_backbone(run: Run, state: dict | None) -> tuple[VLM, dict]:
 def run_exits(run: Run, model: VLM, state: dict, source: dict, splits: dict) -> None:
     """Stage 2 into OUT/ckpt.pt on the frozen `model` (from `source`), continuing a stage 2 in
     progress (`state`); then the report."""
-    # Host memory (measured in RESULTS.md): torch's imports (~0.55 GB) + the data (per train image
-    # 12 KB of pixels; per question ~5 KB, most of it its Python record) + the frozen states
+    # Host memory (measured in RESULTS.md): torch's imports + the data (per train image H x W x 3
+    # bytes of pixels; per question its tokens, targets and Python record) + the frozen states
     # (frozen_states: at most STATE_CACHE_GB) + a batch. What only stage 1 reads is let go here:
-    # its optimizer's state (2 x the backbone) and the stand-ins' pixel labels (8 KB an image).
-    for key in STAGE1_ONLY:
+    # its training state (the optimizer's is 2 x the backbone) and the stand-ins' pixel labels
+    # (H x W x 2 bytes an image).
+    for key in TRAINING_STATE:
         state.pop(key, None)
     for split in splits.values():
         split.pixel_labels = None

@@ -77,7 +77,7 @@ def set_rng_state(state: dict) -> None:
     random.setstate(state["python"])
 
 
-# What an exported checkpoint leaves out: what only continuing the run needs.
+# What only continuing a run needs: an exported checkpoint leaves it out, and stage 2 lets it go.
 TRAINING_STATE = ("optimizer", "scaler", "rng", "aux", "step", "epoch", "scenes")
 
 
